@@ -1,0 +1,30 @@
+# The book's commands. `make book` builds the book, `make test` runs the tests.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= ci
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+# Tests and the book read the mirror beside the repo when it exists.
+LEUKEMIA_DATA ?= $(if $(wildcard ../shared/datasets),$(abspath ../shared/datasets),)
+export LEUKEMIA_DATA
+
+.PHONY: venv test book lock clean
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest tests
+
+lock: venv
+	$(PY) -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock.new && mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf _build
