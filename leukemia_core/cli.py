@@ -1,0 +1,225 @@
+"""``leukemia-core`` command line. Bad input: one message on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import CheckpointError, DatasetError, LeukemiaError
+
+
+def _add_root(p):
+    p.add_argument("--data-root", help="folder holding the datasets (default: $LEUKEMIA_DATA, else data/)")
+
+
+def cmd_fetch(args):
+    from .data.fetch import fetch_dataset
+    from .dataroot import resolve_data_root
+
+    root, _ = resolve_data_root(args.data_root)
+    root.mkdir(parents=True, exist_ok=True)
+    files = fetch_dataset(args.name, root, base_url=args.base_url, sha256=args.sha256, progress=True)
+    print(f"fetched {len(files)} files of {args.name} into {root}")
+
+
+def cmd_check(args):
+    from .data.check import check_data_root
+    from .dataroot import data_root
+
+    report = check_data_root(data_root(args.data_root), args.datasets or None)
+    print(report.summary())
+    if args.duplicates_csv:
+        report.duplicates.to_csv(args.duplicates_csv, index=False)
+    return 0 if report.ok else 1
+
+
+def cmd_splits(args):
+    import pandas as pd
+
+    from .data import load_dataset
+    from .data.splits import SPLIT_SPECS, make_split, split_paths, write_split
+
+    names = args.names or sorted(SPLIT_SPECS)
+    changed = []
+    for name in names:
+        if name not in SPLIT_SPECS:
+            raise LeukemiaError(f"no split for '{name}'; datasets with splits: {sorted(SPLIT_SPECS)}")
+        table = load_dataset(name, args.data_root)
+        if args.check:
+            split, _ = make_split(table, *SPLIT_SPECS[name])
+            committed = pd.read_csv(split_paths(name)[0])
+            same = committed.equals(split.astype(committed.dtypes.to_dict()))
+            print(f"{name}: {'unchanged' if same else 'DIFFERS from the committed split'}")
+            changed += [] if same else [name]
+        else:
+            for f in write_split(name, table):
+                print(f"wrote {f}")
+    return 1 if changed else 0
+
+
+def cmd_train(args):
+    from .pipeline import train_classifier
+    from .transforms import CLAHE
+
+    overrides = {k: v for k, v in {"epochs": args.epochs, "image_size": args.image_size,
+                                  "batch_size": args.batch_size, "lr": args.lr}.items() if v is not None}
+    from .config import get_profile
+    profile = get_profile(args.profile, **overrides)
+    out = Path(args.out or f"runs/{args.dataset}_{args.model or profile.model}_{profile.name}_s{args.seed}")
+    results = args.results or out / "results.json"
+    run = train_classifier(args.dataset, args.model, profile, root=args.data_root, out_dir=out,
+                           pretrained=args.pretrained, seed=args.seed,
+                           classes=args.classes.split(",") if args.classes else None,
+                           clahe=CLAHE(args.clahe) if args.clahe else None,
+                           class_weights=args.class_weights, weighted_sampler=args.weighted_sampler,
+                           results_path=results, overwrite=args.overwrite, resume=args.resume)
+    m = run.test
+    print(f"test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+          f"({m['n']} images, {run.wall_time_s:.0f} s)\ncheckpoint {out}\nresults {run.results_path}")
+
+
+def cmd_evaluate(args):
+    from torch.utils.data import DataLoader
+
+    from .data import load_dataset
+    from .data.splits import apply_split
+    from .data.torch_dataset import ImageTableDataset
+    from .engine.train import evaluate
+    from .pipeline import eval_transform, load_classifier
+
+    net, meta = load_classifier(args.checkpoint)
+    table = apply_split(load_dataset(args.dataset, args.data_root))
+    table = table[(table["split"] == args.split) & table["label"].notna()]
+    foreign = sorted(set(table["label"]) - set(meta["classes"]))
+    if foreign:
+        raise CheckpointError(f"checkpoint {args.checkpoint} was trained on classes {meta['classes']}; "
+                              f"dataset '{args.dataset}' has classes {foreign} it cannot predict")
+    ds = ImageTableDataset(table, meta["classes"], eval_transform(meta))
+    m = evaluate(net, DataLoader(ds, batch_size=128, num_workers=args.workers), meta["classes"])
+    m = {k: v for k, v in m.items() if k not in ("probs", "targets")}
+    text = json.dumps(m, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(f"{args.dataset}/{args.split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['n']} images)")
+
+
+def cmd_predict(args):
+    import pandas as pd
+    import torch
+
+    from .data.records import IMAGE_SUFFIXES
+    from .data.torch_dataset import read_image
+    from .pipeline import eval_transform, load_classifier
+
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise DatasetError(f"--images {folder} is not a folder of images")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}")
+    net, meta = load_classifier(args.checkpoint)
+    tf = eval_transform(meta)
+    rows = []
+    with torch.no_grad():
+        for i in range(0, len(paths), 64):
+            batch = paths[i:i + 64]
+            probs = net(torch.stack([tf(read_image(p)) for p in batch])).softmax(1)
+            for p, pr in zip(batch, probs):
+                rows.append({"path": str(p), "pred": meta["classes"][int(pr.argmax())],
+                             **{f"prob_{c}": float(v) for c, v in zip(meta["classes"], pr)}})
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise LeukemiaError(f"{out} exists; pass --overwrite to replace it")
+    pd.DataFrame(rows).to_csv(out, index=False)
+    print(f"wrote {len(rows)} predictions to {out}")
+
+
+def cmd_bench(args):
+    from . import bench
+
+    result = bench.run(args.what, data_root=args.data_root, out=args.out)
+    print(json.dumps(result, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="leukemia-core", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="fetch, check and split the datasets").add_subparsers(dest="data_cmd", required=True)
+    f = data.add_parser("fetch", help="download a dataset's original release (or from a mirror)")
+    f.add_argument("name")
+    f.add_argument("--base-url", help="a mirror laid out like the data root, with SHA256SUMS")
+    f.add_argument("--sha256", help="expected sha256 of the release archive, if you know it")
+    _add_root(f)
+    f.set_defaults(func=cmd_fetch)
+    c = data.add_parser("check", help="verify SHA256SUMS, decode every image, report duplicates")
+    c.add_argument("datasets", nargs="*")
+    c.add_argument("--duplicates-csv", help="write the duplicate table here")
+    _add_root(c)
+    c.set_defaults(func=cmd_check)
+    s = data.add_parser("splits", help="regenerate the committed splits (or --check them)")
+    s.add_argument("names", nargs="*")
+    s.add_argument("--check", action="store_true", help="only compare with the committed files")
+    _add_root(s)
+    s.set_defaults(func=cmd_splits)
+
+    t = sub.add_parser("train", help="train a classifier under a profile")
+    t.add_argument("--dataset", default="pbc")
+    t.add_argument("--model", help="registry or timm name (default: the profile's)")
+    t.add_argument("--profile", default="ci", choices=["smoke", "ci", "full"])
+    t.add_argument("--pretrained", action="store_true", help="offline ImageNet weights (efficientnet_lite0)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--classes", help="comma-separated subset of classes")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--image-size", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--clahe", type=float, metavar="CLIP", help="apply CLAHE with this clip limit")
+    t.add_argument("--class-weights", action="store_true")
+    t.add_argument("--weighted-sampler", action="store_true")
+    t.add_argument("--out", help="run folder (checkpoints, predictions)")
+    t.add_argument("--results", help="results JSON path (default: <out>/results.json)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    t.add_argument("--overwrite", action="store_true")
+    _add_root(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--dataset", default="pbc")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--out", help="write metrics JSON here")
+    e.add_argument("--workers", type=int, default=0)
+    _add_root(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="class probabilities for a folder of images")
+    pr.add_argument("--images", required=True)
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--out", required=True, help="CSV to write")
+    pr.add_argument("--overwrite", action="store_true")
+    pr.set_defaults(func=cmd_predict)
+
+    b = sub.add_parser("bench", help="benchmarks (not tests): loader, train")
+    b.add_argument("what", choices=["loader", "train", "all"])
+    b.add_argument("--out", help="write the benchmark JSON here")
+    _add_root(b)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except LeukemiaError as exc:
+        print(f"leukemia-core: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leukemia-core: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

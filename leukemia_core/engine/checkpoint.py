@@ -1,0 +1,79 @@
+"""safetensors checkpoints: weights + JSON metadata, optimizer state for resuming.
+
+Nothing is pickled: tensors go into safetensors, everything else into its
+string metadata as JSON.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+
+WEIGHTS = "model.safetensors"
+STATE = "train_state.safetensors"
+
+
+def save_weights(path: Path, model: torch.nn.Module, meta: dict | None = None) -> Path:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"meta": json.dumps(meta or {})})
+    return Path(path)
+
+
+def read_meta(path: Path) -> dict:
+    """The JSON metadata stored beside the tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("meta", "{}"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint not found: {path}") from exc
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}; it must be a "
+                              "safetensors file written by leukemia-core") from exc
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> dict:
+    """Load weights into ``model`` (strict) and return the metadata."""
+    meta = read_meta(path)
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit model "
+                              f"{meta.get('model', type(model).__name__)}: {exc}") from exc
+    return meta
+
+
+def save_train_state(path: Path, optimizer, scheduler, info: dict) -> Path:
+    """Optimizer tensors + JSON (param groups, scheduler state, epoch, history)."""
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, slots in opt["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    meta = {"param_groups": opt["param_groups"], "scalars": scalars,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None, "info": info}
+    save_file(tensors, str(path), metadata={"meta": json.dumps(meta)})
+    return Path(path)
+
+
+def load_train_state(path: Path, optimizer, scheduler) -> dict:
+    """Restore optimizer and scheduler; return the ``info`` dict saved with them."""
+    meta = read_meta(path)
+    state: dict = {}
+    for key, value in load_file(str(path)).items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if scheduler is not None and meta["scheduler"] is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    return meta["info"]

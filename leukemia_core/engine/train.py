@@ -1,0 +1,184 @@
+"""``fit()`` and ``evaluate()`` for any classifier ``nn.Module`` (timm or not).
+
+AdamW, cosine schedule with linear warm-up (per step), early stopping on a
+validation metric, mixed precision on CUDA and the same code on CPU, safetensors
+checkpoints with exact resume (each epoch reseeds every RNG from ``seed``+epoch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
+from tqdm.auto import tqdm
+
+from .checkpoint import STATE, WEIGHTS, load_train_state, load_weights, save_train_state, save_weights
+from .metrics import classification_metrics
+
+
+@dataclass
+class FitConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    label_smoothing: float = 0.0
+    class_weights: list[float] | None = None  # class-weighted cross-entropy
+    monitor: str = "macro_f1"  # validation metric for model selection / early stopping
+    patience: int | None = None  # epochs without improvement before stopping
+    seed: int = 0
+    amp: bool = True  # bf16 autocast, CUDA only
+    grad_clip: float | None = None
+    progress: bool = True
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    best_score: float = -math.inf
+    stopped_early: bool = False
+    out_dir: str | None = None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@torch.no_grad()
+def predict_logits(model, loader, device=None, amp: bool = True, progress: bool = False):
+    """Logits and targets over a loader, in loader order."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    logits, targets = [], []
+    for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        with _autocast(device, amp):
+            logits.append(model(x.to(device, non_blocking=True)).float().cpu())
+        targets.append(torch.as_tensor(y))
+    return torch.cat(logits), torch.cat(targets)
+
+
+def evaluate(model, loader, classes: list[str], device=None, amp: bool = True) -> dict:
+    """Metrics of ``model`` on ``loader`` plus ``probs`` and ``targets`` tensors."""
+    logits, targets = predict_logits(model, loader, device, amp)
+    out = classification_metrics(logits, targets, classes)
+    out["loss"] = F.cross_entropy(logits, targets).item()
+    out["probs"], out["targets"] = logits.softmax(1), targets
+    return out
+
+
+def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
+        out_dir: str | Path | None = None, resume: bool = False, device=None,
+        meta: dict | None = None, stop_after_epoch: int | None = None) -> FitResult:
+    """Train ``model``; keeps the best weights by ``config.monitor`` on ``val_loader``.
+
+    With ``out_dir``, writes ``model.safetensors`` (best), ``last.safetensors`` and
+    ``train_state.safetensors`` every epoch; ``resume=True`` continues from them.
+    ``stop_after_epoch`` simulates an interruption (for tests). On return the
+    model holds the best weights (the last ones when there is no validation).
+    """
+    device = torch.device(device) if device else default_device()
+    model.to(device)
+    steps_per_epoch = len(train_loader)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 and p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=config.epochs * steps_per_epoch, lr_min=config.lr * config.min_lr_ratio,
+        warmup_t=int(config.warmup_epochs * steps_per_epoch), warmup_lr_init=config.lr * 0.01,
+        warmup_prefix=True, t_in_epochs=False)
+    weight = torch.tensor(config.class_weights, dtype=torch.float32, device=device) \
+        if config.class_weights else None
+    meta = {**(meta or {}), "classes": list(classes), "fit_config": dataclasses.asdict(config)}
+    result = FitResult(out_dir=str(out_dir) if out_dir else None)
+    best_state, start_epoch = None, 0
+    out = Path(out_dir) if out_dir else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    if resume and out and (out / STATE).exists():
+        load_weights(out / "last.safetensors", model)
+        info = load_train_state(out / STATE, optimizer, scheduler)
+        result.history, result.best_epoch, result.best_score = (
+            info["history"], info["best_epoch"], info["best_score"])
+        start_epoch = info["epoch"] + 1
+    scheduler.step_update(start_epoch * steps_per_epoch)
+    bad_epochs = sum(1 for h in result.history if h["epoch"] > result.best_epoch) if result.history else 0
+
+    for epoch in range(start_epoch, config.epochs):
+        if config.patience is not None and val_loader is not None and bad_epochs >= config.patience:
+            result.stopped_early = True
+            break
+        seed_everything(config.seed * 10007 + epoch)
+        model.train()
+        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not config.progress)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device, config.amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, weight=weight,
+                                       label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step_update(epoch * steps_per_epoch + step + 1)
+            seen += len(y)
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+        train_time = time.perf_counter() - t0
+        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                  "train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen,
+                  "train_images_per_s": seen / train_time, "train_time_s": train_time}
+        if val_loader is not None:
+            val = evaluate(model, val_loader, classes, device, config.amp)
+            record.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "macro_f1", "balanced_accuracy")})
+            score = val[config.monitor]
+            if score > result.best_score:
+                result.best_score, result.best_epoch, bad_epochs = score, epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if out:
+                    save_weights(out / WEIGHTS, model, meta | {"epoch": epoch, "score": score})
+            else:
+                bad_epochs += 1
+        result.history.append(record)
+        if config.progress:
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in record.items()))
+        if out:
+            save_weights(out / "last.safetensors", model, meta | {"epoch": epoch})
+            save_train_state(out / STATE, optimizer, scheduler,
+                             {"epoch": epoch, "history": result.history,
+                              "best_epoch": result.best_epoch, "best_score": result.best_score})
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            return result
+    if val_loader is None:
+        result.best_epoch = len(result.history) - 1
+        if out:
+            save_weights(out / WEIGHTS, model, meta | {"epoch": result.best_epoch})
+    elif best_state is not None:
+        model.load_state_dict(best_state)
+    elif out and (out / WEIGHTS).exists():  # resumed after the best epoch
+        load_weights(out / WEIGHTS, model)
+    return result
