@@ -68,6 +68,9 @@ def cmd_train(args):
     profile = get_profile(args.profile, **overrides)
     out = Path(args.out or f"runs/{args.dataset}_{args.model or profile.model}_{profile.name}_s{args.seed}")
     results = args.results or out / "results.json"
+    if (out / "model.safetensors").exists() and not (args.resume or args.overwrite):
+        raise LeukemiaError(f"{out} already holds a trained model; pass --resume to continue it, "
+                            "--overwrite to replace it, or choose another --out")
     run = train_classifier(args.dataset, args.model, profile, root=args.data_root, out_dir=out,
                            pretrained=args.pretrained, seed=args.seed,
                            classes=args.classes.split(",") if args.classes else None,
@@ -112,6 +115,9 @@ def cmd_predict(args):
     from .data.torch_dataset import read_image
     from .pipeline import eval_transform, load_classifier
 
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise LeukemiaError(f"{out} exists; pass --overwrite to replace it")
     folder = Path(args.images)
     if not folder.is_dir():
         raise DatasetError(f"--images {folder} is not a folder of images")
@@ -128,9 +134,6 @@ def cmd_predict(args):
             for p, pr in zip(batch, probs):
                 rows.append({"path": str(p), "pred": meta["classes"][int(pr.argmax())],
                              **{f"prob_{c}": float(v) for c, v in zip(meta["classes"], pr)}})
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise LeukemiaError(f"{out} exists; pass --overwrite to replace it")
     pd.DataFrame(rows).to_csv(out, index=False)
     print(f"wrote {len(rows)} predictions to {out}")
 

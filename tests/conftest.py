@@ -1,0 +1,33 @@
+"""Shared fixtures. Real-data tests use the mirror at ../shared/datasets (or
+$LEUKEMIA_DATA) and skip, saying why, when it is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MIRROR = REPO.parent / "shared" / "datasets"
+if not os.environ.get("LEUKEMIA_DATA") and MIRROR.is_dir():
+    os.environ["LEUKEMIA_DATA"] = str(MIRROR)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def real_root() -> Path | None:
+    root = os.environ.get("LEUKEMIA_DATA")
+    return Path(root) if root and (Path(root) / "pbc").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = real_root()
+    if root is None:
+        pytest.skip("real-data test: no dataset mirror at ../shared/datasets or $LEUKEMIA_DATA")
+    return root
+
+
+@pytest.fixture(scope="session")
+def pbc_table(data_root):
+    from leukemia_core.data import load_dataset
+    return load_dataset("pbc", data_root)
