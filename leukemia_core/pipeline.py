@@ -5,6 +5,7 @@ so a chapter and a command line give the same numbers for the same profile.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,13 @@ from .results import write_results
 from .transforms import CLAHE, build_transform, compute_norm_stats
 
 PRETRAINED_NORM = {"efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def content_hash(table: pd.DataFrame) -> str:
+    """sha256 over the sorted (relpath, split, sha256) rows a run used: the data's fingerprint."""
+    cols = [c for c in ("relpath", "split", "sha256") if c in table]
+    rows = sorted("\t".join(map(str, r)) for r in table[cols].itertuples(index=False))
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
 def subsample(table: pd.DataFrame, cap: int | None, seed: int = 0) -> pd.DataFrame:
@@ -156,7 +164,7 @@ def train_classifier(dataset: str = "pbc", model: str | None = None, profile: st
                                         "weighted_sampler": weighted_sampler,
                                         "norm_source": data.norm_source},
             data_root=str(data_root(root)), split_file=data.table.attrs.get("split_file"),
-            split_sha256=data.table.attrs.get("split_sha256"),
+            split_sha256=data.table.attrs.get("split_sha256"), data_sha256=content_hash(data.table),
             counts=counts.to_dict(orient="index"),
             metrics={"test": {k: v for k, v in test.items() if k not in ("probs", "targets")},
                      "best_epoch": fit_result.best_epoch, "best_val_score": fit_result.best_score,

@@ -28,19 +28,21 @@ class CLAHE:
 
 
 def build_transform(image_size: int, train: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                    clahe: CLAHE | None = None, color_jitter: float = 0.1) -> v2.Compose:
+                    clahe: CLAHE | None = None, color_jitter: float = 0.1,
+                    rotate_degrees: float = 0.0) -> v2.Compose:
     """PIL image -> normalised float tensor of ``image_size`` x ``image_size``.
 
     The whole field is resized (cells sit in the centre of every single-cell set).
-    Training adds flips, right-angle and small rotations and colour jitter
+    Training adds flips, right-angle rotations, optional small rotations and colour jitter
     (brightness, contrast, saturation; hue jitter is left to stain augmentation).
     """
     steps = [clahe] if clahe is not None else []
     steps += [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)]
     if train:
         steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
-                  v2.RandomApply([v2.RandomRotation((90, 90))], p=0.5),
-                  v2.RandomRotation(15)]
+                  v2.RandomApply([v2.RandomRotation((90, 90))], p=0.5)]
+        if rotate_degrees:
+            steps.append(v2.RandomRotation(rotate_degrees))
         if color_jitter:
             steps.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]

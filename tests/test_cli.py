@@ -38,7 +38,7 @@ def pbc_run(data_root, tmp_path_factory):
 
 def test_train_writes_checkpoint_predictions_and_results(pbc_run, data_root):
     res = json.loads((pbc_run / "results.json").read_text())
-    for key in ("metrics", "profile", "config", "git_sha", "data_root", "split_sha256",
+    for key in ("metrics", "profile", "config", "git_sha", "data_root", "split_sha256", "data_sha256",
                 "hardware", "wall_time_s", "seeds"):
         assert key in res, key
     assert res["profile"] == "smoke" and res["data_root"] == str(data_root)
@@ -93,3 +93,19 @@ def test_bad_input_exits_2(tmp_path, data_root):
                         "bad.safetensors")
     _assert_clean_error(run("train", "--model", "no_such_net", "--profile", "smoke", "--out", tmp_path / "z"),
                         "unknown model")
+
+
+def test_data_check_exits_nonzero_on_corruption(data_root, tmp_path):
+    import shutil
+    shutil.copytree(data_root / "zheng_wbc", tmp_path / "zheng_wbc")
+    ok = run("data", "check", "zheng", "--data-root", tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    victim = tmp_path / "zheng_wbc/Dataset 1/007.bmp"
+    victim.write_bytes(victim.read_bytes()[:200])
+    bad = run("data", "check", "zheng", "--data-root", tmp_path)
+    assert bad.returncode == 1 and "007.bmp" in bad.stdout + bad.stderr
+
+
+def test_splits_check_reports_unchanged(data_root):
+    r = run("data", "splits", "zheng", "--check", "--data-root", data_root)
+    assert r.returncode == 0 and "zheng: unchanged" in r.stdout

@@ -129,3 +129,14 @@ def test_unknown_class_folder_is_an_error(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "all_aria/Benign/a.jpg")
     with pytest.raises(DatasetError, match="unknown class folder .*Mystery"):
         load_dataset("aria", tmp_path)
+
+
+def test_txl_domains_without_source_map(data_root, tmp_path):
+    root = tmp_path / "txl_pbc"
+    root.mkdir()
+    (root / "TXL_PBC").symlink_to(data_root / "txl_pbc/TXL_PBC", target_is_directory=True)
+    with pytest.warns(UserWarning, match="source_map.csv is missing"):
+        inferred = load_dataset("txl_pbc", tmp_path, hashes=False)
+    mapped = load_dataset("txl_pbc", data_root, hashes=False)
+    assert (inferred["domain"] == mapped["domain"]).all()
+    assert inferred["source_path"].isna().all()

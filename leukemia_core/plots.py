@@ -1,0 +1,91 @@
+"""Figures shared by the chapters: plotly (interactive) and matplotlib (galleries)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.io.base_renderers import NotebookRenderer
+
+
+class OfflineRenderer(NotebookRenderer):
+    """plotly.js is embedded once (on activation); each figure is a plain HTML div.
+
+    Jupyter Book 1 drops plotly's default mime type silently; plain ``text/html``
+    survives, and embedding plotly.js keeps the book working offline.
+    """
+
+    def __init__(self):
+        super().__init__(connected=False, include_plotlyjs=True)
+
+    def to_mimebundle(self, fig_dict):
+        html = pio.to_html(fig_dict, include_plotlyjs=False, include_mathjax=False,
+                           full_html=False, default_width="100%", default_height=480,
+                           validate=False)
+        return {"text/html": html}
+
+
+def use_offline_plotly() -> None:
+    """Make plotly figures render as offline HTML in notebooks and the built book."""
+    pio.renderers["offline"] = OfflineRenderer()
+    pio.renderers.default = "offline"
+
+
+def learning_curves(histories: dict[str, list[dict]], metric: str = "val_accuracy") -> go.Figure:
+    """Training loss and a validation metric per epoch, one line per run."""
+    rows = [{"run": name, "epoch": h["epoch"] + 1, "train loss": h["train_loss"],
+             metric: h.get(metric)} for name, hist in histories.items() for h in hist]
+    df = pd.DataFrame(rows)
+    from plotly.subplots import make_subplots
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("training loss", metric.replace("_", " ")))
+    for i, (name, part) in enumerate(df.groupby("run", sort=False)):
+        colour = pio.templates["plotly"].layout.colorway[i % 10]
+        fig.add_scatter(x=part["epoch"], y=part["train loss"], name=name, legendgroup=name,
+                        line_color=colour, row=1, col=1)
+        fig.add_scatter(x=part["epoch"], y=part[metric], name=name, legendgroup=name,
+                        showlegend=False, line_color=colour, row=1, col=2)
+    fig.update_xaxes(title_text="epoch")
+    fig.update_layout(height=380, margin=dict(t=40, b=40))
+    return fig
+
+
+def confusion_matrix_figure(cm, classes: list[str], title: str = "", normalize: bool = True) -> go.Figure:
+    """Heatmap of a confusion matrix (rows: true class); hover shows counts."""
+    cm = np.asarray(cm, dtype=float)
+    shown = cm / cm.sum(1, keepdims=True).clip(min=1) if normalize else cm
+    fig = go.Figure(go.Heatmap(
+        z=shown, x=classes, y=classes, colorscale="Blues", zmin=0,
+        customdata=cm.astype(int), text=np.round(shown, 2 if normalize else 0), texttemplate="%{text}",
+        hovertemplate="true %{y}<br>predicted %{x}<br>%{customdata} images<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="predicted", yaxis_title="true",
+                      yaxis_autorange="reversed", height=460, margin=dict(t=50))
+    return fig
+
+
+def per_class_bars(per_class: dict[str, dict[str, dict]], metric: str = "f1") -> go.Figure:
+    """Grouped bars of a per-class metric, one group per run."""
+    rows = [{"run": run, "class": c, metric: v[metric]} for run, pc in per_class.items()
+            for c, v in pc.items()]
+    import plotly.express as px
+    fig = px.bar(pd.DataFrame(rows), x="class", y=metric, color="run", barmode="group")
+    fig.update_layout(yaxis_range=[min(0.5, min(r[metric] for r in rows) - 0.05), 1.0], height=380)
+    return fig
+
+
+def image_grid(paths, titles=None, ncols: int = 8, size: float = 1.6):
+    """A matplotlib grid of images (static: better than plotly for galleries)."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    paths = list(paths)
+    nrows = max(1, int(np.ceil(len(paths) / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * (size + 0.35)))
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for i, (ax, p) in enumerate(zip(np.ravel(axes), paths)):
+        with Image.open(p) as im:
+            ax.imshow(im.convert("RGB"))
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    fig.tight_layout()
+    return fig
