@@ -22,6 +22,7 @@ class Profile:
     model: str  # default classifier for the baseline
     num_workers: int
     patience: int  # early-stopping patience in epochs
+    preload_images: bool = False  # decode + resize once, keep in memory (CPU profiles)
     seeds: tuple[int, ...] = (0,)
     extra: dict = field(default_factory=dict)
 
@@ -41,7 +42,7 @@ PROFILES: dict[str, Profile] = {
     "ci": Profile(
         name="ci", image_size=64, epochs=12, batch_size=64, lr=2e-3, warmup_epochs=1.0,
         max_train_per_class=None, max_eval_per_class=None, model="convnext_atto",
-        num_workers=2, patience=4, seeds=(0,),
+        num_workers=2, patience=4, seeds=(0,), preload_images=True,
     ),
     "full": Profile(
         name="full", image_size=224, epochs=60, batch_size=128, lr=2e-3, warmup_epochs=3.0,

@@ -24,7 +24,7 @@ from .engine.train import FitConfig, FitResult, evaluate, fit
 from .errors import UnknownNameError
 from .models import create_model
 from .results import write_results
-from .transforms import CLAHE, build_transform, compute_norm_stats
+from .transforms import CLAHE, build_transform, compute_norm_stats, static_transform
 
 PRETRAINED_NORM = {"efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
@@ -56,8 +56,14 @@ class PreparedData:
     def split(self, name: str) -> pd.DataFrame:
         return self.table[self.table["split"] == name].reset_index(drop=True)
 
-    def dataset(self, name: str, image_size: int, train: bool | None = None) -> ImageTableDataset:
+    def dataset(self, name: str, image_size: int, train: bool | None = None,
+                preload: bool = False) -> ImageTableDataset:
+        """Torch dataset of one split; ``preload`` keeps CLAHE'd, resized images in memory."""
         train = (name == "train") if train is None else train
+        if preload:
+            tf = build_transform(image_size, train, self.mean, self.std, None)
+            return ImageTableDataset(self.split(name), self.classes, tf,
+                                     preload=static_transform(image_size, self.clahe))
         tf = build_transform(image_size, train, self.mean, self.std, self.clahe)
         return ImageTableDataset(self.split(name), self.classes, tf)
 
@@ -132,9 +138,10 @@ def train_classifier(dataset: str = "pbc", model: str | None = None, profile: st
     prof = profile if isinstance(profile, Profile) else get_profile(profile)
     model_name = model or prof.model
     data = prepare_data(dataset, prof, root, classes, seed, clahe, model_name, pretrained)
-    train_ds = data.dataset("train", prof.image_size)
-    loaders = {s: make_loader(data.dataset(s, prof.image_size), prof, s == "train", weighted_sampler)
-               for s in ("train", "val", "test")}
+    datasets = {s: data.dataset(s, prof.image_size, preload=prof.preload_images)
+                for s in ("train", "val", "test")}
+    train_ds = datasets["train"]
+    loaders = {s: make_loader(ds, prof, s == "train", weighted_sampler) for s, ds in datasets.items()}
     weights = None
     if class_weights:
         counts = torch.bincount(torch.tensor(train_ds.targets), minlength=len(data.classes)).float()

@@ -27,6 +27,12 @@ class CLAHE:
         return f"CLAHE(clip_limit={self.clip_limit}, tile_grid={self.tile_grid})"
 
 
+def static_transform(image_size: int, clahe: CLAHE | None = None) -> v2.Compose:
+    """The deterministic part on PIL images (CLAHE, then resize); cacheable."""
+    return v2.Compose(([clahe] if clahe is not None else []) +
+                      [v2.Resize((image_size, image_size), antialias=True)])
+
+
 def build_transform(image_size: int, train: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                     clahe: CLAHE | None = None, color_jitter: float = 0.1,
                     rotate_degrees: float = 0.0) -> v2.Compose:
@@ -36,8 +42,7 @@ def build_transform(image_size: int, train: bool, mean=IMAGENET_MEAN, std=IMAGEN
     Training adds flips, right-angle rotations, optional small rotations and colour jitter
     (brightness, contrast, saturation; hue jitter is left to stain augmentation).
     """
-    steps = [clahe] if clahe is not None else []
-    steps += [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)]
+    steps = [static_transform(image_size, clahe), v2.ToImage()]
     if train:
         steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
                   v2.RandomApply([v2.RandomRotation((90, 90))], p=0.5)]
