@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 LEUKEMIA_DATA ?= $(if $(wildcard ../shared/datasets),$(abspath ../shared/datasets),)
 export LEUKEMIA_DATA
 
-.PHONY: venv test book lock clean
+.PHONY: venv test book notebook lock clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,6 +22,16 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest tests
+
+# The book: execute every chapter of _toc.yml with papermill under PROFILE (smoke, ci,
+# full), then build the HTML with Jupyter Book 1 into _build/html (open index.html).
+book: venv
+	$(PY) book/build.py --profile $(PROFILE)
+
+# One chapter, executed only (no HTML): make notebook NB=02_data PROFILE=smoke
+notebook: venv
+	@test -n "$(NB)" || { echo "usage: make notebook NB=02_data [PROFILE=ci]" >&2; exit 2; }
+	$(PY) book/build.py --profile $(PROFILE) --notebook $(NB)
 
 lock: venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock.new && mv requirements.lock.new requirements.lock

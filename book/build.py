@@ -1,0 +1,449 @@
+#!/usr/bin/env python3
+"""Build the book: execute every chapter of ``_toc.yml`` with papermill, then the HTML.
+
+    python book/build.py                        # profile ci  -> _build/html/index.html
+    python book/build.py --profile smoke        # a quick look
+    python book/build.py --notebook 02_data     # execute one chapter only, no HTML
+
+Everything lands under ``<out>/_build/`` (``<out>`` is the repository by default):
+``source/`` is the book Jupyter Book 1 sees (``_config.yml``, ``_toc.yml``, the ``book/``
+pages, the executed ``notebooks/*.ipynb`` and their ``.py`` sources), ``html/`` the site,
+``build_report.json`` the measurements (also rendered as the book page ``book/build_report``).
+
+The build fails, listing every problem, if a chapter raises, a page of the table of contents
+is missing from the site, a figure of an executed notebook is missing from its page, a page
+loads plotly.js from a CDN, or Jupyter Book emits any warning (``-W -n --keep-going``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import jupytext
+import nbformat
+import papermill
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILES = {"smoke": "a quick look: seconds, a few images per class",
+            "ci": "the sizes this book is built with (CPU, minutes)",
+            "full": "paper scale (hours; a GPU helps)"}
+#: Wall-time budgets in seconds; the ``ci`` book must fit CI (2 cores).
+BUDGETS = {"ci": {"total": 45 * 60, "notebooks/02_data": 2 * 60, "notebooks/03_baseline": 8 * 60}}
+REPORT_PAGE = "book/build_report"
+KERNEL = "python3"
+PLOTLY_DIV = re.compile(r'class="plotly-graph-div"')
+OUTPUT_IMG = re.compile(r'<img[^>]*src="[^"]*_images/')
+CDN_PLOTLY = re.compile(r'<script[^>]*src="(?:https?:)?//[^"]*plot\.?ly', re.I)
+IMAGE_MIMES = ("image/png", "image/jpeg", "image/svg+xml")
+
+
+class BuildError(RuntimeError):
+    """The book is broken; the message lists every problem found."""
+
+
+# --------------------------------------------------------------------------- table of contents
+def toc_files(toc: Path = ROOT / "_toc.yml") -> list[str]:
+    """Every file of the table of contents in reading order, root first, without suffix."""
+    data = yaml.safe_load(Path(toc).read_text())
+    files = [data["root"]]
+
+    def walk(node):
+        if "file" in node:
+            files.append(node["file"])
+        for key in ("parts", "chapters", "sections"):
+            for child in node.get(key) or []:
+                walk(child)
+
+    walk(data)
+    return [str(Path(f).with_suffix("")) for f in files]
+
+
+def toc_chapters(toc: Path = ROOT / "_toc.yml") -> list[str]:
+    """The notebook chapters (``notebooks/NAME``) of the table of contents."""
+    return [f for f in toc_files(toc) if f.startswith("notebooks/")]
+
+
+def chapter_name(name: str) -> str:
+    """``02_data``, ``notebooks/02_data`` or ``notebooks/02_data.py`` -> ``notebooks/02_data``."""
+    return f"notebooks/{Path(name).stem}"
+
+
+def read_chapter(name: str):
+    """The chapter's notebook, read from its py:percent source (the source of truth)."""
+    return jupytext.read(ROOT / f"{name}.py")
+
+
+def requires_data(name: str) -> bool:
+    """False only where the notebook says ``book: {requires_data: false}`` in its header."""
+    return read_chapter(name).metadata.get("book", {}).get("requires_data", True)
+
+
+# --------------------------------------------------------------------------- execution
+@dataclass
+class ChapterRun:
+    name: str
+    ok: bool = False
+    wall_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    error: str = ""
+    figures: dict = field(default_factory=dict)  # in the executed notebook
+    html_figures: dict = field(default_factory=dict)  # on the built page
+    title: str = ""
+
+
+class PeakRSS:
+    """Largest summed resident memory of this process's children (the kernel and what it
+    starts, e.g. data-loader workers), sampled every ``interval`` seconds. Shared pages of
+    forked workers are counted once per process, so this is an upper bound."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        me = psutil.Process()
+        while not self._stop.wait(self.interval):
+            total = 0
+            for proc in me.children(recursive=True):
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def use_venv_kernel() -> None:
+    """Make kernel ``python3`` the interpreter running this script (the venv's).
+
+    The venv's kernelspec says ``python``, which jupyter_client replaces by
+    ``sys.executable``; putting the venv's share/jupyter first on JUPYTER_PATH stops a
+    user-level ``python3`` kernelspec from taking over."""
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        p for p in (str(Path(sys.prefix) / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")) if p)
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    exe = KernelSpecManager().get_kernel_spec(KERNEL).argv[0]
+    v = sys.version_info
+    if exe not in {"python", f"python{v[0]}", f"python{v[0]}.{v[1]}"} and \
+            Path(exe).resolve() != Path(sys.executable).resolve():
+        raise BuildError(f"kernel '{KERNEL}' runs {exe}, not {sys.executable}; run "
+                         f"`{sys.executable} -m ipykernel install --sys-prefix` and retry")
+
+
+def count_figures(nb) -> dict:
+    """Figure outputs of an executed notebook: plotly graphs and static images."""
+    found = {"plotly": 0, "image": 0}
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            html = data.get("text/html", "")
+            html = "".join(html) if isinstance(html, list) else html
+            if "application/vnd.plotly.v1+json" in data or PLOTLY_DIV.search(html):
+                found["plotly"] += max(1, len(PLOTLY_DIV.findall(html)))
+            elif any(mime in data for mime in IMAGE_MIMES):
+                found["image"] += 1
+    return found
+
+
+def notebook_title(nb) -> str:
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("# "):
+                    return line[2:].strip()
+    return ""
+
+
+def execute_chapter(name: str, dest: Path, profile: str, data_root: str | None = None,
+                    seed: int = 0) -> ChapterRun:
+    """Execute chapter ``name`` top to bottom in a fresh kernel into ``dest/<stem>.ipynb``.
+
+    The kernel's working directory is the repository root, like every ``make`` command."""
+    name = chapter_name(name)
+    run, src = ChapterRun(name), ROOT / f"{name}.py"
+    if not src.exists():
+        run.error = f"source {src.relative_to(ROOT)} does not exist"
+        return run
+    nb = read_chapter(name)
+    run.title = notebook_title(nb)
+    if not any("parameters" in c.metadata.get("tags", []) for c in nb.cells):
+        run.error = f'{src.name} has no cell tagged "parameters"'
+        return run
+    nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3 (ipykernel)",
+                                 "language": "python"}
+    params = {"profile": profile, "seed": seed}
+    if data_root:
+        params["data_root"] = str(data_root)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / f"{src.stem}.ipynb"
+    start = time.perf_counter()
+    with PeakRSS() as mem:
+        try:
+            papermill.execute_notebook(nb, str(out), parameters=params, kernel_name=KERNEL,
+                                       cwd=str(ROOT), progress_bar=False, log_output=False)
+            run.ok = True
+        except papermill.PapermillExecutionError as exc:
+            run.error = f"cell [{exc.exec_count}] raised {exc.ename}: {exc.evalue}"
+        except Exception as exc:  # the kernel died, would not start, ...
+            run.error = f"{type(exc).__name__}: {exc}"
+    run.wall_s, run.peak_rss_mb = time.perf_counter() - start, mem.peak / 2**20
+    if out.exists():
+        executed = nbformat.read(out, as_version=4)
+        run.figures = count_figures(executed)
+        if run.ok:
+            insert_run_box(executed, run, profile)
+            nbformat.write(executed, out)
+    shutil.copy2(src, dest / src.name)  # the .py source, downloadable from the page
+    return run
+
+
+def insert_run_box(nb, run: ChapterRun, profile: str) -> None:
+    """Put a "run this chapter yourself" box under the chapter's title."""
+    stem = Path(run.name).name
+    rows = "\n".join(f"| `{p}` | {use} | `make notebook NB={stem} PROFILE={p}` |"
+                     for p, use in PROFILES.items())
+    box = f""":::{{admonition}} Run this chapter yourself
+:class: tip
+
+This page was executed by `make book` under the **{profile}** profile in
+{run.wall_s:.0f} s (peak memory {run.peak_rss_mb:.0f} MB).
+
+| profile | for | command (from the repository root) |
+|---|---|---|
+{rows}
+
+`make notebook` runs `notebooks/{stem}.py` top to bottom with papermill and writes
+`_build/source/notebooks/{stem}.ipynb`; `PROFILE=smoke make book` rebuilds the whole book.
+To explore, open `notebooks/{stem}.py` in JupyterLab (Jupytext opens it as a notebook)
+and change the parameters cell. Download the source: {{download}}`{stem}.py <{stem}.py>`;
+the executed notebook is under the download button at the top of the page.
+:::"""
+    at = 1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0
+    nb.cells.insert(at, nbformat.v4.new_markdown_cell(box, metadata={"tags": ["run-box"]}))
+
+
+# --------------------------------------------------------------------------- report
+def fmt_time(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return f"`{out}`" + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_report(path: Path, runs: dict[str, ChapterRun], profile: str, html_s: float | None,
+                 problems: list[str], data_root: str | None) -> dict:
+    """Write the build report page (Markdown) and return its numbers."""
+    budgets = BUDGETS.get(profile, {})
+    exec_s = sum(r.wall_s for r in runs.values())
+    rows = []
+    for name, r in runs.items():
+        link = f"{{doc}}`{r.title or name} <../{name}>`" if r.ok else f"`{name}`"
+        status = "ran" if r.ok else f"**FAILED**: {r.error}"
+        budget = budgets.get(name)
+        btext = "–" if budget is None else \
+            f"{fmt_time(budget)} ({'within' if r.wall_s <= budget else '**over**'})"
+        fig = r.figures or {"plotly": 0, "image": 0}
+        rows.append(f"| {link} | {status} | {fmt_time(r.wall_s)} | {btext} | "
+                    f"{r.peak_rss_mb:.0f} MB | {fig['plotly']} / {fig['image']} |")
+    total_s = exec_s + (html_s or 0)
+    total_budget = budgets.get("total")
+    verdict = ("" if total_budget is None else
+               f" of a {fmt_time(total_budget)} budget: "
+               f"{'within budget' if total_s <= total_budget else '**over budget**'}")
+    html_line = (f"the HTML build took {fmt_time(html_s)}, so the book took **{fmt_time(total_s)}**{verdict}."
+                 if html_s is not None else
+                 f"the HTML build had not run when this page was written; execution alone took "
+                 f"{fmt_time(exec_s)}{verdict}.")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    from leukemia_core.dataroot import resolve_data_root
+    root, source = resolve_data_root(data_root)
+    checks = ("All checks passed: every chapter ran, every page of the table of contents "
+              "exists, and every figure output reached its page." if not problems else
+              "**Problems found:**\n\n" + "\n".join(f"- {p}" for p in problems))
+    text = f"""# Build report
+
+`make book` wrote this page. It executed every chapter below from its `.py` source, top
+to bottom in a fresh kernel (papermill), under the **{profile}** profile, then built the
+HTML with Jupyter Book. Peak memory is the largest resident memory of the kernel and the
+processes it started, sampled every 0.2 s; figures count the plotly graphs and static
+images each notebook produced, each of which must reach its page.
+
+| chapter | status | wall time | budget | peak memory | figures (plotly / static) |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Executing the chapters took **{fmt_time(exec_s)}**; {html_line}
+
+{checks}
+
+Built {now} with Python {platform.python_version()} on {platform.system()}
+({os.cpu_count()} CPUs), git commit {git_commit()}, data root `{root}` (from {source}).
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return {"profile": profile, "built": now, "execution_s": exec_s, "html_s": html_s,
+            "total_s": total_s, "budget_s": total_budget, "problems": problems,
+            "chapters": {n: asdict(r) for n, r in runs.items()}}
+
+
+# --------------------------------------------------------------------------- HTML
+def stage(build: Path) -> Path:
+    """A fresh book source under ``build/source``: config, TOC and the book/ pages."""
+    src = build / "source"
+    shutil.rmtree(src, ignore_errors=True)
+    (src / "notebooks").mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(ROOT / "book", src / "book",
+                    ignore=shutil.ignore_patterns("*.py", "__pycache__", "*.pyc"))
+    return src
+
+
+def jupyter_book(src: Path, out: Path, everything: bool, log=print) -> tuple[int, list[str]]:
+    """``jupyter-book build`` (warnings are errors); returns the exit code and warnings."""
+    exe = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(exe), "build", str(src), "--path-output", str(out), "-W", "-n", "--keep-going"]
+    if everything:
+        cmd.append("--all")  # re-read every page so that no warning is cached away
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(re.sub(r"\x1b\[[0-9;]*m", "", line.rstrip()))  # no terminal colours
+        log(line.rstrip())
+    warnings = [l for l in lines if re.search(r"\b(WARNING|ERROR|CRITICAL)\b", l)]
+    return proc.wait(), warnings
+
+
+def check_site(html: Path, files: list[str], runs: dict[str, ChapterRun]) -> list[str]:
+    """Every page present, every figure kept, plotly.js embedded rather than fetched."""
+    problems = [] if (html / "index.html").exists() else [f"{html / 'index.html'} missing"]
+    for name in files:
+        page = html / f"{name}.html"
+        if not page.exists():
+            problems.append(f"page missing: {page.relative_to(html.parent)}")
+            continue
+        text = page.read_text(errors="replace")
+        if CDN_PLOTLY.search(text):
+            problems.append(f"{name}: loads plotly.js from a CDN (the book must work offline)")
+        run = runs.get(name)
+        if run and run.figures:
+            run.html_figures = {"plotly": len(PLOTLY_DIV.findall(text)),
+                                "image": len(OUTPUT_IMG.findall(text))}
+            for kind, n in run.figures.items():
+                if run.html_figures[kind] < n:
+                    problems.append(f"{name}: the notebook has {n} {kind} figure(s), its page "
+                                    f"{run.html_figures[kind]}: figure output dropped")
+    return problems
+
+
+@dataclass
+class BookBuild:
+    html: Path
+    runs: dict[str, ChapterRun]
+    problems: list[str]
+    report: dict
+
+
+def build_book(profile: str = "ci", out: Path = ROOT, data_root: str | None = None,
+               seed: int = 0, log=print) -> BookBuild:
+    """Execute every chapter, write the report page, build and check the HTML."""
+    use_venv_kernel()
+    build = Path(out).resolve() / "_build"
+    files = toc_files()
+    problems = [f"page source missing: {f}.md" for f in files
+                if not f.startswith("notebooks/") and f != REPORT_PAGE
+                and not (ROOT / f"{f}.md").exists()]
+    src = stage(build)
+    runs = {}
+    for name in toc_chapters():
+        log(f"[book] executing {name} under profile {profile} ...")
+        run = runs[name] = execute_chapter(name, src / "notebooks", profile, data_root, seed)
+        log(f"[book] {name}: {'ok' if run.ok else 'FAILED: ' + run.error} "
+            f"({fmt_time(run.wall_s)}, peak {run.peak_rss_mb:.0f} MB, figures {run.figures})")
+        if not run.ok:
+            problems.append(f"{name}: {run.error}")
+    report_md = src / f"{REPORT_PAGE}.md"
+    write_report(report_md, runs, profile, None, problems, data_root)
+    start = time.perf_counter()
+    rc, warnings = jupyter_book(src, build.parent, everything=True, log=log)
+    html_s = time.perf_counter() - start
+    if rc:
+        problems.append(f"jupyter-book build failed (exit {rc}); {len(warnings)} warning(s):")
+        problems += [f"  {w}" for w in warnings]
+    html = build / "html"
+    problems += check_site(html, files, runs)
+    report = write_report(report_md, runs, profile, html_s, problems, data_root)
+    if not rc:  # rebuild only the report page, now that it knows the HTML time
+        rc2, _ = jupyter_book(src, build.parent, everything=False, log=lambda _: None)
+        if rc2:
+            problems.append(f"rebuilding the report page failed (exit {rc2})")
+    (build / "build_report.json").write_text(json.dumps(report, indent=2))
+    return BookBuild(html, runs, problems, report)
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default=os.environ.get("PROFILE", "ci"), choices=sorted(PROFILES))
+    ap.add_argument("--out", type=Path, default=ROOT, help="the build goes to OUT/_build (default: the repository)")
+    ap.add_argument("--data-root", default=None, help="data root (default: LEUKEMIA_DATA, else data/)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--notebook", nargs="+", metavar="NB",
+                    help="only execute these chapters (e.g. 02_data), without building the HTML")
+    args = ap.parse_args(argv)
+    if args.notebook:
+        use_venv_kernel()
+        dest = args.out.resolve() / "_build" / "source" / "notebooks"
+        failed = 0
+        for name in args.notebook:
+            run = execute_chapter(name, dest, args.profile, args.data_root, args.seed)
+            print(f"{run.name}: {'ok' if run.ok else 'FAILED: ' + run.error} in "
+                  f"{fmt_time(run.wall_s)}, peak memory {run.peak_rss_mb:.0f} MB -> "
+                  f"{dest / (Path(run.name).name + '.ipynb')}")
+            failed += not run.ok
+        return 1 if failed else 0
+    result = build_book(args.profile, args.out, args.data_root, args.seed)
+    rep = result.report
+    print(f"\n[book] profile {args.profile}: execution {fmt_time(rep['execution_s'])}, HTML "
+          f"{fmt_time(rep['html_s'])}, total {fmt_time(rep['total_s'])}"
+          + (f" (budget {fmt_time(rep['budget_s'])})" if rep["budget_s"] else ""))
+    if result.problems:
+        print("\n[book] BUILD FAILED:\n" + "\n".join(f"  - {p}" for p in result.problems),
+              file=sys.stderr)
+        return 1
+    print(f"[book] open {result.html / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

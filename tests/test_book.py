@@ -1,0 +1,151 @@
+"""The book builds under the smoke profile with zero warnings, every page and figure
+present; and the checks that make a broken build fail actually catch breakage."""
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_build():
+    """book/build.py as a module (one instance per test session)."""
+    if "book_build" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("book_build", REPO / "book" / "build.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["book_build"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["book_build"]
+
+
+build = load_build()
+
+
+def smoke_book():
+    """The smoke book, built once per test session into a temporary folder."""
+    from leukemia_core.dataroot import resolve_data_root
+
+    if not (resolve_data_root()[0] / "pbc").is_dir():
+        pytest.skip("the book executes the data chapter and no data root is present "
+                    "(set LEUKEMIA_DATA or put the mirror at ../shared/datasets)")
+    if not hasattr(build, "smoke_result"):
+        out = Path(tempfile.mkdtemp(prefix="book-smoke-"))
+        atexit.register(shutil.rmtree, out, ignore_errors=True)
+        build.smoke_result = build.build_book("smoke", out=out, log=lambda line: None)
+    return build.smoke_result
+
+
+# ------------------------------------------------------------------ the checks themselves
+def notebook_with(outputs):
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("fig.show()")
+    cell.outputs = [nbformat.from_dict(o) for o in outputs]
+    nb.cells.append(cell)
+    return nb
+
+
+PLOTLY_HTML = {"output_type": "display_data", "metadata": {},
+               "data": {"text/html": '<div id="a" class="plotly-graph-div"></div>'}}
+PLOTLY_MIME = {"output_type": "display_data", "metadata": {},
+               "data": {"application/vnd.plotly.v1+json": {"data": []}, "text/plain": "Figure"}}
+PNG = {"output_type": "display_data", "metadata": {}, "data": {"image/png": "iVBORw0KGgo="}}
+
+
+def test_count_figures():
+    assert build.count_figures(notebook_with([PLOTLY_HTML, PNG, PNG])) == {"plotly": 1, "image": 2}
+    assert build.count_figures(notebook_with([PLOTLY_MIME])) == {"plotly": 1, "image": 0}
+
+
+def test_dropped_figures_and_missing_pages_are_reported(tmp_path):
+    html = tmp_path / "html"
+    (html / "notebooks").mkdir(parents=True)
+    (html / "index.html").write_text("")
+    (html / "notebooks" / "02_data.html").write_text('<img src="../_images/a.png">')
+    run = build.ChapterRun("notebooks/02_data", ok=True, figures={"plotly": 1, "image": 1})
+    problems = build.check_site(html, ["notebooks/02_data", "notebooks/03_baseline"],
+                                {run.name: run})
+    assert any("plotly figure(s)" in p and "dropped" in p for p in problems), problems
+    assert not any("image figure(s)" in p for p in problems), problems
+    assert any("page missing" in p and "03_baseline" in p for p in problems), problems
+
+
+def test_plotly_from_a_cdn_is_reported(tmp_path):
+    (tmp_path / "index.html").write_text("")
+    (tmp_path / "p.html").write_text('<script src="https://cdn.plot.ly/plotly-3.0.1.min.js"></script>')
+    assert any("CDN" in p for p in build.check_site(tmp_path, ["p"], {}))
+
+
+def test_toc_files_read_in_order():
+    files = build.toc_files()
+    assert files[0] == "notebooks/01_introduction"
+    assert {"book/references", build.REPORT_PAGE} <= set(files)
+    for f in files:
+        if not f.startswith("notebooks/") and f != build.REPORT_PAGE:
+            assert (REPO / f"{f}.md").exists(), f"{f}.md missing"
+
+
+# ------------------------------------------------------------------ the built book
+@pytest.mark.slow
+def test_smoke_book_builds_cleanly():
+    book = smoke_book()
+    assert book.problems == [], "\n".join(book.problems)
+    assert (book.html / "index.html").exists()
+
+
+@pytest.mark.slow
+def test_every_page_and_figure_is_there():
+    book = smoke_book()
+    for name in build.toc_files():
+        assert (book.html / f"{name}.html").exists(), f"page {name} missing"
+    for name, run in book.runs.items():
+        assert run.ok, run.error
+        assert all(run.html_figures[k] >= n for k, n in run.figures.items()), (name, run)
+    data = book.runs["notebooks/02_data"].figures
+    assert data["plotly"] >= 4 and data["image"] >= 5, data
+
+
+@pytest.mark.slow
+def test_chapters_have_run_box_and_downloads():
+    book = smoke_book()
+    for name in build.toc_chapters():
+        page = (book.html / f"{name}.html").read_text()
+        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", page))
+        stem = Path(name).name
+        assert "Run this chapter yourself" in text, name
+        for profile in build.PROFILES:
+            assert f"make notebook NB={stem} PROFILE={profile}" in text, (name, profile)
+        assert f"{stem}.py" in page and list(book.html.glob(f"_downloads/*/{stem}.py")), \
+            f"{name}: .py source not downloadable"
+        assert (book.html / "_sources" / f"{name}.ipynb").exists(), f"{name}: .ipynb not downloadable"
+
+
+@pytest.mark.slow
+def test_plotly_is_embedded_not_fetched():
+    book = smoke_book()
+    page = (book.html / "notebooks" / "02_data.html").read_text()
+    assert not build.CDN_PLOTLY.search(page)
+    assert "cdn.plot.ly/plotly" not in page
+    assert page.count("plotly-graph-div") >= book.runs["notebooks/02_data"].figures["plotly"]
+    assert "Plotly.newPlot" in page and len(page) > 3_000_000, "plotly.js is not embedded"
+
+
+@pytest.mark.slow
+def test_report_and_bibliography_pages():
+    book = smoke_book()
+    report = (book.html / f"{build.REPORT_PAGE}.html").read_text()
+    assert "smoke" in report and "peak memory" in report
+    for run in book.runs.values():
+        assert run.title in report, run.name
+    refs = (book.html / "book" / "references.html").read_text()
+    for needle in ("10.1016/j.dib.2020.105474", "2303.07771", "2502.10899", "WBCAtt",
+                   "10.7937/tcia.2019.36f5o9ld", "MedMNIST", "10.1007/s44163-026-01239-7"):
+        assert needle in refs, needle
+    assert book.report["profile"] == "smoke" and book.report["execution_s"] > 0
