@@ -52,12 +52,13 @@ def bench_loader(data_root=None, sizes=(64, 128), workers=(0, 2), n_raw: int = 1
 
 
 def _bare_loop(model, loader, lr=1e-3):
-    """The reference: a plain timm/torch training loop, nothing else."""
+    """The reference: a plain timm/torch training loop (NHWC like fit()), nothing else."""
+    model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     t0, n = time.perf_counter(), 0
     for x, y in loader:
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -24,7 +24,7 @@ class Profile:
     patience: int  # early-stopping patience in epochs
     preload_images: bool = False  # decode + resize once, keep in memory (CPU profiles)
     seeds: tuple[int, ...] = (0,)
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # chapter-specific sizes, e.g. finetune_epochs
 
     def replace(self, **changes) -> "Profile":
         return dataclasses.replace(self, **changes)
@@ -37,17 +37,18 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke", image_size=32, epochs=1, batch_size=16, lr=1e-3, warmup_epochs=0.0,
         max_train_per_class=8, max_eval_per_class=4, model="convnext_atto",
-        num_workers=0, patience=1, seeds=(0,),
+        num_workers=0, patience=1, seeds=(0,), extra={"finetune_epochs": 1},
     ),
     "ci": Profile(
         name="ci", image_size=64, epochs=12, batch_size=64, lr=2e-3, warmup_epochs=1.0,
         max_train_per_class=None, max_eval_per_class=None, model="convnext_atto",
         num_workers=2, patience=4, seeds=(0,), preload_images=True,
+        extra={"finetune_epochs": 3},
     ),
     "full": Profile(
         name="full", image_size=224, epochs=60, batch_size=128, lr=2e-3, warmup_epochs=3.0,
         max_train_per_class=None, max_eval_per_class=None, model="convnext_tiny",
-        num_workers=8, patience=10, seeds=(0, 1, 2),
+        num_workers=8, patience=10, seeds=(0, 1, 2), extra={"finetune_epochs": 20},
     ),
 }
 

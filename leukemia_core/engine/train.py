@@ -37,6 +37,7 @@ class FitConfig:
     seed: int = 0
     amp: bool = True  # bf16 autocast, CUDA only
     grad_clip: float | None = None
+    channels_last: bool = True  # NHWC: ~1.25x (ConvNeXt) to 2x (EfficientNet) faster on CPU
     progress: bool = True
 
 
@@ -63,15 +64,23 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+def _to_device(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
 @torch.no_grad()
-def predict_logits(model, loader, device=None, amp: bool = True, progress: bool = False):
+def predict_logits(model, loader, device=None, amp: bool = True, progress: bool = False,
+                   channels_last: bool = True):
     """Logits and targets over a loader, in loader order."""
     device = device or next(model.parameters()).device
     model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     logits, targets = [], []
     for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress):
         with _autocast(device, amp):
-            logits.append(model(x.to(device, non_blocking=True)).float().cpu())
+            logits.append(model(_to_device(x, device, channels_last)).float().cpu())
         targets.append(torch.as_tensor(y))
     return torch.cat(logits), torch.cat(targets)
 
@@ -97,6 +106,8 @@ def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
     """
     device = torch.device(device) if device else default_device()
     model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     steps_per_epoch = len(train_loader)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 and p.requires_grad]
@@ -133,7 +144,7 @@ def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=not config.progress)
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = _to_device(x, device, config.channels_last), y.to(device, non_blocking=True)
             with _autocast(device, config.amp):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, weight=weight,
