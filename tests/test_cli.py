@@ -1,6 +1,7 @@
 """The command line: --help everywhere, real smoke runs, and exit code 2 on bad input."""
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 import pandas as pd
@@ -41,7 +42,7 @@ def test_train_writes_checkpoint_predictions_and_results(pbc_run, data_root):
     for key in ("metrics", "profile", "config", "git_sha", "data_root", "split_sha256", "data_sha256",
                 "hardware", "wall_time_s", "seeds"):
         assert key in res, key
-    assert res["profile"] == "smoke" and res["data_root"] == str(data_root)
+    assert res["profile"] == "smoke" and Path(res["data_root"]) == Path(data_root).resolve()
     assert 0 <= res["metrics"]["test"]["accuracy"] <= 1
     assert len(res["metrics"]["test"]["confusion_matrix"]) == 8
     preds = pd.read_csv(pbc_run / "predictions_test.csv")
