@@ -1,8 +1,8 @@
 """The command line: --help everywhere, real smoke runs, and exit code 2 on bad input."""
 import json
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
