@@ -105,11 +105,12 @@ class ChapterRun:
 
 
 class PeakRSS:
-    """Largest summed resident memory of this process's children (the kernel and what it
-    starts, e.g. data-loader workers), sampled every ``interval`` seconds. Shared pages of
-    forked workers are counted once per process, so this is an upper bound."""
+    """Largest summed memory of this process's children (the kernel and what it starts,
+    e.g. data-loader workers), sampled every ``interval`` seconds. It sums the
+    proportional set size (PSS), so pages that forked workers share with the kernel are
+    split between them rather than counted once per process; RSS where PSS is unknown."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.5):
         self.interval, self.peak = interval, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -120,7 +121,8 @@ class PeakRSS:
             total = 0
             for proc in me.children(recursive=True):
                 try:
-                    total += proc.memory_info().rss
+                    info = proc.memory_full_info()
+                    total += getattr(info, "pss", info.rss)
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
@@ -294,8 +296,9 @@ def write_report(path: Path, runs: dict[str, ChapterRun], profile: str, html_s: 
 
 `make book` wrote this page. It executed every chapter below from its `.py` source, top
 to bottom in a fresh kernel (papermill), under the **{profile}** profile, then built the
-HTML with Jupyter Book. Peak memory is the largest resident memory of the kernel and the
-processes it started, sampled every 0.2 s; figures count the plotly graphs and static
+HTML with Jupyter Book. Peak memory is the largest summed memory (PSS: shared pages split
+between the processes sharing them) of the kernel and the processes it started, sampled
+every 0.5 s; figures count the plotly graphs and static
 images each notebook produced, each of which must reach its page.
 
 | chapter | status | wall time | budget | peak memory | figures (plotly / static) |

@@ -95,11 +95,16 @@ def prepare_data(dataset: str, profile: Profile, root=None, classes: list[str] |
 
 
 def make_loader(ds, profile: Profile, train: bool, weighted_sampler: bool = False) -> DataLoader:
+    """Shuffled (or class-balanced) batches for training, ordered ones for evaluation.
+
+    Evaluation of preloaded images runs in the main process: its transform is cheap,
+    and idle worker processes would only hold memory.
+    """
     sampler = None
     if train and weighted_sampler:
         counts = torch.bincount(torch.tensor(ds.targets), minlength=len(ds.classes)).float()
         sampler = WeightedRandomSampler((1.0 / counts)[ds.targets], num_samples=len(ds), replacement=True)
-    workers = profile.num_workers
+    workers = 0 if (not train and getattr(ds, "cache", None) is not None) else profile.num_workers
     return DataLoader(ds, batch_size=profile.batch_size if train else profile.batch_size * 2,
                       shuffle=train and sampler is None, sampler=sampler, drop_last=train and len(ds) > profile.batch_size,
                       num_workers=workers, persistent_workers=workers > 0,
