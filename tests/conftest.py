@@ -2,7 +2,9 @@
 $LEUKEMIA_DATA) and skip, saying why, when it is absent."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,17 @@ MIRROR = REPO.parent / "shared" / "datasets"
 if not os.environ.get("LEUKEMIA_DATA") and MIRROR.is_dir():
     os.environ["LEUKEMIA_DATA"] = str(MIRROR)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def load_module(name: str, relpath: str):
+    """A repository file as a module, imported once per session (a test file that
+    pytest already imported under ``name`` is reused, so its caches are shared)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / relpath)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def real_root() -> Path | None:

@@ -3,30 +3,20 @@ present; and the checks that make a broken build fail actually catch breakage.""
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from conftest import load_module
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def load_build():
-    """book/build.py as a module (one instance per test session)."""
-    if "book_build" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("book_build", REPO / "book" / "build.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["book_build"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["book_build"]
-
-
-build = load_build()
+build = load_module("book_build", "book/build.py")
 
 
 def smoke_book():

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import functools
 import http.server
-import importlib.util
-import sys
 import threading
 from pathlib import Path
 
 import pytest
+
+from conftest import load_module
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -25,12 +25,7 @@ pytestmark = [
 
 def load_test_book():
     """tests/test_book.py's smoke book: built once per session, shared by both files."""
-    if "book_tests" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("book_tests", REPO / "tests" / "test_book.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["book_tests"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["book_tests"].smoke_book()
+    return load_module("test_book", "tests/test_book.py").smoke_book()
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 from leukemia_core.data import LOADERS, RECORD_COLUMNS, load_dataset
-from leukemia_core.data.records import sha256_file
 from leukemia_core.errors import DatasetError
 
 

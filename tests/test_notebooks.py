@@ -2,27 +2,17 @@
 and runs top to bottom in a fresh kernel under the ``smoke`` profile."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import load_module
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def load_build():
-    """book/build.py as a module (one instance per test session)."""
-    if "book_build" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("book_build", REPO / "book" / "build.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["book_build"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["book_build"]
-
-
-build = load_build()
+build = load_module("book_build", "book/build.py")
 CHAPTERS = build.toc_chapters()
 
 
@@ -65,12 +55,7 @@ def test_generated_notebooks_are_not_committed():
 
 def smoke_book():
     """tests/test_book.py's smoke book: built once per session, shared by the test files."""
-    if "book_tests" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("book_tests", REPO / "tests" / "test_book.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["book_tests"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["book_tests"].smoke_book()
+    return load_module("test_book", "tests/test_book.py").smoke_book()
 
 
 @pytest.mark.slow
