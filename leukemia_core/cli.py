@@ -59,12 +59,12 @@ def cmd_splits(args):
 
 
 def cmd_train(args):
+    from .config import get_profile
     from .pipeline import train_classifier
     from .transforms import CLAHE
 
     overrides = {k: v for k, v in {"epochs": args.epochs, "image_size": args.image_size,
                                   "batch_size": args.batch_size, "lr": args.lr}.items() if v is not None}
-    from .config import get_profile
     profile = get_profile(args.profile, **overrides)
     out = Path(args.out or f"runs/{args.dataset}_{args.model or profile.model}_{profile.name}_s{args.seed}")
     results = args.results or out / "results.json"

@@ -28,8 +28,11 @@ def load_module(name: str, relpath: str):
 
 
 def real_root() -> Path | None:
+    """The dataset mirror (with its SHA256SUMS), or None when it is absent."""
     root = os.environ.get("LEUKEMIA_DATA")
-    return Path(root) if root and (Path(root) / "pbc").is_dir() else None
+    if root and (Path(root) / "pbc").is_dir() and (Path(root) / "SHA256SUMS").is_file():
+        return Path(root)
+    return None
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """check_data_root and find_duplicates on a small copy of real files and on the mirror."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -13,18 +12,12 @@ from leukemia_core.data.check import check_data_root, find_duplicates
 from leukemia_core.data.fetch import read_sums
 from leukemia_core.data.pbc import CLASSES as PBC_CLASSES
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import real_root
+
 PBC = "pbc/PBC_dataset_normal_DIB"
 
 
-def find_mirror() -> Path | None:
-    for cand in (os.environ.get("LEUKEMIA_DATA"), REPO.parent / "shared" / "datasets"):
-        if cand and (Path(cand) / "SHA256SUMS").is_file() and (Path(cand) / PBC).is_dir():
-            return Path(cand)
-    return None
-
-
-MIRROR = find_mirror()
+MIRROR = real_root()  # conftest puts ../shared/datasets in LEUKEMIA_DATA
 pytestmark = pytest.mark.skipif(
     MIRROR is None, reason="data mirror not found (set LEUKEMIA_DATA or put it at "
                            "../shared/datasets): these tests check real dataset files")

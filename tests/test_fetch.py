@@ -5,7 +5,6 @@ import dataclasses
 import filecmp
 import functools
 import hashlib
-import os
 import shutil
 import threading
 import zipfile
@@ -18,17 +17,11 @@ from leukemia_core.data import LOADERS, load_dataset
 from leukemia_core.data.fetch import RELEASES, fetch_dataset, read_sums
 from leukemia_core.errors import DatasetError, LeukemiaError, UnknownNameError
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import real_root
 
 
-def find_mirror() -> Path | None:
-    for cand in (os.environ.get("LEUKEMIA_DATA"), REPO.parent / "shared" / "datasets"):
-        if cand and (Path(cand) / "SHA256SUMS").is_file() and (Path(cand) / "zheng_wbc").is_dir():
-            return Path(cand)
-    return None
 
-
-MIRROR = find_mirror()
+MIRROR = real_root()  # conftest puts ../shared/datasets in LEUKEMIA_DATA
 needs_mirror = pytest.mark.skipif(
     MIRROR is None, reason="data mirror not found (set LEUKEMIA_DATA or put it at "
                            "../shared/datasets): these tests serve real mirror files")

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from leukemia_core.data import LOADERS, RECORD_COLUMNS, load_dataset
+from leukemia_core.data.fetch import read_sums
 from leukemia_core.errors import DatasetError
 
 
@@ -22,8 +23,7 @@ def test_every_loader_returns_the_uniform_table(data_root):
 
 
 def test_sha256_matches_the_mirror_checksums(data_root, pbc_table):
-    sums = dict(line.split("  ", 1)[::-1] for line in
-                (data_root / "SHA256SUMS").read_text().splitlines() if line)
+    sums = read_sums(data_root / "SHA256SUMS")
     for _, row in pbc_table.sample(20, random_state=0).iterrows():
         assert sums["pbc/" + row.relpath] == row.sha256
 
