@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 LEUKEMIA_DATA ?= $(if $(wildcard ../shared/datasets),$(abspath ../shared/datasets),)
 export LEUKEMIA_DATA
 
-.PHONY: venv test book notebook lock clean
+.PHONY: venv test book notebook lock clean explore explore-checkpoint
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -32,6 +32,23 @@ book: venv
 notebook: venv
 	@test -n "$(NB)" || { echo "usage: make notebook NB=02_data [PROFILE=ci]" >&2; exit 2; }
 	$(PY) book/build.py --profile $(PROFILE) --notebook $(NB)
+
+# The prediction explorer, served by Voila at http://127.0.0.1:$(PORT) (Ctrl-C stops it).
+# RUN: a run folder (model.safetensors + predictions_<split>.csv) or a predictions CSV;
+# by default the baseline that `make book` leaves, trained first if it is not there.
+EXPLORE_RUN := _build/artifacts/$(PROFILE)/pbc_convnext_atto_s0
+RUN ?= $(EXPLORE_RUN)
+PORT ?= 8866
+explore: venv
+	@if [ "$(RUN)" = "$(EXPLORE_RUN)" ] && [ ! -f "$(RUN)/model.safetensors" ]; then \
+	  echo "no checkpoint in $(RUN): training it first (make explore-checkpoint)"; \
+	  $(MAKE) --no-print-directory explore-checkpoint; fi
+	$(PY) -m leukemia_core.explorer $(RUN) --port $(PORT)
+
+# The checkpoint `make explore` serves, trained as notebooks/03_baseline.py trains it.
+explore-checkpoint: venv
+	$(VENV)/bin/leukemia-core train --dataset pbc --model convnext_atto --profile $(PROFILE) \
+	  --out $(EXPLORE_RUN) --overwrite
 
 lock: venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock.new && mv requirements.lock.new requirements.lock

@@ -73,18 +73,28 @@ def prepare_data(dataset: str, profile: Profile, root=None, classes: list[str] |
                  pretrained: bool = False) -> PreparedData:
     """Load ``dataset`` with its committed split, subsample per the profile, and fix
     the normalisation (training-split statistics, or the pretrained weights' own)."""
-    table = apply_split(load_dataset(dataset, root))
+    return prepare_table(apply_split(load_dataset(dataset, root)), profile, classes, seed, clahe,
+                         model, pretrained, name=dataset)
+
+
+def prepare_table(table: pd.DataFrame, profile: Profile, classes: list[str] | None = None,
+                  seed: int = 0, clahe: CLAHE | None = None, model: str | None = None,
+                  pretrained: bool = False, name: str = "table") -> PreparedData:
+    """:func:`prepare_data` for a record table that already has a ``split`` column
+    (e.g. several datasets joined by :func:`leukemia_core.taxonomy.load_taxonomy_table`)."""
+    attrs = dict(table.attrs)
     table = table[table["label"].notna()]
     if classes is not None:
         unknown = sorted(set(classes) - set(table["label"]))
         if unknown:
-            raise UnknownNameError(f"classes {unknown} do not occur in dataset '{dataset}'; "
+            raise UnknownNameError(f"classes {unknown} do not occur in '{name}'; "
                                    f"its classes are {sorted(table['label'].unique())}")
         table = table[table["label"].isin(classes)]
     classes = list(classes) if classes is not None else sorted(table["label"].unique())
     parts = [subsample(table[table["split"] == "train"], profile.max_train_per_class, seed)]
     parts += [subsample(table[table["split"] == s], profile.max_eval_per_class, seed) for s in ("val", "test")]
     table = pd.concat(parts, ignore_index=True)
+    table.attrs.update(attrs)
     if pretrained and model in PRETRAINED_NORM:
         (mean, std), source = PRETRAINED_NORM[model], f"{model} pretraining"
     else:

@@ -73,7 +73,9 @@ def per_class_bars(per_class: dict[str, dict[str, dict]], metric: str = "f1") ->
 
 
 def image_grid(paths, titles=None, ncols: int = 8, size: float = 1.6):
-    """A matplotlib grid of images (static: better than plotly for galleries)."""
+    """A matplotlib grid of images (static: better than plotly for galleries).
+
+    ``paths`` may hold file paths, PIL images or ``HxWx3`` arrays."""
     import matplotlib.pyplot as plt
     from PIL import Image
 
@@ -83,9 +85,54 @@ def image_grid(paths, titles=None, ncols: int = 8, size: float = 1.6):
     for ax in np.ravel(axes):
         ax.axis("off")
     for i, (ax, p) in enumerate(zip(np.ravel(axes), paths)):
-        with Image.open(p) as im:
-            ax.imshow(im.convert("RGB"))
+        if isinstance(p, (np.ndarray, Image.Image)):
+            ax.imshow(p)
+        else:
+            with Image.open(p) as im:
+                ax.imshow(im.convert("RGB"))
         if titles is not None:
             ax.set_title(titles[i], fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def tree_figure(taxonomy, counts: dict[str, int] | None = None, title: str = "") -> go.Figure:
+    """A taxonomy drawn left to right: depth on x, leaves spread on y, each parent at
+    the mean height of its children. Leaves without data are grey, with their note."""
+    counts = counts or {}
+    y: dict[str, float] = {}
+    for i, leaf in enumerate(taxonomy.leaves):
+        y[leaf] = -i
+
+    def place(name):
+        node = taxonomy[name]
+        if node.children:
+            y[name] = float(np.mean([place(c) for c in node.children]))
+        return y[name]
+
+    place(taxonomy.root)
+    fig = go.Figure()
+    for parent, child in taxonomy.edges():
+        px_, cx = taxonomy[parent].depth, taxonomy[child].depth
+        fig.add_scatter(x=[px_, px_ + 0.5, px_ + 0.5, cx], y=[y[parent], y[parent], y[child], y[child]],
+                        mode="lines", line=dict(color="#999", width=1), hoverinfo="skip", showlegend=False)
+    for has_data in (True, False):
+        names = [n for n in taxonomy.nodes if taxonomy.has_data(n) == has_data]
+        if not names:
+            continue
+        hover = []
+        for n in names:
+            node = taxonomy[n]
+            extra = node.note or node.description
+            src = f"<br>sources: {', '.join(node.sources)}" if node.sources else ""
+            hover.append(f"<b>{n}</b>{src}<br>images: {counts.get(n, 0):,}" + (f"<br>{extra}" if extra else ""))
+        labels = [f"{n} ({counts[n]:,})" if n in counts else n for n in names]
+        fig.add_scatter(x=[taxonomy[n].depth for n in names], y=[y[n] for n in names], mode="markers+text",
+                        text=labels, textposition="middle right", hovertext=hover, hoverinfo="text",
+                        marker=dict(size=12, color="#1f77b4" if has_data else "#bbbbbb"),
+                        name="has images" if has_data else "no public images")
+    fig.update_xaxes(visible=False, range=[-0.2, taxonomy.depth + 1.2])
+    fig.update_yaxes(visible=False)
+    fig.update_layout(title=title, height=60 + 34 * len(taxonomy.leaves), margin=dict(l=10, r=10, t=40, b=10),
+                      legend=dict(orientation="h"))
     return fig

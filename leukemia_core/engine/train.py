@@ -94,9 +94,30 @@ def evaluate(model, loader, classes: list[str], device=None, amp: bool = True) -
     return out
 
 
+class ClassificationTask:
+    """What :func:`fit` optimises and monitors: cross-entropy over ``classes``.
+
+    Other tasks (e.g. :class:`leukemia_core.hierarchy.HierarchicalTask`) provide the
+    same three methods for models whose outputs are not one softmax.
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
+        self.weight, self.label_smoothing = weight, label_smoothing
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y, weight=self.weight, label_smoothing=self.label_smoothing)
+
+    def n_correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (logits.argmax(1) == y).sum()
+
+    def evaluate(self, model, loader, classes: list[str], device, amp: bool) -> dict:
+        return evaluate(model, loader, classes, device, amp)
+
+
 def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
         out_dir: str | Path | None = None, resume: bool = False, device=None,
-        meta: dict | None = None, stop_after_epoch: int | None = None) -> FitResult:
+        meta: dict | None = None, stop_after_epoch: int | None = None,
+        task=None) -> FitResult:
     """Train ``model``; keeps the best weights by ``config.monitor`` on ``val_loader``.
 
     With ``out_dir``, writes ``model.safetensors`` (best), ``last.safetensors`` and
@@ -119,6 +140,7 @@ def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
         warmup_prefix=True, t_in_epochs=False)
     weight = torch.tensor(config.class_weights, dtype=torch.float32, device=device) \
         if config.class_weights else None
+    task = task or ClassificationTask(weight, config.label_smoothing)
     meta = {**(meta or {}), "classes": list(classes), "fit_config": dataclasses.asdict(config)}
     result = FitResult(out_dir=str(out_dir) if out_dir else None)
     best_state, start_epoch = None, 0
@@ -147,8 +169,7 @@ def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
             x, y = _to_device(x, device, config.channels_last), y.to(device, non_blocking=True)
             with _autocast(device, config.amp):
                 logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, weight=weight,
-                                       label_smoothing=config.label_smoothing)
+                loss = task.loss(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -157,14 +178,15 @@ def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
             scheduler.step_update(epoch * steps_per_epoch + step + 1)
             seen += len(y)
             loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
+            correct += task.n_correct(logits.detach(), y)
         train_time = time.perf_counter() - t0
         record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                   "train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen,
                   "train_images_per_s": seen / train_time, "train_time_s": train_time}
         if val_loader is not None:
-            val = evaluate(model, val_loader, classes, device, config.amp)
-            record.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "macro_f1", "balanced_accuracy")})
+            val = task.evaluate(model, val_loader, classes, device, config.amp)
+            record.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "macro_f1", "balanced_accuracy")
+                           if k in val})
             score = val[config.monitor]
             if score > result.best_score:
                 result.best_score, result.best_epoch, bad_epochs = score, epoch, 0

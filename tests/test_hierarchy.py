@@ -1,0 +1,135 @@
+"""Taxonomy and hierarchical classification: a toy tree exercises every rule; the
+bundled leukemia tree is checked against the mirror."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leukemia_core.errors import DatasetError, UnknownNameError
+from leukemia_core.hierarchy import (HierarchicalTask, LevelCodec, MultiLevelNet, hierarchical_metrics,
+                                     is_valid_path)
+from leukemia_core.taxonomy import Taxonomy, load_taxonomy_table
+
+# root ─ A ─ a1, a2          a1, a2 at depth 2
+#      ├ B (leaf)            B at depth 1: no target below level 0
+#      └ C ─ c1 ─ x, y       x, y at depth 3
+#            └ c2 (no data)  stays in the tree, never decoded
+TOY = {"name": "root", "children": [
+    {"name": "A", "children": [{"name": "a1", "sources": ["toy:a1"]}, {"name": "a2", "sources": ["toy:a2"]}]},
+    {"name": "B", "sources": ["toy:b"]},
+    {"name": "C", "children": [
+        {"name": "c1", "children": [{"name": "x", "sources": ["toy:x"]}, {"name": "y", "sources": ["toy:y"]}]},
+        {"name": "c2", "note": "no data"}]},
+]}
+
+
+@pytest.fixture
+def toy():
+    return Taxonomy(TOY, "toy")
+
+
+def test_toy_tree_levels_targets_and_distances(toy):
+    assert toy.leaves == ["a1", "a2", "B", "x", "y", "c2"]
+    assert toy.data_leaves == ["a1", "a2", "B", "x", "y"]
+    assert not toy.has_data("c2") and toy.has_data("C")
+    assert toy.levels == [["A", "B", "C"], ["a1", "a2", "c1"], ["x", "y"]]
+    assert toy.path("y") == ["C", "c1", "y"]
+    assert toy.level_targets("B") == [1, -1, -1]
+    assert toy.level_targets("y") == [2, 2, 1]
+    assert toy.distance("a1", "a2") == 2 and toy.distance("a1", "y") == 5 and toy.distance("x", "x") == 0
+
+
+def test_bad_trees_are_named():
+    with pytest.raises(DatasetError, match="occurs twice"):
+        Taxonomy({"name": "r", "children": [{"name": "a"}, {"name": "a"}]})
+    with pytest.raises(DatasetError, match="only leaves carry sources"):
+        Taxonomy({"name": "r", "children": [{"name": "a", "sources": ["d:x"], "children": [{"name": "b"}]}]})
+    with pytest.raises(DatasetError, match="dataset:label"):
+        Taxonomy({"name": "r", "children": [{"name": "a", "sources": ["nocolon"]}]})
+    with pytest.raises(DatasetError, match="claimed by"):
+        Taxonomy({"name": "r", "children": [{"name": "a", "sources": ["d:x"]},
+                                            {"name": "b", "sources": ["d:x"]}]}).source_map()
+    with pytest.raises(UnknownNameError, match="bundled taxonomies"):
+        Taxonomy.from_yaml("no_such_tree")
+
+
+def test_path_probabilities_are_a_distribution_and_decoders_agree_with_hand_computation(toy):
+    codec = LevelCodec(toy)
+    assert codec.sizes == [3, 3, 2]
+    # one sample: level 0 prefers C, level 1 prefers a1 (inconsistent with C), level 2 prefers y
+    logits = torch.tensor([[0.0, 0.0, 3.0, 5.0, 0.0, 1.0, 0.0, 2.0]])
+    levels = codec.split(logits)
+    p = codec.path_log_probs(levels).exp()
+    assert torch.allclose(p.sum(1), torch.ones(1))
+    # c1 is C's only child with data, so p(y) = p(C) * 1 * p(y | c1)
+    pc = torch.softmax(torch.tensor([0.0, 0.0, 3.0]), 0)[2]
+    py = torch.softmax(torch.tensor([0.0, 2.0]), 0)[1]
+    assert torch.isclose(p[0, codec.leaves.index("y")], pc * py)
+    assert codec.decode(levels, "path_probability") == [["C", "c1", "y"]]
+    assert codec.decode(levels, "top_down") == [["C", "c1", "y"]]
+    assert codec.decode(levels, "independent") == [["C", "a1"]]
+    assert not is_valid_path(toy, ["C", "a1"]) and is_valid_path(toy, ["C", "c1", "y"])
+
+
+def test_level_losses_mask_samples_that_do_not_reach_a_level(toy):
+    codec = LevelCodec(toy)
+    task = HierarchicalTask(codec)
+    logits = torch.randn(2, sum(codec.sizes), requires_grad=True)
+    y = torch.tensor([codec.leaves.index("B")] * 2)  # depth-1 leaf: only level 0 has targets
+    losses = task.level_losses(logits, y)
+    assert losses[1].item() == 0.0 and losses[2].item() == 0.0 and losses[0].item() > 0
+    task.loss(logits, y).backward()
+    assert logits.grad[:, 3:].abs().sum() == 0 and logits.grad[:, :3].abs().sum() > 0
+
+
+def test_loss_control_each_head_gets_only_its_own_levels_gradient(toy):
+    codec = LevelCodec(toy)
+    torch.manual_seed(0)
+    net = MultiLevelNet("resnet18", codec.sizes)
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.tensor([codec.leaves.index(n) for n in ("a1", "x", "y", "a2")])
+    # level 1 switched off: its head gets no gradient, the others and the backbone do
+    HierarchicalTask(codec, level_weights=[1.0, 0.0, 1.0]).loss(net(x), y).backward()
+    grads = [h.weight.grad.abs().sum().item() for h in net.heads]
+    assert grads[1] == 0.0 and grads[0] > 0 and grads[2] > 0
+    assert net.backbone.conv1.weight.grad.abs().sum() > 0
+    # a head's gradient does not depend on other levels' weights
+    g2 = net.heads[2].weight.grad.clone()
+    net.zero_grad()
+    HierarchicalTask(codec, level_weights=[5.0, 3.0, 1.0]).loss(net(x), y).backward()
+    assert torch.allclose(net.heads[2].weight.grad, g2, atol=1e-6)
+
+
+def test_metrics_on_hand_made_predictions(toy):
+    true = ["a1", "y", "B", "x"]
+    pred = [["A", "a1"], ["C", "c1", "x"], ["C", "a1"], ["C", "c1", "x"]]  # right, sibling, invalid, right
+    s = hierarchical_metrics(toy, true, pred)
+    assert s.path_consistency == 0.75
+    assert s.leaf_accuracy == 0.5
+    assert s.level_accuracy[0] == 0.75  # B predicted as C
+    assert s.level_accuracy[2] == 0.5  # x right, y -> x wrong
+    # mistake severity: y->x is 2 edges; B->a1 (last node of the invalid path) is 3
+    assert s.mistake_severity == pytest.approx(2.5)
+    # hierarchical precision: overlaps 2 + 2 + 0 + 3 = 7 over predicted 2 + 3 + 2 + 3 = 10
+    assert s.hierarchical_precision == pytest.approx(0.7)
+    assert s.hierarchical_recall == pytest.approx(7 / 9)
+
+
+def test_leukemia_tree_keeps_cml_cll_without_data():
+    tax = Taxonomy.from_yaml("leukemia")
+    assert {"CML", "CLL"} <= set(tax.leaves) and not ({"CML", "CLL"} & set(tax.data_leaves))
+    assert "no public" in tax["CML"].note
+    assert tax.path("pre_b") == ["leukemia", "acute", "ALL", "pre_b"]
+
+
+def test_leukemia_table_on_the_mirror(data_root):
+    tax = Taxonomy.from_yaml("leukemia")
+    table = load_taxonomy_table(tax, data_root)
+    counts = table.groupby("label").size()
+    assert set(counts.index) == set(tax.data_leaves)
+    # Matek neutrophils join PBC neutrophils under one leaf, from two domains
+    assert set(table.loc[table.label == "neutrophil", "dataset"]) == {"pbc", "matek"}
+    assert set(table["split"]) == {"train", "val", "test"}
+    assert not table["sha256"].duplicated().any() or \
+        table[table["sha256"].duplicated(keep=False)].groupby("sha256")["split"].nunique().max() == 1
+    assert "aria:" in table.attrs["split_sha256"] and "matek:" in table.attrs["split_sha256"]
