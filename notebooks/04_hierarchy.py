@@ -67,13 +67,13 @@ use_offline_plotly()
 CHAPTER_START = time.perf_counter()
 #: Sizes per profile. The code path is the same; only these numbers change.
 SIZES = {
-    "smoke": dict(image_size=32, train_cap=8, val_cap=4, test_cap=4, epochs=1,
+    "smoke": dict(image_size=32, train_cap=8, val_cap=4, test_cap=4, epochs=1, contrast_cap=8,
                   scratch_image_size=32, scratch_cap=8, scratch_epochs=1, scratch_kinds=("flat",),
                   backbones=("convnext_atto", "vit_tiny_patch16_224")),
-    "ci": dict(image_size=64, train_cap=200, val_cap=60, test_cap=None, epochs=3,
+    "ci": dict(image_size=64, train_cap=200, val_cap=60, test_cap=None, epochs=3, contrast_cap=None,
                scratch_image_size=48, scratch_cap=200, scratch_epochs=6, scratch_kinds=("flat",),
                backbones=("convnext_atto", "vit_tiny_patch16_224")),
-    "full": dict(image_size=224, train_cap=None, val_cap=None, test_cap=None, epochs=20,
+    "full": dict(image_size=224, train_cap=None, val_cap=None, test_cap=None, epochs=20, contrast_cap=None,
                  scratch_image_size=224, scratch_cap=None, scratch_epochs=60,
                  scratch_kinds=("flat", "multilevel"),
                  backbones=("convnext_tiny", "vit_small_patch16_224")),
@@ -323,12 +323,10 @@ fig = image_grid([masked.datasets["test"].cache[i] for i in sample.index],
 # %%
 def binary_contrast(name, source, positive_fn):
     """Benign-vs-malignant classifier trained and tested inside one source."""
-    parts = []
-    for s in ("train", "val", "test"):
-        t = levels.tables[s]
-        t = t[t["dataset"] == source].copy()
-        parts.append(t.assign(split=s, label=np.where(positive_fn(t), "malignant", "benign")))
-    # every training image of the source (no per-class cap): a two-class model on a few
+    t = table[table["dataset"] == source].copy()  # the whole source, not the capped training table
+    t["label"] = np.where(positive_fn(t), "malignant", "benign")
+    parts = [subsample(t[t["split"] == s], SIZES["contrast_cap"], seeds[0]) for s in ("train", "val", "test")]
+    # every training image of the source (ci, full): a two-class model on a few
     # hundred images would get too few optimiser steps to be a fair estimate
     d = prepare_table(pd.concat(parts, ignore_index=True), P.replace(max_train_per_class=None),
                       classes=["benign", "malignant"], seed=seeds[0], model=BACKBONE, pretrained=True, name=name)
