@@ -13,6 +13,13 @@ pages, the executed ``notebooks/*.ipynb`` and their ``.py`` sources), ``html/`` 
 The build fails, listing every problem, if a chapter raises, a page of the table of contents
 is missing from the site, a figure of an executed notebook is missing from its page, a page
 loads plotly.js from a CDN, or Jupyter Book emits any warning (``-W -n --keep-going``).
+
+It also fails if a results file the chapters just rewrote under ``results/<profile>/``
+disagrees with its committed version (``git show HEAD:``) on a headline metric of
+``results/claims.yaml`` by more than the tolerance stated there (freshness: committed
+results cannot silently drift from what the code produces). After an intentional change,
+``ACCEPT_DRIFT=1 make book`` (or ``--accept-drift``) lists the drift without failing;
+commit the rewritten ``results/ci/*.json`` with the change.
 """
 from __future__ import annotations
 
@@ -43,7 +50,12 @@ PROFILES = {"smoke": "a quick look: seconds, a few images per class",
 #: Wall-time budgets in seconds; the ``ci`` book must fit CI (2 cores).
 BUDGETS = {"ci": {"total": 45 * 60, "notebooks/02_data": 2 * 60, "notebooks/03_baseline": 8 * 60,
                   "notebooks/04_hierarchy": 6 * 60, "notebooks/05_vision_language": 6 * 60,
-                  "notebooks/09_explain": 3 * 60, "notebooks/09_explorer": 60}}
+                  "notebooks/09_explain": 3 * 60, "notebooks/09_explorer": 60,
+                  "notebooks/10_reproducibility": 60, "notebooks/11_benchmarks": 2 * 60}}
+#: The build folder, for chapters that read what this build measured so far
+#: (``build_progress.json``, rewritten after every chapter).
+BUILD_ENV = "LEUKEMIA_BOOK_BUILD"
+PROGRESS = "build_progress.json"
 REPORT_PAGE = "book/build_report"
 KERNEL = "python3"
 PLOTLY_DIV = re.compile(r'class="plotly-graph-div"')
@@ -248,6 +260,45 @@ the executed notebook is under the download button at the top of the page.
     nb.cells.insert(at, nbformat.v4.new_markdown_cell(box, metadata={"tags": ["run-box"]}))
 
 
+# --------------------------------------------------------------------------- freshness
+def check_freshness(profile: str, since: float | None, root: Path | None = None, baseline=None) -> dict:
+    """Headline metrics of the ``results/<profile>/*.json`` modified since ``since`` against
+    their committed versions (see :func:`leukemia_core.registry.freshness`): a summary
+    whose ``problems`` list one line per drifted metric."""
+    from leukemia_core.registry import freshness
+
+    fresh = freshness(profile, root=root or ROOT, since=since, baseline=baseline)
+    return {"profile": profile, "tolerance": fresh.tolerance,
+            "checked": [{"file": r.file, "label": r.label, "metric": r.metric, "committed": r.committed,
+                         "fresh": r.fresh, "status": r.status, "tolerance": r.tolerance} for r in fresh.rows],
+            "new": fresh.new, "skipped": fresh.skipped, "problems": fresh.problems()}
+
+
+def accept_drift_from_env() -> bool:
+    return os.environ.get("ACCEPT_DRIFT", "").lower() in ("1", "true", "yes")
+
+
+def freshness_text(fresh: dict | None, accepted: bool) -> str:
+    """The build report's section on freshness."""
+    if fresh is None:
+        return ""
+    n_files = len({c["file"] for c in fresh["checked"]})
+    lines = ["## Freshness of the committed results\n",
+             f"The chapters rewrote {n_files + len(fresh['new'])} file(s) under "
+             f"`results/{fresh['profile']}/`; {len(fresh['checked'])} headline metric(s) of {n_files} "
+             f"committed file(s) were compared with `git show HEAD:` (tolerance ±{fresh['tolerance']}, "
+             f"from `results/claims.yaml`)."]
+    if fresh["problems"]:
+        verdict = "accepted (`ACCEPT_DRIFT`): commit the rewritten files" if accepted else "the build fails"
+        lines.append(f"\n**Drift, {verdict}:**\n")
+        lines += [f"- {p}" for p in fresh["problems"]]
+    else:
+        lines[-1] += " Every one is within tolerance."
+    if fresh["new"]:
+        lines.append("\nNew (no committed version yet): " + ", ".join(f"`{f}`" for f in fresh["new"]) + ".")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- report
 def fmt_time(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
@@ -265,7 +316,8 @@ def git_commit() -> str:
 
 
 def write_report(path: Path, runs: dict[str, ChapterRun], profile: str, html_s: float | None,
-                 problems: list[str], data_root: str | None) -> dict:
+                 problems: list[str], data_root: str | None, fresh: dict | None = None,
+                 accept_drift: bool = False) -> dict:
     """Write the build report page (Markdown) and return its numbers."""
     budgets = BUDGETS.get(profile, {})
     exec_s = sum(r.wall_s for r in runs.values())
@@ -311,6 +363,7 @@ Executing the chapters took **{fmt_time(exec_s)}**; {html_line}
 
 {checks}
 
+{freshness_text(fresh, accept_drift)}
 Built {now} with Python {platform.python_version()} on {platform.system()}
 ({os.cpu_count()} CPUs), git commit {git_commit()}, data root `{root}` (from {source}).
 """
@@ -318,7 +371,7 @@ Built {now} with Python {platform.python_version()} on {platform.system()}
     path.write_text(text)
     return {"profile": profile, "built": now, "execution_s": exec_s, "html_s": html_s,
             "total_s": total_s, "budget_s": total_budget, "problems": problems,
-            "chapters": {n: asdict(r) for n, r in runs.items()}}
+            "freshness": fresh, "chapters": {n: asdict(r) for n, r in runs.items()}}
 
 
 # --------------------------------------------------------------------------- HTML
@@ -379,10 +432,20 @@ class BookBuild:
     report: dict
 
 
+def write_progress(build: Path, profile: str, started: float, runs: dict[str, ChapterRun]) -> None:
+    """What this build has measured so far, for chapters that report on the build."""
+    build.mkdir(parents=True, exist_ok=True)
+    (build / PROGRESS).write_text(json.dumps(
+        {"profile": profile, "started": started, "chapters": {n: asdict(r) for n, r in runs.items()}},
+        indent=2))
+
+
 def build_book(profile: str = "ci", out: Path = ROOT, data_root: str | None = None,
-               seed: int = 0, log=print) -> BookBuild:
-    """Execute every chapter, write the report page, build and check the HTML."""
+               seed: int = 0, log=print, accept_drift: bool | None = None) -> BookBuild:
+    """Execute every chapter, check the results' freshness, write the report page,
+    build and check the HTML."""
     use_venv_kernel()
+    accept_drift = accept_drift_from_env() if accept_drift is None else accept_drift
     build = Path(out).resolve() / "_build"
     files = toc_files()
     problems = [f"page source missing: {f}.md" for f in files
@@ -390,6 +453,9 @@ def build_book(profile: str = "ci", out: Path = ROOT, data_root: str | None = No
                 and not (ROOT / f"{f}.md").exists()]
     src = stage(build)
     runs = {}
+    started = time.time()
+    os.environ[BUILD_ENV] = str(build)
+    write_progress(build, profile, started, runs)
     for name in toc_chapters():
         log(f"[book] executing {name} under profile {profile} ...")
         run = runs[name] = execute_chapter(name, src / "notebooks", profile, data_root, seed)
@@ -397,8 +463,14 @@ def build_book(profile: str = "ci", out: Path = ROOT, data_root: str | None = No
             f"({fmt_time(run.wall_s)}, peak {run.peak_rss_mb:.0f} MB, figures {run.figures})")
         if not run.ok:
             problems.append(f"{name}: {run.error}")
+        write_progress(build, profile, started, runs)
+    fresh = check_freshness(profile, since=started)
+    log(f"[book] freshness: {len(fresh['checked'])} headline metric(s) compared with the committed "
+        f"results/{profile}/, {len(fresh['problems'])} drift(s), {len(fresh['new'])} new file(s)")
+    if not accept_drift:
+        problems += [f"results drift: {p}" for p in fresh["problems"]]
     report_md = src / f"{REPORT_PAGE}.md"
-    write_report(report_md, runs, profile, None, problems, data_root)
+    write_report(report_md, runs, profile, None, problems, data_root, fresh, accept_drift)
     start = time.perf_counter()
     rc, warnings = jupyter_book(src, build.parent, everything=True, log=log)
     html_s = time.perf_counter() - start
@@ -407,7 +479,7 @@ def build_book(profile: str = "ci", out: Path = ROOT, data_root: str | None = No
         problems += [f"  {w}" for w in warnings]
     html = build / "html"
     problems += check_site(html, files, runs)
-    report = write_report(report_md, runs, profile, html_s, problems, data_root)
+    report = write_report(report_md, runs, profile, html_s, problems, data_root, fresh, accept_drift)
     if not rc:  # rebuild only the report page, now that it knows the HTML time
         rc2, _ = jupyter_book(src, build.parent, everything=False, log=lambda _: None)
         if rc2:
@@ -425,19 +497,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--notebook", nargs="+", metavar="NB",
                     help="only execute these chapters (e.g. 02_data), without building the HTML")
+    ap.add_argument("--accept-drift", action="store_true", default=accept_drift_from_env(),
+                    help="list results that drifted from their committed version without failing "
+                         "(also: ACCEPT_DRIFT=1); then commit the rewritten results")
     args = ap.parse_args(argv)
     if args.notebook:
         use_venv_kernel()
         dest = args.out.resolve() / "_build" / "source" / "notebooks"
         failed = 0
+        started = time.time()
         for name in args.notebook:
             run = execute_chapter(name, dest, args.profile, args.data_root, args.seed)
             print(f"{run.name}: {'ok' if run.ok else 'FAILED: ' + run.error} in "
                   f"{fmt_time(run.wall_s)}, peak memory {run.peak_rss_mb:.0f} MB -> "
                   f"{dest / (Path(run.name).name + '.ipynb')}")
             failed += not run.ok
-        return 1 if failed else 0
-    result = build_book(args.profile, args.out, args.data_root, args.seed)
+        fresh = check_freshness(args.profile, since=started)
+        for p in fresh["problems"]:
+            print(f"results drift{' (accepted)' if args.accept_drift else ''}: {p}", file=sys.stderr)
+        if fresh["new"]:
+            print("new results (no committed version): " + ", ".join(fresh["new"]))
+        return 1 if failed or (fresh["problems"] and not args.accept_drift) else 0
+    result = build_book(args.profile, args.out, args.data_root, args.seed,
+                        accept_drift=args.accept_drift)
     rep = result.report
     print(f"\n[book] profile {args.profile}: execution {fmt_time(rep['execution_s'])}, HTML "
           f"{fmt_time(rep['html_s'])}, total {fmt_time(rep['total_s'])}"

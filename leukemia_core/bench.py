@@ -1,10 +1,14 @@
-"""Benchmarks (not tests): data-loader throughput and ``fit()`` overhead.
+"""Benchmarks (not tests): data-loader throughput, ``fit()`` overhead, inference
+latency of each chapter's main model, and training time against image size.
 
-Run them alone on the machine: another busy process halves the numbers.
+Run them alone on the machine: another busy process halves the numbers. Every result
+carries the machine it was measured on (:func:`leukemia_core.results.hardware`). The
+book's benchmarks chapter runs the same functions with small batch counts.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -27,14 +31,17 @@ def _loader_rate(ds, workers: int, batch: int = 64, batches: int = 40) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench_loader(data_root=None, sizes=(64, 128), workers=(0, 2), n_raw: int = 1000) -> dict:
+def bench_loader(data_root=None, sizes=(64, 128), workers=(0, 2), n_raw: int = 1000,
+                 batches: int = 40, batch: int = 64, max_train_per_class: int | None = None,
+                 train_steps: int = 15) -> dict:
     """Images/s of the PBC training pipeline vs a raw PIL decode, and the rate the
-    default model consumes at 64 px (its bare training step on ready tensors)."""
+    default model consumes at 64 px (its bare training step on ready tensors).
+    ``max_train_per_class`` caps the training split read (a rate needs no more)."""
     from PIL import Image
 
     from .pipeline import prepare_data
 
-    data = prepare_data("pbc", get_profile("ci"), data_root)
+    data = prepare_data("pbc", get_profile("ci", max_train_per_class=max_train_per_class), data_root)
     paths = data.split("train")["path"].tolist()[:n_raw]
     t0 = time.perf_counter()
     for p in paths:
@@ -44,8 +51,9 @@ def bench_loader(data_root=None, sizes=(64, 128), workers=(0, 2), n_raw: int = 1
     for size in sizes:
         ds = data.dataset("train", size)
         for w in workers:
-            out["pipeline"][f"{size}px_{w}workers"] = _loader_rate(ds, w)
-    out["train_consumes_images_per_s_64px"] = bench_train(steps=15, which=("bare",))["bare_images_per_s"]
+            out["pipeline"][f"{size}px_{w}workers"] = _loader_rate(ds, w, batch, min(batches, len(ds) // batch - 1))
+    out["train_consumes_images_per_s_64px"] = bench_train(steps=train_steps, repeats=1,
+                                                          which=("bare",))["bare_images_per_s"]
     out["loader_faster_than_training_64px_2workers"] = (
         out["pipeline"].get("64px_2workers", 0) > out["train_consumes_images_per_s_64px"])
     return out
@@ -98,12 +106,149 @@ def bench_train(model_name: str = "convnext_atto", image_size: int = 64, batch: 
     return out
 
 
-def run(what: str, data_root=None, out: str | None = None) -> dict:
-    result = {"machine": hardware(), "torch_threads": torch.get_num_threads()}
+# --------------------------------------------------------------------------- latency
+class _ZeroShot(torch.nn.Module):
+    """A vision-language model at inference: image embedding, then cosine similarity
+    with the (precomputed) class-sentence embeddings."""
+
+    def __init__(self, embedder, n_classes: int, dim: int):
+        super().__init__()
+        self.embedder = embedder
+        self.register_buffer("classes", torch.nn.functional.normalize(torch.randn(n_classes, dim), dim=-1))
+
+    def forward(self, x):
+        return self.embedder(x) @ self.classes.T
+
+
+def chapter_models(profile: str = "ci") -> list[dict]:
+    """Each chapter's main model at the chapter's image size under ``profile``, as
+    ``{"chapter", "model", "image_size", "build"}`` (``build()`` -> an eval-ready module
+    with random weights: latency does not depend on the weights)."""
+    from .models import create_model
+
+    P = get_profile(profile)
+    size = P.image_size
+
+    def hierarchy():
+        from .hierarchy import LevelCodec, build_hierarchical_model
+        from .taxonomy import Taxonomy
+
+        codec = LevelCodec(Taxonomy.from_yaml("leukemia"))
+        return build_hierarchical_model("multilevel", "efficientnet_lite0", codec, size)[0]
+
+    def vision_language():
+        from .vl.model import ImageEmbedder, build_vl_model
+
+        vl = build_vl_model(image_size=size, pretrained=False)
+        model = _ZeroShot(ImageEmbedder(vl), n_classes=4, dim=vl.config.embed_dim)
+        model.n_params = sum(p.numel() for m in (vl.image_tower, vl.image_proj) for p in m.parameters())
+        return model  # the text tower runs once per prompt, not per image
+
+    return [
+        {"chapter": "03_baseline", "model": f"{P.model} (from scratch)", "image_size": size,
+         "build": lambda: create_model(P.model, num_classes=8)},
+        {"chapter": "03_baseline", "model": "efficientnet_lite0 (fine-tuned)", "image_size": size,
+         "build": lambda: create_model("efficientnet_lite0", num_classes=8)},
+        {"chapter": "04_hierarchy", "model": "multi-level efficientnet_lite0", "image_size": size,
+         "build": hierarchy},
+        {"chapter": "05_vision_language", "model": "efficientnet_lite0 image tower + prompts",
+         "image_size": size, "build": vision_language},
+    ]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def latency(model: torch.nn.Module, image_size: int, batch: int, repeats: int, warmup: int = 2,
+            device=None) -> dict:
+    """Median wall time of one forward pass over ``batch`` images (NHWC, eval mode), and
+    per image; bf16 autocast on CUDA like the engine's evaluation."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    times = []
+    for i in range(warmup + repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            model(x)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"batch": batch, "repeats": repeats, "batch_ms": med * 1e3, "ms_per_image": med * 1e3 / batch,
+            "images_per_s": batch / med, "device": str(device)}
+
+
+def bench_latency(profile: str = "ci", batches=(1, 64), repeats: dict | None = None, device=None) -> list[dict]:
+    """Inference latency of every chapter's main model (:func:`chapter_models`) at
+    batch 1 and batch 64."""
+    repeats = repeats or {1: 20, 64: 3}
+    rows = []
+    for spec in chapter_models(profile):
+        model = spec["build"]()
+        params = getattr(model, "n_params", None) or sum(p.numel() for p in model.parameters())
+        params /= 1e6
+        for b in batches:
+            rows.append({"chapter": spec["chapter"], "model": spec["model"], "image_size": spec["image_size"],
+                         "params_M": params, **latency(model, spec["image_size"], b, repeats.get(b, 3),
+                                                       device=device)})
+    return rows
+
+
+# --------------------------------------------------------------------------- scaling
+def bench_scaling(model_name: str = "convnext_atto", sizes=(64, 128, 224), batch: int = 32,
+                  steps: int = 3) -> list[dict]:
+    """Training throughput of ``fit()`` at each image size (same model, batch and step
+    count; ready tensors, so the loader is out of the picture)."""
+    rows = []
+    for size in sizes:
+        r = bench_train(model_name, image_size=size, batch=batch, steps=steps, repeats=1, which=("fit",))
+        rows.append({"model": model_name, "image_size": size, "batch": batch, "steps": steps,
+                     "images_per_s": r["fit_images_per_s"],
+                     "s_per_1000_images": 1000 / r["fit_images_per_s"]})
+    base = rows[0]["s_per_1000_images"]
+    for r in rows:
+        r["relative_to_smallest"] = r["s_per_1000_images"] / base
+    return rows
+
+
+#: Sizes of each benchmark per profile: the book's chapter runs these (ci: <= 2 min on
+#: 2 cores); `leukemia-core bench` uses the full ones.
+BOOK_SIZES = {
+    "smoke": dict(loader=dict(sizes=(32,), workers=(0,), batches=3, batch=16, n_raw=50,
+                              max_train_per_class=40, train_steps=2),
+                  train=dict(image_size=32, batch=16, steps=3, repeats=1),
+                  latency=dict(batches=(1, 64), repeats={1: 3, 64: 1}),
+                  scaling=dict(sizes=(64, 128, 224), batch=4, steps=1)),
+    "ci": dict(loader=dict(sizes=(64, 128), workers=(0, 2), batches=15, batch=64, n_raw=300,
+                           max_train_per_class=250, train_steps=6),
+               train=dict(image_size=64, batch=64, steps=10, repeats=1),
+               latency=dict(batches=(1, 64), repeats={1: 15, 64: 3}),
+               scaling=dict(sizes=(64, 128, 224), batch=32, steps=3)),
+    "full": dict(loader=dict(), train=dict(), latency=dict(batches=(1, 64), repeats={1: 50, 64: 10}),
+                 scaling=dict(sizes=(64, 128, 224), batch=64, steps=10)),
+}
+
+
+def run(what: str, data_root=None, out: str | None = None, profile: str = "full") -> dict:
+    """``what``: loader, train, latency, scaling or all. ``profile`` picks the sizes
+    (:data:`BOOK_SIZES`; ``full``: the full benchmark) and the chapters' image size."""
+    sizes = BOOK_SIZES[profile]
+    result = {"schema": "leukemia-core/bench/v1", "profile": profile, "machine": hardware(),
+              "torch_threads": torch.get_num_threads()}
     if what in ("train", "all"):
-        result["train"] = bench_train()
+        result["train"] = bench_train(**sizes["train"])
     if what in ("loader", "all"):
-        result["loader"] = bench_loader(data_root)
+        result["loader"] = bench_loader(data_root, **sizes["loader"])
+    if what in ("latency", "all"):
+        result["latency"] = bench_latency(profile, **sizes["latency"])
+    if what in ("scaling", "all"):
+        result["scaling"] = bench_scaling(**sizes["scaling"])
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")

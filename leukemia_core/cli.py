@@ -59,7 +59,20 @@ def cmd_splits(args):
 
 
 def cmd_train(args):
+    from .engine import distributed
+
+    started = distributed.init_from_env()  # under torchrun / accelerate launch
+    try:
+        return _train(args)
+    finally:
+        if started:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _train(args):
     from .config import get_profile
+    from .engine.distributed import is_main_process
     from .pipeline import train_classifier
     from .transforms import CLAHE
 
@@ -78,6 +91,8 @@ def cmd_train(args):
                            class_weights=args.class_weights, weighted_sampler=args.weighted_sampler,
                            results_path=results, overwrite=args.overwrite, resume=args.resume)
     m = run.test
+    if not is_main_process():
+        return
     print(f"test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
           f"({m['n']} images, {run.wall_time_s:.0f} s)\ncheckpoint {out}\nresults {run.results_path}")
 
@@ -141,8 +156,30 @@ def cmd_predict(args):
 def cmd_bench(args):
     from . import bench
 
-    result = bench.run(args.what, data_root=args.data_root, out=args.out)
+    result = bench.run(args.what, data_root=args.data_root, out=args.out, profile=args.profile)
     print(json.dumps(result, indent=2))
+
+
+def cmd_results(args):
+    from .registry import describe_machine, load_claims, load_registry
+    from .registry import freshness as check_freshness
+
+    claims = load_claims()
+    reg = load_registry(args.results_dir, claims=claims) if args.results_dir else load_registry(claims=claims)
+    for r in reg.results:
+        print(f"{r.path.parent.name}/{r.name}: paper {r.paper or '-'}, seeds {r.data['seeds']}, "
+              f"{describe_machine(r.data['hardware'])}, {r.data['wall_time_s']:.0f} s, git {r.data['git_sha'][:10]}")
+    for p in reg.problems:
+        print(f"INVALID {p}", file=sys.stderr)
+    drift = []
+    if args.freshness:
+        fresh = check_freshness(args.profile)
+        drift = fresh.problems()
+        print(f"freshness of results/{args.profile}/ against git HEAD (tolerance ±{fresh.tolerance}): "
+              f"{len(fresh.rows)} headline metric(s) compared, {len(drift)} drift(s), new: {fresh.new or 'none'}")
+        for line in drift:
+            print(f"DRIFT {line}", file=sys.stderr)
+    return 1 if reg.problems or drift else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,11 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
-    b = sub.add_parser("bench", help="benchmarks (not tests): loader, train")
-    b.add_argument("what", choices=["loader", "train", "all"])
-    b.add_argument("--out", help="write the benchmark JSON here")
+    b = sub.add_parser("bench", help="benchmarks (not tests): loader, train, latency, scaling")
+    b.add_argument("what", choices=["loader", "train", "latency", "scaling", "all"])
+    b.add_argument("--profile", default="full", choices=["smoke", "ci", "full"],
+                   help="benchmark sizes and the chapters' image size (default: full)")
+    b.add_argument("--out", help="write the benchmark JSON here (e.g. results/bench/<machine>.json)")
     _add_root(b)
     b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("results", help="validate the results registry (results/<profile>/*.json)")
+    r.add_argument("--freshness", action="store_true",
+                   help="also compare results/<profile>/ with git HEAD on the headline metrics")
+    r.add_argument("--profile", default="ci", choices=["smoke", "ci", "full"])
+    r.add_argument("--results-dir", help="default: results/ in the repository")
+    r.set_defaults(func=cmd_results)
     return p
 
 

@@ -20,6 +20,7 @@ from .data.splits import apply_split
 from .data.torch_dataset import ImageTableDataset
 from .dataroot import data_root
 from .engine.checkpoint import WEIGHTS
+from .engine.distributed import is_main_process
 from .engine.train import FitConfig, FitResult, evaluate, fit
 from .errors import UnknownNameError
 from .models import create_model
@@ -174,10 +175,11 @@ def train_classifier(dataset: str = "pbc", model: str | None = None, profile: st
     test = evaluate(net, loaders["test"], data.classes)
     preds = predictions_table(data.split("test"), test["probs"], data.classes)
     wall = time.perf_counter() - start
-    if out_dir:
+    main = is_main_process()  # under DDP only rank 0 writes files
+    if out_dir and main:
         preds.to_csv(Path(out_dir) / "predictions_test.csv", index=False)
     path = None
-    if results_path:
+    if results_path and main:
         counts = data.table.groupby(["split", "label"]).size().unstack(fill_value=0)
         path = write_results(
             results_path, overwrite=overwrite, kind="classification", dataset=dataset,

@@ -41,6 +41,9 @@ def hardware() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        info["world_size"] = torch.distributed.get_world_size()
+        info["backend"] = torch.distributed.get_backend()
     return info
 
 
@@ -61,8 +64,14 @@ def _jsonable(obj):
 def write_results(path: str | Path, **fields) -> Path:
     """Write a results JSON with the given fields plus git sha, hardware and a timestamp.
 
-    Refuses to overwrite an existing file unless ``overwrite=True`` is passed.
+    Refuses to overwrite an existing file unless ``overwrite=True`` is passed, and to
+    write a payload that misses a field of the registry's schema
+    (:data:`leukemia_core.registry.REQUIRED`: kind, profile, seeds, config, metrics,
+    split and data hashes, wall time). ``paper="<bib key>"`` or ``chapter="NN_name"``
+    file the result under a paper of ``results/claims.yaml``.
     """
+    from .registry import check
+
     overwrite = fields.pop("overwrite", False)
     path = Path(path)
     if path.exists() and not overwrite:
@@ -70,6 +79,8 @@ def write_results(path: str | Path, **fields) -> Path:
     payload = {"schema": "leukemia-core/results/v1", **fields, "git_sha": git_sha(),
                "hardware": hardware(),
                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    payload = _jsonable(payload)
+    check(payload, f"results for {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(payload), indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path

@@ -40,6 +40,7 @@ finetune_epochs = None  # None: the profile's fine-tuning epochs
 image_size = None  # None: the profile's image size
 seeds = None  # None: the profile's seeds (one under ci, three under full)
 artifacts = "_build/artifacts"  # trained models shared with later chapters
+results_dir = "results"  # one results JSON per model: <results_dir>/<profile>/baseline_<model>.json
 
 # %%
 import json
@@ -53,6 +54,7 @@ from leukemia_core.dataroot import REPO_ROOT
 from leukemia_core.pipeline import train_classifier
 from leukemia_core.plots import (confusion_matrix_figure, image_grid, learning_curves,
                                  per_class_bars, use_offline_plotly)
+from leukemia_core.registry import combine_seed_results
 
 use_offline_plotly()
 P = get_profile(profile, **({"image_size": image_size} if image_size else {}))
@@ -69,7 +71,9 @@ print(f"profile {P.name}: {P.image_size}px, batch {P.batch_size}, {epochs} epoch
 #
 # Each run writes its checkpoint (`model.safetensors`), test predictions and a results
 # JSON (metrics, profile, config, git commit, split hash, hardware, wall time) to the
-# artefact folder, where later chapters pick them up instead of retraining.
+# artefact folder, where later chapters pick them up instead of retraining. One results
+# file per model (all seeds) also goes to the results registry, `results/<profile>/`, which
+# the reproducibility report reads.
 
 # %%
 if seeds is None:  # one seed: the `seed` parameter; several: the profile's
@@ -90,6 +94,10 @@ for name, spec in MODELS.items():
             "pbc", spec["model"], spec["profile"], root=data_root, seed=s, pretrained=spec["pretrained"],
             out_dir=run_dir, results_path=run_dir / "results.json", overwrite=True, progress=False))
 runs = {name: rs[0] for name, rs in all_runs.items()}  # figures show the first seed
+registered = [combine_seed_results([r.results_path for r in all_runs[name]],
+                                   REPO_ROOT / results_dir / P.name / f"baseline_{spec['model']}.json",
+                                   chapter="03_baseline", paper="pbc_baseline", method=name)
+              for name, spec in MODELS.items()]
 
 # %% [markdown]
 # ## Results on the test split
@@ -194,3 +202,4 @@ display(anchors.style.format({"accuracy": "{:.2%}"}).hide(axis="index"))
 for name, r in ((n, r) for n, rs in all_runs.items() for r in rs):
     print(f"{name}: results JSON {r.results_path}")
     print(json.dumps({k: r.test[k] for k in ("accuracy", "macro_f1", "n")}))
+print("registry: " + ", ".join(str(p.relative_to(REPO_ROOT)) for p in registered))

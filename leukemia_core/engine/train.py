@@ -3,6 +3,8 @@
 AdamW, cosine schedule with linear warm-up (per step), early stopping on a
 validation metric, mixed precision on CUDA and the same code on CPU, safetensors
 checkpoints with exact resume (each epoch reseeds every RNG from ``seed``+epoch).
+Data-parallel across processes when ``torch.distributed`` is initialised (see
+:mod:`leukemia_core.engine.distributed`); a single process runs exactly as before.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
+from . import distributed as ddp
 from .checkpoint import STATE, WEIGHTS, load_train_state, load_weights, save_train_state, save_weights
 from .metrics import classification_metrics
 
@@ -51,6 +54,8 @@ class FitResult:
 
 
 def default_device() -> torch.device:
+    if torch.cuda.is_available() and ddp.is_distributed():
+        return torch.device("cuda", ddp.local_rank())
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -124,11 +129,23 @@ def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
     ``train_state.safetensors`` every epoch; ``resume=True`` continues from them.
     ``stop_after_epoch`` simulates an interruption (for tests). On return the
     model holds the best weights (the last ones when there is no validation).
+
+    Under ``torch.distributed`` with N > 1 processes: the model is wrapped in
+    DistributedDataParallel, each process trains on its shard of every global batch
+    (``train_loader``'s batch size is the global one), the logged training loss and
+    accuracy are summed over processes, rank 0 alone validates, logs and writes
+    checkpoints, and every process follows rank 0's model selection and early stopping.
     """
     device = torch.device(device) if device else default_device()
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
+    distributed, main = ddp.is_distributed(), ddp.is_main_process()
+    net = model
+    if distributed:
+        train_loader = ddp.shard_loader(train_loader, config.seed)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = len(train_loader)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 and p.requires_grad]
@@ -145,7 +162,7 @@ def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
     result = FitResult(out_dir=str(out_dir) if out_dir else None)
     best_state, start_epoch = None, 0
     out = Path(out_dir) if out_dir else None
-    if out:
+    if out and main:
         out.mkdir(parents=True, exist_ok=True)
     if resume and out and (out / STATE).exists():
         load_weights(out / "last.safetensors", model)
@@ -160,15 +177,17 @@ def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
         if config.patience is not None and val_loader is not None and bad_epochs >= config.patience:
             result.stopped_early = True
             break
-        seed_everything(config.seed * 10007 + epoch)
+        seed_everything(config.seed * 10007 + epoch + 7919 * ddp.rank())  # rank 0: as one process
+        if distributed and hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
         model.train()
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not config.progress)
+                   disable=not (config.progress and main))
         for step, (x, y) in enumerate(bar):
             x, y = _to_device(x, device, config.channels_last), y.to(device, non_blocking=True)
             with _autocast(device, config.amp):
-                logits = model(x)
+                logits = net(x)
                 loss = task.loss(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -180,26 +199,33 @@ def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
             loss_sum += loss.detach() * len(y)
             correct += task.n_correct(logits.detach(), y)
         train_time = time.perf_counter() - t0
+        if distributed:
+            seen, loss_sum, correct = ddp.all_reduce_sum(seen, loss_sum, correct, device=device)
+            train_time = ddp.all_reduce_sum(train_time, device=device)[0] / ddp.world_size()
         record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                   "train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen,
                   "train_images_per_s": seen / train_time, "train_time_s": train_time}
         if val_loader is not None:
-            val = task.evaluate(model, val_loader, classes, device, config.amp)
-            record.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "macro_f1", "balanced_accuracy")
-                           if k in val})
-            score = val[config.monitor]
+            score = None
+            if main:
+                val = task.evaluate(model, val_loader, classes, device, config.amp)
+                record.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "macro_f1", "balanced_accuracy")
+                               if k in val})
+                score = val[config.monitor]
+            if distributed:  # every process follows rank 0's validation
+                record, score = ddp.broadcast_object((record, score))
             if score > result.best_score:
                 result.best_score, result.best_epoch, bad_epochs = score, epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if out:
+                if out and main:
                     save_weights(out / WEIGHTS, model, meta | {"epoch": epoch, "score": score})
             else:
                 bad_epochs += 1
         result.history.append(record)
-        if config.progress:
+        if config.progress and main:
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in record.items()))
-        if out:
+        if out and main:
             save_weights(out / "last.safetensors", model, meta | {"epoch": epoch})
             save_train_state(out / STATE, optimizer, scheduler,
                              {"epoch": epoch, "history": result.history,
@@ -208,10 +234,12 @@ def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
             return result
     if val_loader is None:
         result.best_epoch = len(result.history) - 1
-        if out:
+        if out and main:
             save_weights(out / WEIGHTS, model, meta | {"epoch": result.best_epoch})
     elif best_state is not None:
         model.load_state_dict(best_state)
     elif out and (out / WEIGHTS).exists():  # resumed after the best epoch
         load_weights(out / WEIGHTS, model)
+    if distributed:
+        torch.distributed.barrier()  # rank 0's files are complete before anyone reads them
     return result
