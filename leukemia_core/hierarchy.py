@@ -274,11 +274,6 @@ def build_hierarchical_model(kind: str, backbone: str, codec: LevelCodec, image_
     raise ValueError(f"unknown model kind '{kind}'; use flat, multilevel or level")
 
 
-def level_logits_of(kind: str, logits: torch.Tensor, codec: LevelCodec) -> dict[int, torch.Tensor] | None:
-    """Level logits of a multilevel model's output (``None`` for a flat model)."""
-    return codec.split(logits) if kind == "multilevel" else None
-
-
 def leaf_paths(kind: str, logits: torch.Tensor, codec: LevelCodec, decoder: str = "path_probability"):
     """Predicted node paths from a model's raw output (flat: the argmax leaf's path)."""
     if kind == "flat":

@@ -41,9 +41,7 @@ taxonomy = "leukemia"  # a bundled tree name or a YAML path
 results_dir = "results"  # results JSON per model: <results_dir>/<profile>/hierarchy_*.json
 
 # %%
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
