@@ -182,12 +182,12 @@ if len(worst):
 # keeps the 16 same-class duplicate pairs on one side of every boundary.
 
 # %%
+from leukemia_core.registry import load_claims
+
+# the published numbers live in results/claims.yaml, with their full sources
 anchors = pd.DataFrame([
-    {"result": "MedMNIST v2 ResNet-18 (28 px)", "accuracy": 0.958, "source": "Yang et al. 2023"},
-    {"result": "Google AutoML Vision", "accuracy": 0.966, "source": "Yang et al. 2023"},
-    {"result": "MedMNIST+ best at 64 px", "accuracy": 0.9820, "source": "Doerrich et al. 2024"},
-    {"result": "MedMNIST+ best at 128 px", "accuracy": 0.9890, "source": "Doerrich et al. 2024"},
-    {"result": "MedMNIST+ best at 224 px", "accuracy": 0.9902, "source": "Doerrich et al. 2024"},
+    {"result": a["statement"], "accuracy": a["value"], "source": a["source"]}
+    for a in load_claims()["papers"]["pbc_baseline"]["anchors"]
 ] + [{"result": f"this book, {name} ({P.image_size} px, {P.name} profile)",
       "accuracy": mean_acc[name], "source": f"measured above, mean of {len(all_runs[name])} seed(s)"}
    for name in all_runs])
