@@ -247,12 +247,9 @@ class LevelData:
 
 
 def backbone_kwargs(backbone: str, image_size: int) -> dict:
-    """timm sizes for small inputs: ViT/Swin need the image size (and ViT a smaller patch)."""
-    if backbone.startswith("vit_"):
-        return {"img_size": image_size, "patch_size": 8 if image_size <= 96 else 16}
-    if backbone.startswith("swin"):
-        return {"img_size": image_size, "window_size": max(2, image_size // 32)}
-    return {}
+    """timm sizes for small inputs (see :func:`leukemia_core.models.size_kwargs`)."""
+    from .models import size_kwargs
+    return size_kwargs(backbone, image_size)
 
 
 def build_hierarchical_model(kind: str, backbone: str, codec: LevelCodec, image_size: int,

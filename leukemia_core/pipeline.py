@@ -23,7 +23,7 @@ from .engine.checkpoint import WEIGHTS
 from .engine.distributed import is_main_process
 from .engine.train import FitConfig, FitResult, evaluate, fit
 from .errors import UnknownNameError
-from .models import create_model
+from .models import create_model, size_kwargs
 from .results import write_results
 from .transforms import CLAHE, build_transform, compute_norm_stats, static_transform
 
@@ -166,7 +166,8 @@ def train_classifier(dataset: str = "pbc", model: str | None = None, profile: st
                        patience=prof.patience, seed=seed, class_weights=weights,
                        progress=progress, **fit_overrides)
     torch.manual_seed(seed)
-    net = create_model(model_name, num_classes=len(data.classes), pretrained=pretrained)
+    net = create_model(model_name, num_classes=len(data.classes), pretrained=pretrained,
+                       **size_kwargs(model_name, prof.image_size))
     meta = {"model": model_name, "pretrained": pretrained, "dataset": dataset,
             "image_size": prof.image_size, "mean": data.mean, "std": data.std,
             "clahe": repr(clahe) if clahe else None, "profile": prof.name}
@@ -212,7 +213,8 @@ def load_classifier(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks metadata {sorted(missing)}; "
                               "it was not written by leukemia-core fit()")
-    net = create_model(meta["model"], num_classes=len(meta["classes"]), pretrained=False)
+    net = create_model(meta["model"], num_classes=len(meta["classes"]), pretrained=False,
+                       **size_kwargs(meta["model"], meta["image_size"]))
     load_weights(path, net)
     return net.eval(), meta
 

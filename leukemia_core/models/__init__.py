@@ -36,6 +36,19 @@ def _efficientnet_lite0(num_classes: int, pretrained: bool = False, **kwargs) ->
     return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes, **kwargs)
 
 
+def size_kwargs(name: str, image_size: int) -> dict:
+    """Constructor arguments that depend on the input size: ViT and Swin need the image
+    size (ViT a smaller patch below 96 px, Swin a window dividing its grids), the
+    hybrids the size for their Swin branch; other models take none."""
+    if name.startswith("vit_"):
+        return {"img_size": image_size, "patch_size": 8 if image_size <= 96 else 16}
+    if name.startswith("swin_branch_") or name.startswith("convnextv2_swin_hybrid_"):
+        return {"image_size": image_size}
+    if name.startswith("swin"):
+        return {"img_size": image_size, "window_size": max(2, image_size // 32)}
+    return {}
+
+
 def create_model(name: str, num_classes: int, pretrained: bool = False, **kwargs) -> nn.Module:
     """Build a classifier. ``pretrained=True`` works only for models with offline weights."""
     if name in _REGISTRY:
@@ -47,3 +60,20 @@ def create_model(name: str, num_classes: int, pretrained: bool = False, **kwargs
         raise UnknownNameError(f"no offline pretrained weights for '{name}'; models with offline "
                                f"weights: {list_models()} (use pretrained=False to train from scratch)")
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def _hybrid(variant: str, branches: tuple[str, ...]):
+    def build(num_classes: int, pretrained: bool = False, image_size: int = 64, **kwargs) -> nn.Module:
+        if pretrained:
+            raise UnknownNameError("no offline pretrained weights exist for the ConvNeXtV2 or Swin "
+                                   "branches; train the hybrid with pretrained=False")
+        from .hybrid import ConvNeXtV2SwinHybrid
+        return ConvNeXtV2SwinHybrid(num_classes, variant, image_size, branches, **kwargs)
+    return build
+
+
+for _variant in ("atto", "tiny"):
+    register_model(f"convnextv2_swin_hybrid_{_variant}")(_hybrid(_variant, ("cnn", "swin")))
+    # the single-branch ablations, same head
+    register_model(f"convnextv2_branch_{_variant}")(_hybrid(_variant, ("cnn",)))
+    register_model(f"swin_branch_{_variant}")(_hybrid(_variant, ("swin",)))
