@@ -253,3 +253,72 @@ def run(what: str, data_root=None, out: str | None = None, profile: str = "full"
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+# --------------------------------------------------------------------------- GAN, hybrid
+def bench_gan(image_size: int = 64, batch: int = 64, steps: int = 10, num_classes: int = 5,
+              device=None, **net_sizes) -> dict:
+    """R3GAN training images/s (one D step with R1 + R2 and one G step per batch) and
+    generator samples/s (inference), on random data: the rate depends on sizes only."""
+    from .gan.r3gan import Discriminator, Generator, R3GANTrainer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    g = Generator(num_classes, image_size, **net_sizes).to(device)
+    d = Discriminator(num_classes, image_size, **{k: v for k, v in net_sizes.items()
+                                                  if k in ("base", "max_width", "blocks")}).to(device)
+    trainer = R3GANTrainer(g, d)
+    x = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    trainer.step(x, y)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.step(x, y)
+    _sync(device)
+    train_rate = batch * steps / (time.perf_counter() - t0)
+    with torch.no_grad():
+        z = torch.randn(batch, g.z_dim, device=device)
+        g(z, y)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            g(z, y)
+        _sync(device)
+    return {"image_size": image_size, "batch": batch, "steps": steps, "device": str(device),
+            "generator_params_M": sum(p.numel() for p in g.parameters()) / 1e6,
+            "discriminator_params_M": sum(p.numel() for p in d.parameters()) / 1e6,
+            "train_images_per_s": train_rate,
+            "generator_samples_per_s": batch * steps / (time.perf_counter() - t0)}
+
+
+def bench_classifier_train(model_name: str, image_size: int, batch: int = 64, steps: int = 10,
+                           device=None) -> dict:
+    """Training images/s of any registered or timm classifier (AdamW, cross-entropy, bf16
+    autocast on CUDA) on random tensors at ``image_size``."""
+    from .models import create_model, size_kwargs
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    model = create_model(model_name, 5, **size_kwargs(model_name, image_size)).to(device)
+    model = model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 5, (batch,), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return {"model": model_name, "image_size": image_size, "batch": batch, "steps": steps,
+            "device": str(device), "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+            "train_images_per_s": batch * steps / (time.perf_counter() - t0)}

@@ -236,6 +236,11 @@ for path in sorted((REPO_ROOT / "results" / "bench").glob("*.json")):
         row["loader, 64 px, 2 workers (images/s)"] = round(b["loader"]["pipeline"].get("64px_2workers", float("nan")))
     for r in b.get("latency", []):
         row[f"{r['chapter']} {r['model']}, ms/image b{r['batch']}"] = round(r["ms_per_image"], 2)
+    for r in b.get("gan", []):  # bench_gan: R3GAN training and sampling rates
+        row[f"R3GAN {r['image_size']} px b{r['batch']}: train images/s"] = round(r["train_images_per_s"])
+        row[f"R3GAN {r['image_size']} px b{r['batch']}: samples/s"] = round(r["generator_samples_per_s"])
+    for r in b.get("classifiers", []):  # bench_classifier_train
+        row[f"{r['model']} {r['image_size']} px: train images/s"] = round(r["train_images_per_s"])
     rows.append(row)
 if rows:
     display(pd.DataFrame(rows).set_index("file").T)
