@@ -123,34 +123,9 @@ def cmd_evaluate(args):
 
 
 def cmd_predict(args):
-    import pandas as pd
-    import torch
+    from .predict import cmd_predict as run
 
-    from .data.records import IMAGE_SUFFIXES
-    from .data.torch_dataset import read_image
-    from .pipeline import eval_transform, load_classifier
-
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise LeukemiaError(f"{out} exists; pass --overwrite to replace it")
-    folder = Path(args.images)
-    if not folder.is_dir():
-        raise DatasetError(f"--images {folder} is not a folder of images")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not paths:
-        raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}")
-    net, meta = load_classifier(args.checkpoint)
-    tf = eval_transform(meta)
-    rows = []
-    with torch.no_grad():
-        for i in range(0, len(paths), 64):
-            batch = paths[i:i + 64]
-            probs = net(torch.stack([tf(read_image(p)) for p in batch])).softmax(1)
-            for p, pr in zip(batch, probs):
-                rows.append({"path": str(p), "pred": meta["classes"][int(pr.argmax())],
-                             **{f"prob_{c}": float(v) for c, v in zip(meta["classes"], pr)}})
-    pd.DataFrame(rows).to_csv(out, index=False)
-    print(f"wrote {len(rows)} predictions to {out}")
+    return run(args)
 
 
 def cmd_bench(args):
@@ -234,12 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root(e)
     e.set_defaults(func=cmd_evaluate)
 
-    pr = sub.add_parser("predict", help="class probabilities for a folder of images")
-    pr.add_argument("--images", required=True)
-    pr.add_argument("--checkpoint", required=True)
-    pr.add_argument("--out", required=True, help="CSV to write")
-    pr.add_argument("--overwrite", action="store_true")
-    pr.set_defaults(func=cmd_predict)
+    from .predict import add_predict_parser  # the domain-generalization chapter's predictor
+    add_predict_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks (not tests): loader, train, latency, scaling")
     b.add_argument("what", choices=["loader", "train", "latency", "scaling", "all"])

@@ -1,0 +1,423 @@
+"""Domain-generalisation methods for single-cell classification across hospitals.
+
+- **Scale normalisation**: a nucleus mask from Otsu's threshold on a nucleus-sensitive
+  channel; the image is cropped around the nucleus so that it spans a fixed share of the
+  output (:func:`scale_normalize`).
+- **Stain normalisation** (Reinhard colour transfer to fixed LAB statistics,
+  :func:`reinhard`) and **stain augmentation** in HED space (Ruifrok & Johnston's
+  matrix, as in scikit-image, which is not installed here) plus colour jitter
+  (:func:`hed_jitter`, :func:`augment`).
+- **Class-balanced sampling** over (domain, class) cells and a **class-balanced focal
+  loss** (effective-number weights of Cui et al. 2019).
+- **Supervised contrastive loss** across domains (Khosla et al. 2020; SADA uses it to
+  align domains): same-class embeddings attract whatever their hospital.
+- **SWA** (``torch.optim.swa_utils``) and **test-time BatchNorm adaptation**.
+
+:func:`train_dg` runs one recipe on in-memory uint8 image arrays; the engine's ``fit``
+is not used because the contrastive term needs embeddings and domain ids per batch.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from torch.optim.swa_utils import AveragedModel
+from torchvision.transforms import v2
+
+from .models import create_model
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # EfficientNet-Lite0 pretraining
+
+# --------------------------------------------------------------------------- stain space
+#: Ruifrok & Johnston (2001) haematoxylin / eosin / DAB optical densities (rows), as in
+#: ``skimage.color.rgb_from_hed``.
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+_LOG_EPS = math.log(1e-6)
+
+
+def rgb_to_hed(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> stain concentrations (skimage ``rgb2hed``)."""
+    od = torch.log(x.clamp_min(1e-6)) / _LOG_EPS
+    return torch.einsum("bchw,cd->bdhw", od, HED_FROM_RGB.to(x)).clamp_min(0)
+
+
+def hed_to_rgb(s: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hed` (skimage ``hed2rgb``), clipped to [0, 1]."""
+    log_rgb = torch.einsum("bchw,cd->bdhw", s * _LOG_EPS, RGB_FROM_HED.to(s))
+    return torch.exp(log_rgb).clamp(0, 1)
+
+
+def hed_jitter(x: torch.Tensor, sigma: float = 0.2, bias: float = 0.02,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Tellez et al. (2018) stain augmentation: per image and stain, s -> s*a + b with
+    a ~ U(1-sigma, 1+sigma), b ~ U(-bias, bias). Input and output RGB in [0, 1]."""
+    b = x.shape[0]
+    a = 1 + sigma * (2 * torch.rand(b, 3, 1, 1, generator=generator) - 1)
+    c = bias * (2 * torch.rand(b, 3, 1, 1, generator=generator) - 1)
+    return hed_to_rgb(rgb_to_hed(x) * a.to(x) + c.to(x))
+
+
+_JITTER = v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.4, hue=0.08)
+
+
+def augment(x: torch.Tensor, stain: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A batch of [0, 1] images: random flips and right-angle turns; with ``stain``, HED
+    jitter and colour jitter (brightness, contrast, saturation, hue) per image."""
+    b = x.shape[0]
+    flip = torch.rand(b, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    flip = torch.rand(b, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-2), x)
+    turn = torch.rand(b, generator=generator) < 0.5
+    x = torch.where(turn[:, None, None, None], x.transpose(-1, -2), x)
+    if stain:
+        x = hed_jitter(x, generator=generator)
+        x = torch.stack([_JITTER(im) for im in x])
+    return x
+
+
+def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float normalised for the pretrained backbone."""
+    m = torch.tensor(MEAN).view(1, 3, 1, 1)
+    s = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x_uint8.float() / 255 - m) / s
+
+
+# --------------------------------------------------------------------------- scale
+def nucleus_channel(rgb: np.ndarray) -> np.ndarray:
+    """Blue minus green: nuclei (azure / haematoxylin) are high in every stain here;
+    background, red cells and most cytoplasm are low. (Chosen over (R+B)/2 - G and
+    255 - G by nucleus IoU on the Zheng masks, where cytoplasm is stained deeply.)"""
+    f = rgb.astype(np.float32)
+    return f[..., 2] - f[..., 1]
+
+
+def nucleus_mask(rgb: np.ndarray) -> np.ndarray:
+    """Boolean nucleus mask of the cell nearest the centre: Otsu on the nucleus channel,
+    a small opening, and the connected group (lobes merged by dilation) closest to the
+    centre, weighted by size."""
+    h, w = rgb.shape[:2]
+    c = cv2.GaussianBlur(nucleus_channel(rgb), (0, 0), max(1.0, min(h, w) / 100))
+    c8 = cv2.normalize(c, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    _, m = cv2.threshold(c8, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+    m = cv2.morphologyEx(m, cv2.MORPH_OPEN, k)
+    r = max(1, int(round(min(h, w) * 0.06)))
+    grouped = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+    n, labels, stats, cents = cv2.connectedComponentsWithStats(grouped)
+    if n <= 1:
+        return np.zeros((h, w), bool)
+    d = np.hypot(cents[1:, 0] - w / 2, cents[1:, 1] - h / 2) / max(h, w)
+    score = stats[1:, cv2.CC_STAT_AREA] / (h * w) - d  # big and central
+    best = 1 + int(np.argmax(score))
+    return (labels == best) & (m > 0)
+
+
+@dataclass(frozen=True)
+class ScaleNorm:
+    """Crop a square around the nucleus so that its larger extent spans ``fill`` of the side."""
+    fill: float = 0.65
+    min_area: float = 0.005  # nucleus share of the image below which we fall back to resizing
+
+    def __call__(self, rgb: np.ndarray, size: int) -> tuple[np.ndarray, bool]:
+        """(``size`` x ``size`` uint8 image, whether a nucleus was found)."""
+        m = nucleus_mask(rgb)
+        if m.mean() < self.min_area:
+            return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA), False
+        ys, xs = np.nonzero(m)
+        cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
+        extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+        half = extent / self.fill / 2
+        y0, x0 = int(round(cy - half)), int(round(cx - half))
+        side = max(1, int(round(2 * half)))
+        h, w = rgb.shape[:2]
+        border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+        fill = [int(v) for v in np.median(border, 0)]
+        pad = max(0, -y0, -x0, y0 + side - h, x0 + side - w)
+        padded = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=fill)
+        crop = padded[y0 + pad:y0 + pad + side, x0 + pad:x0 + pad + side]
+        interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+        return np.ascontiguousarray(cv2.resize(crop, (size, size), interpolation=interp)), True
+
+
+#: Target LAB statistics (OpenCV 8-bit LAB) for :func:`reinhard`: a light, slightly pink
+#: background with a purple foreground, close to the PBC images.
+LAB_TARGET = ((185.0, 30.0), (138.0, 8.0), (118.0, 10.0))
+
+
+def reinhard(rgb: np.ndarray, target=LAB_TARGET) -> np.ndarray:
+    """Reinhard et al. (2001) colour transfer to fixed statistics: each LAB channel of the
+    image is standardised and given the target mean and std. Deterministic, per image."""
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    for c, (m, s) in enumerate(target):
+        ch = lab[..., c]
+        lab[..., c] = (ch - ch.mean()) / max(float(ch.std()), 1e-3) * s + m
+    return cv2.cvtColor(np.clip(lab, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+def preprocess(rgb: np.ndarray, size: int, scale_norm: ScaleNorm | None,
+               stain_norm: bool = False) -> tuple[np.ndarray, bool]:
+    """The deterministic image step of training and prediction: scale normalisation
+    (when given) or a plain resize of the whole crop to ``size`` x ``size``; then,
+    with ``stain_norm``, Reinhard colour normalisation."""
+    if scale_norm is not None:
+        out, ok = scale_norm(rgb, size)
+    else:
+        out, ok = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA), True
+    return (reinhard(out) if stain_norm else out), ok
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+# --------------------------------------------------------------------------- losses
+def class_balanced_weights(counts, beta: float = 0.99) -> torch.Tensor:
+    """Cui et al. (2019): w_c proportional to (1 - beta) / (1 - beta^n_c), mean 1 over
+    classes with samples (classes without samples get 0)."""
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    w = torch.where(n > 0, (1 - beta) / (1 - beta ** n.clamp_min(1)), torch.zeros_like(n))
+    return (w * (n > 0).sum() / w.sum()).float()
+
+
+def focal_loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
+               gamma: float = 2.0) -> torch.Tensor:
+    """Class-weighted focal loss (Lin et al. 2017), averaged over the batch."""
+    logp = F.log_softmax(logits.float(), 1).gather(1, y[:, None]).squeeze(1)
+    loss = -((1 - logp.exp()) ** gamma) * logp
+    if weight is not None:
+        loss = loss * weight.to(loss)[y]
+    return loss.mean()
+
+
+def supcon_loss(z: torch.Tensor, y: torch.Tensor, domains: torch.Tensor | None = None,
+                temperature: float = 0.1, cross_domain: bool = False) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, one view per sample): for each
+    anchor, the mean log-probability of its positives (same class; with ``cross_domain``
+    only those from another domain) among all other samples of the batch."""
+    z = F.normalize(z.float(), dim=1)
+    sim = z @ z.T / temperature
+    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    pos = (y[:, None] == y[None, :]) & ~eye
+    if cross_domain and domains is not None:
+        pos &= domains[:, None] != domains[None, :]
+    log_prob = sim - torch.logsumexp(sim.masked_fill(eye, -torch.inf), 1, keepdim=True)
+    n_pos = pos.sum(1)
+    valid = n_pos > 0
+    if not valid.any():
+        return z.sum() * 0
+    return (-(log_prob * pos).sum(1)[valid] / n_pos[valid]).mean()
+
+
+# --------------------------------------------------------------------------- models
+def bn_to_gn(module: nn.Module, groups: int = 8) -> nn.Module:
+    """Replace every timm ``BatchNormAct2d`` by a ``GroupNormAct`` with the same
+    activation and eps. The ImageNet convolutions are kept; the affine parameters start
+    at (1, 0): BN's were fitted to BN's running statistics, and copied into GroupNorm
+    they make the features nearly constant across inputs (checked: the features' std
+    across a batch drops to ~1e-4)."""
+    from timm.layers import BatchNormAct2d, GroupNormAct
+
+    for name, child in module.named_children():
+        if isinstance(child, BatchNormAct2d):
+            gn = GroupNormAct(child.num_features, groups, eps=child.eps, apply_act=False)
+            gn.act, gn.drop = child.act, child.drop
+            setattr(module, name, gn)
+        else:
+            bn_to_gn(child, groups)
+    return module
+
+
+def build_backbone(norm: str = "bn", num_classes: int = 5, pretrained: bool = True) -> nn.Module:
+    """EfficientNet-Lite0 (ImageNet); ``norm='gn'`` swaps BatchNorm for GroupNorm(8)."""
+    net = create_model("efficientnet_lite0", num_classes=num_classes, pretrained=pretrained)
+    return bn_to_gn(net) if norm == "gn" else net
+
+
+class DGNet(nn.Module):
+    """A timm classifier plus a projection head for the contrastive term."""
+
+    def __init__(self, backbone: nn.Module, proj_dim: int = 128):
+        super().__init__()
+        self.backbone = backbone
+        nf = backbone.num_features
+        self.proj = nn.Sequential(nn.Linear(nf, 256), nn.ReLU(inplace=True), nn.Linear(256, proj_dim))
+
+    def forward(self, x, with_embedding: bool = False):
+        f = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        logits = self.backbone.get_classifier()(f)
+        return (logits, self.proj(f)) if with_embedding else logits
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class Recipe:
+    """One method: which pieces are on. ``scale_norm`` picks the image cache."""
+    name: str
+    norm: str = "bn"  # bn | gn
+    sampler: str = "shuffle"  # shuffle | balanced (equal share per domain x class cell)
+    loss: str = "ce"  # ce | cb_focal
+    cb_beta: float = 0.99
+    focal_gamma: float = 2.0
+    stain: bool = False
+    scale_norm: bool = False
+    stain_norm: bool = False  # Reinhard colour normalisation (with scale_norm: the image cache)
+    supcon: float = 0.0  # weight of the contrastive term
+    supcon_temperature: float = 0.1
+    swa: bool = False  # also keep the SWA average of the epochs' weights
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Arrays:
+    """Images (uint8, N x 3 x S x S), class ids and domain ids."""
+    x: torch.Tensor
+    y: torch.Tensor
+    d: torch.Tensor
+
+    def __len__(self):
+        return len(self.y)
+
+
+@dataclass
+class TrainResult:
+    model: DGNet  # the best epoch on the training domains' validation images
+    swa_model: DGNet | None = None
+    history: list = field(default_factory=list)
+    best_epoch: int = -1
+    train_time_s: float = 0.0
+
+
+def sample_weights(y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights giving each (domain, class) cell the same total weight."""
+    key = d * 1000 + y
+    _, inv, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inv].double()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batch(x_uint8: torch.Tensor, device) -> torch.Tensor:
+    return normalize(x_uint8).to(device).contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, x_uint8: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Softmax outputs (on the CPU) for uint8 images, on the model's device."""
+    model.eval()
+    dev = _device(model)
+    out = [model(_batch(x_uint8[i:i + batch_size], dev)).float().softmax(1).cpu()
+           for i in range(0, len(x_uint8), batch_size)]
+    return torch.cat(out)
+
+
+def macro_f1(y: torch.Tensor, pred: torch.Tensor, labels: list[int]) -> float:
+    """Macro-F1 over ``labels`` that occur in ``y`` (the held-out domain's classes)."""
+    present = [c for c in labels if (y == c).any()]
+    return float(f1_score(y.numpy(), pred.numpy(), labels=present, average="macro", zero_division=0))
+
+
+@torch.no_grad()
+def recompute_bn(model: nn.Module, x_uint8: torch.Tensor, batch_size: int = 128) -> nn.Module:
+    """``model`` (in place) with BatchNorm statistics re-estimated on ``x_uint8``."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the target batches
+    model.train()
+    dev = _device(model)
+    for i in range(0, len(x_uint8), batch_size):
+        model(_batch(x_uint8[i:i + batch_size], dev))
+    return model.eval()
+
+
+@torch.no_grad()
+def recompute_bn_float(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> nn.Module:
+    """:func:`recompute_bn` for already normalised float inputs; returns a copy."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    for i in range(0, len(x), batch_size):
+        model(x[i:i + batch_size])
+    return model.eval()
+
+
+def adapt_bn(model: nn.Module, x_uint8: torch.Tensor) -> nn.Module:
+    """Test-time BN adaptation: a copy of ``model`` whose BatchNorm statistics are those
+    of ``x_uint8`` (the unlabelled target images), everything else unchanged."""
+    return recompute_bn(copy.deepcopy(model), x_uint8)
+
+
+def train_dg(recipe: Recipe, train: Arrays, val: Arrays, num_classes: int, eval_labels: list[int],
+             epochs: int, lr: float = 2e-3, batch_size: int = 48, seed: int = 0,
+             weight_decay: float = 0.01, warmup_frac: float = 0.1) -> TrainResult:
+    """Fine-tune EfficientNet-Lite0 with one recipe; model selection by macro-F1 over
+    ``eval_labels`` on ``val`` (training domains only). With ``recipe.swa`` the result
+    also holds the SWA average of every epoch's weights from the second epoch on, with
+    BatchNorm statistics recomputed on the training images."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = DGNet(build_backbone(recipe.norm, num_classes)).to(device, memory_format=torch.channels_last)
+    params = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": weight_decay},
+              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(params, lr=lr)
+    steps = max(1, len(train) // batch_size)
+    total, warm = epochs * steps, max(1, int(warmup_frac * epochs * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm))))
+    counts = torch.bincount(train.y, minlength=num_classes)
+    weight = class_balanced_weights(counts, recipe.cb_beta) if recipe.loss == "cb_focal" else None
+    probs_w = sample_weights(train.y, train.d) if recipe.sampler == "balanced" else None
+    swa = AveragedModel(model) if recipe.swa else None
+    result, best, start = TrainResult(model), None, time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        idx = (torch.multinomial(probs_w, steps * batch_size, replacement=True, generator=gen)
+               if probs_w is not None else torch.randperm(len(train), generator=gen)[:steps * batch_size])
+        loss_sum = 0.0
+        for b in idx.view(steps, -1):
+            x = augment(train.x[b].float() / 255, recipe.stain, gen)
+            x = ((x - 0.5) / 0.5).to(device).contiguous(memory_format=torch.channels_last)
+            y, d = train.y[b].to(device), train.d[b].to(device)
+            logits, z = model(x, with_embedding=True)
+            loss = (focal_loss(logits, y, weight, recipe.focal_gamma) if recipe.loss == "cb_focal"
+                    else F.cross_entropy(logits.float(), y))
+            if recipe.supcon:
+                loss = loss + recipe.supcon * supcon_loss(z, y, d, recipe.supcon_temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach())
+        if swa is not None and (epoch >= 1 or epochs == 1):
+            swa.update_parameters(model)
+        pred = predict_probs(model, val.x).argmax(1)
+        score = macro_f1(val.y, pred, eval_labels)
+        result.history.append({"epoch": epoch, "train_loss": loss_sum / steps, "val_macro_f1": score})
+        if best is None or score > best[0]:
+            best = (score, epoch, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    result.best_epoch = best[1]
+    if swa is not None:  # BN statistics of the averaged weights, from the training images
+        result.swa_model = recompute_bn(swa.module, train.x)
+    result.model = model
+    result.train_time_s = time.perf_counter() - start
+    return result

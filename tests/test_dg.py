@@ -1,0 +1,243 @@
+"""Domain generalisation: cross-domain dedup, stain augmentation, scale normalisation,
+losses, and predict_folder (synthetic data), plus domain loading on the real mirror."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from leukemia_core import dg
+from leukemia_core.domains import CLASSES, SHARED, dedup_across, load_domains
+from leukemia_core.errors import DatasetError
+
+
+def test_dedup_across_removes_planted_duplicate():
+    table = pd.DataFrame({
+        "path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "relpath": ["a", "b", "c", "d"],
+        "label": ["neutrophil"] * 4, "domain": ["bccd", "pbc", "bccd", "zheng"],
+        "sha256": ["h1", "h2", "h3", "h1"]})  # d.jpg in zheng repeats a.jpg of bccd
+    kept, removed = dedup_across(table, ["pbc", "bccd", "zheng"])
+    assert sorted(kept["relpath"]) == ["a", "b", "c"]
+    assert removed[["domain", "relpath", "kept_in"]].values.tolist() == [["zheng", "d", "bccd"]]
+
+
+def test_dedup_keeps_within_domain_copies():
+    table = pd.DataFrame({"path": ["a", "b"], "relpath": ["a", "b"], "label": ["x", "x"],
+                          "domain": ["pbc", "pbc"], "sha256": ["h", "h"]})
+    kept, removed = dedup_across(table, ["pbc"])
+    assert len(kept) == 2 and removed.empty
+
+
+def test_hed_roundtrip_and_jitter_changes_colour():
+    g = torch.Generator().manual_seed(0)
+    x = dg.hed_to_rgb(torch.rand(4, 3, 16, 16, generator=g) * 0.15)  # colours inside the stain gamut
+    assert torch.allclose(dg.hed_to_rgb(dg.rgb_to_hed(x)), x, atol=1e-4)
+    y = dg.hed_jitter(x, sigma=0.3, bias=0.05, generator=g)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert (y - x).abs().mean() > 0.01  # the colour changed
+    z = dg.augment(x, stain=True, generator=g)
+    assert z.shape == x.shape and z.min() >= 0 and z.max() <= 1
+
+
+def test_rgb_to_hed_matches_skimage_definition():
+    """A pure-haematoxylin pixel maps to the H axis only (Ruifrok's matrix)."""
+    s = torch.tensor([0.5, 0.0, 0.0]).view(1, 3, 1, 1)
+    hed = dg.rgb_to_hed(dg.hed_to_rgb(s))
+    assert torch.allclose(hed.flatten(), s.flatten(), atol=1e-4)
+
+
+def disc_image(size: int, radius: int, centre=None) -> np.ndarray:
+    """A purple disc (nucleus-like) on a light background."""
+    img = np.full((size, size, 3), (235, 225, 230), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = centre or (size // 2, size // 2)
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2] = (110, 60, 170)
+    return img
+
+
+@pytest.mark.parametrize("size,radius", [(200, 20), (120, 45), (300, 60)])
+def test_scale_norm_brings_disc_to_target_size(size, radius):
+    sn = dg.ScaleNorm(fill=0.5)
+    out, ok = sn(disc_image(size, radius, (size // 2 + 7, size // 2 - 5)), 64)
+    assert ok and out.shape == (64, 64, 3)
+    m = dg.nucleus_mask(out)
+    ys, xs = np.nonzero(m)
+    extent = max(np.ptp(ys), np.ptp(xs)) + 1
+    assert abs(extent - 32) <= 3  # nucleus spans fill * 64 pixels whatever the input scale
+    assert abs(ys.mean() - 31.5) <= 3 and abs(xs.mean() - 31.5) <= 3  # and is centred
+
+
+def test_scale_norm_falls_back_without_nucleus():
+    out, ok = dg.ScaleNorm()(np.full((50, 70, 3), 200, np.uint8), 32)
+    assert not ok and out.shape == (32, 32, 3)
+
+
+def test_mask_iou():
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True
+    assert dg.mask_iou(a, b) == pytest.approx(4 / 12)
+
+
+def test_supcon_hand_computation():
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0, 1])
+    t = 0.5
+    # anchor 0: positive 1 (sim 1/t), negative 2 (sim 0); same for anchor 1; anchor 2 has none
+    expected = -(1 / t - math.log(math.exp(1 / t) + math.exp(0)))
+    assert dg.supcon_loss(z, y, temperature=t).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_supcon_lower_for_aligned_than_shuffled():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat(8)
+    centres = torch.randn(4, 16, generator=g) * 3
+    z = centres[y] + 0.1 * torch.randn(32, 16, generator=g)
+    shuffled = y[torch.randperm(32, generator=g)]
+    assert dg.supcon_loss(z, y) < dg.supcon_loss(z, shuffled) - 1.0
+
+
+def test_supcon_cross_domain_positives_only():
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0, 0])
+    d = torch.tensor([0, 0, 1])
+    same = dg.supcon_loss(z, y, d, cross_domain=False)
+    cross = dg.supcon_loss(z, y, d, cross_domain=True)
+    assert cross > same  # the only cross-domain positive is the dissimilar one
+
+
+def test_class_balanced_weights_and_focal():
+    w = dg.class_balanced_weights([1000, 10, 0], beta=0.99)
+    assert w[2] == 0 and w[1] > w[0] and w[:2].mean() == pytest.approx(1.0)
+    # beta -> 0 gives equal weights; beta -> 1 approaches inverse frequency
+    assert torch.allclose(dg.class_balanced_weights([100, 10], beta=0.0), torch.ones(2))
+    w = dg.class_balanced_weights([100, 10], beta=0.99999)
+    assert (w[1] / w[0]).item() == pytest.approx(10, rel=0.01)
+    logits = torch.tensor([[4.0, 0.0], [0.0, 0.5]])
+    y = torch.tensor([0, 0])
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    fl = dg.focal_loss(logits, y, gamma=2.0)
+    p = torch.exp(-ce)
+    assert fl.item() == pytest.approx(((1 - p) ** 2 * ce).mean().item(), rel=1e-5)
+    assert dg.focal_loss(logits, y, gamma=0.0).item() == pytest.approx(ce.mean().item(), rel=1e-5)
+
+
+def test_sample_weights_balance_domain_class_cells():
+    y = torch.tensor([0, 0, 0, 1, 0])
+    d = torch.tensor([0, 0, 0, 0, 1])
+    w = dg.sample_weights(y, d)
+    cells = {(0, 0): w[:3].sum(), (1, 0): w[3], (0, 1): w[4]}
+    assert all(v.item() == pytest.approx(1.0) for v in cells.values())
+
+
+def test_bn_to_gn_keeps_affine_and_removes_batchnorm():
+    net = dg.build_backbone("gn", num_classes=3, pretrained=False)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    out = net(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 3)
+
+
+def test_adapt_bn_changes_only_statistics():
+    torch.manual_seed(0)
+    model = dg.DGNet(dg.build_backbone("bn", 3, pretrained=False)).eval()
+    x = torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8)
+    adapted = dg.adapt_bn(model, x)
+    bn_old = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn_new = next(m for m in adapted.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not torch.allclose(bn_old.running_mean, bn_new.running_mean)
+    assert torch.equal(bn_old.weight, bn_new.weight)
+
+
+def tiny_arrays(n=24, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.randint(0, 255, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    x[:, 0] = (y * 100).view(-1, 1, 1).to(torch.uint8)  # class shows in the red channel
+    return dg.Arrays(x, y, torch.arange(n) % 2)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    recipe = dg.Recipe("combined", sampler="balanced", loss="cb_focal", stain=True, scale_norm=True,
+                       supcon=0.5, swa=True)
+    data = tiny_arrays()
+    return recipe, dg.train_dg(recipe, data, tiny_arrays(12, seed=1), 3, [0, 1, 2], epochs=2,
+                               batch_size=8, lr=1e-3)
+
+
+def test_train_dg_runs_every_piece(trained):
+    recipe, res = trained
+    assert len(res.history) == 2 and res.swa_model is not None
+    assert all(math.isfinite(h["train_loss"]) for h in res.history)
+    probs = dg.predict_probs(res.swa_model, tiny_arrays(5).x)
+    assert probs.shape == (5, 3) and torch.allclose(probs.sum(1), torch.ones(5), atol=1e-5)
+
+
+def test_predict_folder_mixed_sizes_and_corrupt(trained, tmp_path):
+    from leukemia_core.predict import predict_folder, save_dg_checkpoint
+
+    recipe, res = trained
+    ckpt = save_dg_checkpoint(tmp_path / "run" / "model.safetensors", res.model,
+                              ["a", "b", "c"], 32, dg.ScaleNorm(), recipe)
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    sizes = [(50, 40), (120, 120), (300, 220)]
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(disc_image(max(w, h), max(w, h) // 6)[:h, :w]).save(
+            folder / ("sub" if i == 2 else "") / f"cell{i}.png")
+    out = predict_folder(ckpt, folder, tmp_path / "pred.csv")
+    assert len(out) == 3 and len(pd.read_csv(tmp_path / "pred.csv")) == 3
+    assert sorted(zip(out["width"], out["height"])) == sorted(sizes)
+    assert set(out["pred"]) <= {"a", "b", "c"}
+    assert np.allclose(out[["prob_a", "prob_b", "prob_c"]].sum(axis=1), 1, atol=1e-4)
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(DatasetError, match="broken.png"):
+        predict_folder(ckpt, folder, tmp_path / "pred2.csv")
+    with pytest.raises(DatasetError, match="no images"):
+        predict_folder(ckpt, tmp_path / "run", tmp_path / "pred3.csv")
+
+
+def test_cli_predict_parser(trained, tmp_path):
+    import argparse
+
+    from leukemia_core.predict import add_predict_parser, save_dg_checkpoint
+
+    recipe, res = trained
+    ckpt = save_dg_checkpoint(tmp_path / "m.safetensors", res.model, ["a", "b", "c"], 32, None, recipe)
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(disc_image(80, 15)).save(tmp_path / "imgs" / "x.jpg")
+    parser = argparse.ArgumentParser()
+    add_predict_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["predict", "--images", str(tmp_path / "imgs"), "--checkpoint", str(ckpt),
+                              "--out", str(tmp_path / "p.csv")])
+    args.func(args)
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 1
+
+
+def test_load_domains_real(data_root):
+    table, removed = load_domains(data_root)
+    assert set(table["domain"]) == {"pbc", "bccd", "zheng", "matek"}
+    assert set(table["label"]) <= set(CLASSES)
+    assert not table.duplicated("sha256").any() or (
+        table[table.duplicated("sha256", keep=False)].groupby("sha256")["domain"].nunique() == 1).all()
+    for dom in ("pbc", "bccd", "zheng"):
+        assert set(SHARED) <= set(table.loc[table["domain"] == dom, "label"])
+    assert set(table.loc[table["domain"] == "matek", "label"]) == {"neutrophil"}
+    assert table["split"].isin(["train", "val", "test"]).all()
+
+
+def test_reinhard_brings_different_stains_together():
+    purple = disc_image(64, 15)
+    yellow = purple.copy()
+    yellow[..., 2] = (yellow[..., 2] * 0.6).astype(np.uint8)  # a yellowish lab's version
+    a, b = dg.reinhard(purple), dg.reinhard(yellow)
+    assert a.shape == purple.shape and a.dtype == np.uint8
+    before = np.abs(purple.astype(float).mean((0, 1)) - yellow.astype(float).mean((0, 1))).max()
+    after = np.abs(a.astype(float).mean((0, 1)) - b.astype(float).mean((0, 1))).max()
+    assert after < before / 3
