@@ -439,7 +439,9 @@ display(anchors)
 with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
     recipe = RECIPES[-1]
-    ckpt = save_dg_checkpoint(tmp / "dg_combined" / "model.safetensors",
+    # kept under _build/artifacts so `leukemia-core predict` can use it after the build
+    ckpt = save_dg_checkpoint(REPO_ROOT / "_build" / "artifacts" / P.name / "dg_combined_without_bccd"
+                              / "model.safetensors",
                               trained[recipe.name, "bccd", seeds[0]].model, CLASSES, S,
                               SCALE if recipe.scale_norm else None, recipe)
     folder = tmp / "unseen"
@@ -452,7 +454,7 @@ with tempfile.TemporaryDirectory() as tmp:
     preds.insert(1, "true", demo["label"].tolist())
     display(preds.round(3))
     display(Markdown(f"From the command line: `leukemia-core predict --images FOLDER --checkpoint "
-                     f"{ckpt.name} --out predictions.csv [--adapt-bn]`. `--adapt-bn` re-estimates "
+                     f"{ckpt.parent.relative_to(REPO_ROOT)} --out predictions.csv [--adapt-bn]`. `--adapt-bn` re-estimates "
                      "the BatchNorm statistics on the folder (TTA-BN): use it for a folder of many "
                      "cells from one new hospital, not for a handful of images."))
 
