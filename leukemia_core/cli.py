@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .predict import add_predict_parser  # the domain-generalization chapter's predictor
     add_predict_parser(sub)
+    from .detection.cli import add_detect_parser  # the detection chapter's detector
+    add_detect_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks (not tests): loader, train, latency, scaling")
     b.add_argument("what", choices=["loader", "train", "latency", "scaling", "all"])

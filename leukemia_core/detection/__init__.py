@@ -1,0 +1,1 @@
+"""WBC detection with morphological attributes, trained from sparse annotations."""

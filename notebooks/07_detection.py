@@ -1,0 +1,527 @@
+# ---
+# jupyter:
+#   book:
+#     requires_data: true
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # WBC detection with morphological attributes, from sparse annotations
+#
+# {cite:t}`rehman2025lld` do two things on their Large Leukemia Dataset (LLD). A
+# detector finds white blood cells, and an **attribute head** on RoIAlign features of
+# each detected cell predicts its morphology: cell size, nuclear chromatin, nuclear
+# shape, nucleoli, cytoplasm amount, cytoplasmic basophilia and vacuoles. And the model
+# learns from **sparse annotations**: in each field of view only a small region is
+# labelled. The loss is masked to that region; outside it, the model's own confident
+# detections (NMS at confidence 0.5, IoU 0.2) serve as pseudo-labels with weight 0.1.
+#
+# The LLD images are not public. This chapter runs the same method on what is:
+#
+# * **detection** on BCCD {cite:p}`bccd` (VOC boxes, its own train/val/test lists) and
+#   TXL-PBC {cite:p}`gan2024txlpbc` (YOLO boxes from four sources), classes WBC, RBC and
+#   platelets;
+# * **attributes** from WBCAtt {cite:p}`tsutsui2023wbcatt`: 11 attributes for PBC
+#   cells {cite:p}`acevedo2020pbc`, on a full-cell box per single-cell image and on the
+#   TXL-PBC fields copied from PBC;
+# * **sparse annotation**, simulated on the training images: one random patch of about
+#   25% of the image keeps its labels, the rest loses them. Three regimes are compared:
+#   full labels, naive sparse (unlabelled area = background) and the paper's masked loss
+#   with weighted pseudo-labels.
+#
+# The detector is torchvision's FCOS on the ImageNet EfficientNet-Lite0 (offline
+# weights) with a torchvision feature pyramid. Only the per-location loss weights and
+# the pseudo-label step are written here (`leukemia_core/detection/`).
+
+# %% tags=["parameters"]
+profile = "ci"  # smoke | ci | full
+data_root = None  # None: LEUKEMIA_DATA, else data/ in the repository
+seed = 0
+results_dir = "results"  # results JSON: <results_dir>/<profile>/detection_*.json
+
+# %%
+import hashlib
+import shutil
+import tempfile
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import matplotlib.patches as mpatches
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from IPython.display import Markdown, display
+from PIL import Image
+
+from leukemia_core.config import get_profile
+from leukemia_core.dataroot import REPO_ROOT, data_root as resolve_root
+from leukemia_core.detection.cli import cmd_detect
+from leukemia_core.detection.data import (CLASSES, BoxDataset, attribute_table, attribute_values, bccd_boxes,
+                                          encode_attributes, link_sources, load_image, txl_boxes)
+from leukemia_core.detection.model import WBCDetector, AttributeHead
+from leukemia_core.detection.sparse import OUTSIDE_WEIGHT, PSEUDO_CONF, PSEUDO_IOU, REGIMES, sparsify
+from leukemia_core.detection.train import (DetTrainConfig, attribute_metrics, attribute_predictions,
+                                           evaluate_detector, roi_features, save_detector, train_attribute_head,
+                                           train_detector)
+from leukemia_core.pipeline import content_hash
+from leukemia_core.results import write_results
+
+CHAPTER_START = time.perf_counter()
+torch.manual_seed(seed)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: Sizes per profile. The code path is the same; only these numbers change.
+SIZES = {
+    "smoke": dict(short_side=128, bccd_train_cap=8, txl_train_per_domain=2, epochs=1, batch_size=4, lr=1e-3,
+                  test_cap=6, txl_test_per_domain=3, fractions=(0.25,), attr_train_cap=64, attr_test_cap=48,
+                  attr_epochs=3),
+    "ci": dict(short_side=256, bccd_train_cap=None, txl_train_per_domain=10, epochs=5, batch_size=8, lr=1.5e-3,
+               test_cap=None, txl_test_per_domain=None, fractions=(0.25,), attr_train_cap=800,
+               attr_test_cap=400, attr_epochs=40),
+    "full": dict(short_side=416, bccd_train_cap=None, txl_train_per_domain=None, epochs=30, batch_size=8,
+                 lr=1e-3, test_cap=None, txl_test_per_domain=None, fractions=(0.1, 0.25, 0.5),
+                 attr_train_cap=None, attr_test_cap=None, attr_epochs=60),
+}[profile]
+P = get_profile(profile)
+ROOT = resolve_root(data_root)
+S = SIZES["short_side"]
+print(f"profile {profile}: FCOS + EfficientNet-Lite0 FPN at shorter side {S}px, {SIZES['epochs']} epochs, "
+      f"patch fractions {SIZES['fractions']}, device {DEVICE}, {torch.get_num_threads()} threads")
+
+# %% [markdown]
+# ## The boxes, checked
+#
+# Every box is checked as it is read: a zero-area box, a box outside its image or an
+# unknown class stops the loader with the file and line at fault. The BCCD release has
+# two such boxes (zero-area RBCs); they are excluded by an explicit list in
+# `leukemia_core/detection/data.py` and shown here, not dropped silently.
+
+# %%
+bccd = bccd_boxes(ROOT)
+display(pd.DataFrame(bccd.attrs["excluded_boxes"]))
+txl = link_sources(bccd, txl_boxes(ROOT))
+
+
+def class_counts(table):
+    return pd.Series({c: sum(lab.count(i) for lab in table["labels"]) for i, c in enumerate(CLASSES)})
+
+
+overview = pd.concat({("BCCD", s): class_counts(g).rename(None) for s, g in bccd.groupby("split")} |
+                     {(f"TXL-PBC {d}", s): class_counts(g) for (d, s), g in txl.groupby(["domain", "split"])}, axis=1).T
+overview["images"] = [len(bccd[bccd.split == s]) if n == "BCCD" else
+                      len(txl[(txl.domain == n.split()[1]) & (txl.split == s)]) for n, s in overview.index]
+display(overview)
+
+# %% [markdown]
+# TXL-PBC re-uses 221 BCCD images (found by content hash, `txl_pbc/source_map.csv`),
+# re-annotated: it marks many more RBCs than BCCD's own XML. Two leaks follow and are
+# closed here. A TXL training image copied from a BCCD val/test image would put test
+# cells into training, so **no TXL image copied from BCCD is used for training** (BCCD's
+# own training list covers that source). A TXL **test** image copied from a BCCD
+# *training* image would be scored on a cell the model has seen, so those are removed
+# from the TXL test set and counted.
+
+# %%
+bccd_train = bccd[bccd.split == "train"]
+if SIZES["bccd_train_cap"]:
+    bccd_train = bccd_train.sample(SIZES["bccd_train_cap"], random_state=seed)
+txl_pool = txl[(txl.split == "train") & txl.bccd_split.isna()]
+cap = SIZES["txl_train_per_domain"]
+txl_train = pd.concat([g if cap is None else g.sample(min(cap, len(g)), random_state=seed)
+                       for _, g in txl_pool.groupby("domain")])
+train_table = pd.concat([bccd_train, txl_train], ignore_index=True)
+bccd_test = bccd[bccd.split == "test"]
+if SIZES["test_cap"]:
+    bccd_test = bccd_test.head(SIZES["test_cap"])
+txl_test_all = txl[txl.split == "test"]
+contaminated = txl_test_all.bccd_split == "train"
+txl_test = txl_test_all[~contaminated]
+if SIZES["txl_test_per_domain"]:
+    txl_test = txl_test.groupby("domain").head(SIZES["txl_test_per_domain"])
+display(Markdown(
+    f"Training: {len(bccd_train)} BCCD images + {len(txl_train)} TXL-PBC images "
+    f"({txl_train.domain.value_counts().to_dict()}). Test: {len(bccd_test)} BCCD test images; "
+    f"{len(txl_test)} TXL-PBC test images ({int(contaminated.sum())} removed as copies of BCCD training images)."))
+eval_sets = {"BCCD test": BoxDataset(bccd_test, S), "TXL-PBC test": BoxDataset(txl_test, S)}
+txl_groups = txl_test["domain"].tolist()
+split_sha = hashlib.sha256("\n".join(sorted(f"{r}\t{s}" for r, s in zip(
+    pd.concat([bccd.relpath, txl.relpath]), pd.concat([bccd.split, txl.split])))).encode()).hexdigest()
+
+# %% [markdown]
+# ## Sparse annotation, simulated
+#
+# Each training image gets one random patch with the image's aspect ratio and a fixed
+# share of its area (25% by default; several shares under `full`). A box belongs to the
+# patch when its centre lies inside it, as an annotator would label every cell whose
+# centre is in the marked region. The patch is drawn once per image (seeded) and moves
+# with the flips used as augmentation. Dashed boxes below lose their label.
+
+# %%
+FRACTIONS = SIZES["fractions"]
+sparse_tables = {f: sparsify(train_table, f, seed) for f in FRACTIONS}
+kept = pd.DataFrame({f"{f:.0%} patch": {"boxes kept": sum(map(len, t.boxes)) / sum(t.n_boxes_full),
+                                       **{f"{c} kept": class_counts(t)[c] / class_counts(train_table)[c]
+                                          for c in CLASSES}} for f, t in sparse_tables.items()}).T
+display(kept.style.format("{:.1%}"))
+
+COLORS = {"WBC": "tab:purple", "RBC": "tab:red", "Platelets": "tab:green"}
+demo = sparse_tables[0.25 if 0.25 in FRACTIONS else FRACTIONS[0]]
+fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+for ax, i in zip(axes, [0, len(bccd_train), len(demo) - 1]):
+    r, full = demo.iloc[i], train_table.iloc[i]
+    with Image.open(r.path) as im:
+        ax.imshow(im.convert("RGB"))
+    kept_boxes = {tuple(b) for b in r.boxes}
+    for b, lab in zip(full.boxes, full.labels):
+        ax.add_patch(mpatches.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, lw=1.2,
+                                        ec=COLORS[CLASSES[lab]], ls="-" if tuple(b) in kept_boxes else ":"))
+    x0, y0, x1, y1 = r.patch
+    ax.add_patch(mpatches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2.5, ec="gold"))
+    ax.set_title(f"{r.domain}: {len(r.boxes)}/{len(full.boxes)} boxes kept", fontsize=9)
+    ax.axis("off")
+fig.suptitle("annotated patch (gold); solid boxes keep their label, dotted ones lose it", fontsize=10)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Three training regimes
+#
+# All three train the same detector for the same number of steps from the same
+# ImageNet initialisation:
+#
+# 1. **full**: every box;
+# 2. **naive sparse**: only the patch's boxes, the rest of the image is background, so
+#    every unlabelled cell is a negative;
+# 3. **masked** (the paper's): FCOS locations inside the patch count with weight 1. In
+#    the first epoch locations outside count 0 (a pure mask: the untrained model has no
+#    useful pseudo-labels yet). From the second epoch on, the current model's
+#    detections outside the patch (score ≥ 0.5, class-agnostic NMS at IoU 0.2) join the
+#    targets, and all outside locations count with weight 0.1.
+#
+# The weighting is `WeightedFCOSHead.compute_loss` (torchvision's FCOS loss with a weight
+# per location: a location with weight 0 is neither positive nor negative;
+# `tests/test_detection.py` checks that the loss and its gradient do not move when the
+# predictions outside the patch change).
+
+# %%
+def make_detector(attributes=None):
+    return WBCDetector(attributes=attributes, short_side=S).to(DEVICE)
+
+
+def det_config(regime):
+    return DetTrainConfig(epochs=SIZES["epochs"], batch_size=SIZES["batch_size"], lr=SIZES["lr"], regime=regime,
+                          seed=seed, pseudo_start=1, pseudo_conf=PSEUDO_CONF, pseudo_iou=PSEUDO_IOU,
+                          outside_weight=OUTSIDE_WEIGHT)
+
+
+runs = {}  # (regime, fraction) -> dict(model, history, metrics, seconds)
+for regime in REGIMES:
+    for f in ([1.0] if regime == "full" else FRACTIONS):
+        start = time.perf_counter()
+        table = train_table if regime == "full" else sparse_tables[f]
+        model = make_detector()
+        history = train_detector(model, BoxDataset(table, S, train=True), det_config(regime))
+        metrics = {"BCCD test": evaluate_detector(model, eval_sets["BCCD test"])[0]["all"]}
+        metrics["TXL-PBC test"] = evaluate_detector(model, eval_sets["TXL-PBC test"], groups=txl_groups)[0]
+        runs[(regime, f)] = dict(model=model, history=history, metrics=metrics,
+                                 seconds=time.perf_counter() - start)
+
+summary = pd.DataFrame([{"regime": r, "patch": f"{f:.0%}", "BCCD mAP@0.5": m["metrics"]["BCCD test"]["map_50"],
+                         "BCCD mAP@[.5:.95]": m["metrics"]["BCCD test"]["map"],
+                         **{f"BCCD AP50 {c}": m["metrics"]["BCCD test"][f"AP50_{c}"] for c in CLASSES},
+                         "TXL mAP@0.5": m["metrics"]["TXL-PBC test"]["all"]["map_50"],
+                         "train s": m["seconds"]} for (r, f), m in runs.items()]).set_index(["regime", "patch"])
+display(summary.style.format("{:.3f}", subset=[c for c in summary if c != "train s"]).format("{:.0f}", subset=["train s"]))
+
+# %% [markdown]
+# ## Per source domain
+#
+# TXL-PBC mixes four sources; its test set is scored per source with the full-label
+# model (mAP@0.5, mAP@[0.5:0.95], AP@0.5 per class), next to BCCD's own test list.
+# The "bccd" rows of TXL-PBC use TXL's re-annotation of BCCD images (more RBCs marked),
+# so they are not the same benchmark as BCCD's XML.
+
+# %%
+full_metrics = runs[("full", 1.0)]["metrics"]
+per_domain = {"BCCD (VOC test list)": full_metrics["BCCD test"]} | {
+    f"TXL-PBC {d}": m for d, m in full_metrics["TXL-PBC test"].items() if d != "all"} | {
+    "TXL-PBC all": full_metrics["TXL-PBC test"]["all"]}
+per_domain = pd.DataFrame(per_domain).T[["n_images", "map_50", "map", *[f"AP50_{c}" for c in CLASSES]]]
+display(per_domain.style.format("{:.3f}", subset=per_domain.columns[1:]).format("{:.0f}", subset=["n_images"]))
+
+# %% [markdown]
+# ### Against public anchors
+#
+# Published detectors on these sets, side by side with ours (their sources are listed
+# with the anchors in `results/claims.yaml`). The protocols differ and the numbers are
+# not directly comparable: the anchors train YOLO models for about 100 epochs at 640 px
+# with heavy (mosaic) augmentation on a GPU, each on its own split; ours trains for a few
+# epochs at a shorter side of a few hundred pixels (see the profile above) on BCCD's
+# training list plus a capped TXL subset, on CPU, and is scored with torchmetrics' COCO
+# evaluation (101-point interpolated AP), not Ultralytics' evaluator.
+
+# %%
+bccd_m = full_metrics["BCCD test"]
+txl_m = full_metrics["TXL-PBC test"]["all"]
+anchors = pd.DataFrame([
+    {"model": "YOLOv8n (public reports: TXL-PBC paper and BCCD studies)",
+     "data": "BCCD / TXL-PBC, 640 px, ~100 epochs, GPU", "mAP@0.5": "0.904–0.935", "WBC AP@0.5": "–"},
+    {"model": "YOLOv7 (public report, WBC class)", "data": "BCCD-type smears, 640 px, GPU", "mAP@0.5": "–",
+     "WBC AP@0.5": "0.983"},
+    {"model": f"ours: FCOS + EfficientNet-Lite0 FPN, full labels ({profile})",
+     "data": f"BCCD test list, shorter side {S}px, {SIZES['epochs']} epochs",
+     "mAP@0.5": f"{bccd_m['map_50']:.3f}", "WBC AP@0.5": f"{bccd_m['AP50_WBC']:.3f}"},
+    {"model": f"ours, same model ({profile})", "data": f"TXL-PBC test ({len(txl_test)} images, leak-free)",
+     "mAP@0.5": f"{txl_m['map_50']:.3f}", "WBC AP@0.5": f"{txl_m['AP50_WBC']:.3f}"},
+]).set_index("model")
+display(anchors)
+
+# %% [markdown]
+# ## Attribute head
+#
+# The attribute head sits on the full-label detector: `MultiScaleRoIAlign` pools a 7×7
+# feature of a cell's box from the feature pyramid, a LayerNorm and an MLP map it to one
+# softmax per attribute. The detector stays frozen and the head trains on WBCAtt's own training
+# split: the PBC single-cell images with a full-cell box (the whole image, resized so
+# that the cell has about the size it has in a TXL-PBC field), plus the TXL-PBC fields
+# copied from those PBC cells, on their annotated WBC box. WBCAtt's test split is the
+# test set; a cell never crosses splits, whichever image it appears in.
+#
+# WBCAtt's attributes and the LLD attribute names of {cite:t}`rehman2025lld` only
+# partly correspond:
+
+# %%
+LLD_MAP = [("cell size", "cell_size", "same notion (big / small)"),
+           ("nuclear chromatin", "chromatin_density", "densely / loosely"),
+           ("nuclear shape", "nucleus_shape", "6 shapes"),
+           ("nucleoli", None, "no WBCAtt counterpart"),
+           ("cytoplasm amount", "nuclear_cytoplasmic_ratio", "inverse proxy: high N:C = little cytoplasm"),
+           ("cytoplasmic basophilia", "cytoplasm_colour", "proxy: blue / purple-blue vs light blue"),
+           ("vacuoles", "cytoplasm_vacuole", "yes / no")]
+display(pd.DataFrame(LLD_MAP, columns=["LLD attribute", "WBCAtt attribute", "correspondence"]).fillna("–"))
+attr_tab = attribute_table(ROOT, txl)
+ATTRS = attr_tab.attrs["attributes"]
+unmatched = [a for a in ATTRS if a not in {m[1] for m in LLD_MAP}]
+display(Markdown(f"WBCAtt attributes with no LLD counterpart (trained and reported all the same): "
+                 f"{', '.join(unmatched)}. LLD's *nucleoli* has none in WBCAtt. "
+                 f"{len(attr_tab.attrs['txl_without_wbc_box'])} TXL-PBC fields copied from WBCAtt cells have "
+                 "no annotated WBC and are left out."))
+
+# %%
+VALUES = attribute_values(attr_tab, ATTRS)
+attr_train = attr_tab[(attr_tab.wbcatt_split == "train") &
+                      ((attr_tab.source == "pbc") | (attr_tab.txl_split == "train"))]
+attr_pbc = attr_train[attr_train.source == "pbc"]
+if SIZES["attr_train_cap"]:  # a random sample keeps WBCAtt's value frequencies
+    attr_pbc = attr_pbc.sample(min(SIZES["attr_train_cap"], len(attr_pbc)), random_state=seed)
+attr_train = pd.concat([attr_pbc, attr_train[attr_train.source == "txl_pbc"]])
+attr_test = attr_tab[(attr_tab.wbcatt_split == "test") & (attr_tab.source == "pbc")]
+if SIZES["attr_test_cap"]:
+    attr_test = attr_test.sample(min(SIZES["attr_test_cap"], len(attr_test)), random_state=seed)
+CELL_SIDE = int(S * 0.8)  # PBC crops: cell ~ as large as in a TXL-PBC field at side S
+
+
+def cell_inputs(table):
+    images, boxes = [], []
+    for r in table.itertuples():
+        img, s = load_image(r.path, CELL_SIDE if r.source == "pbc" else S)
+        images.append(img.float() / 255)
+        boxes.append(torch.tensor([r.box], dtype=torch.float32) * s)
+    return images, boxes
+
+
+detector = runs[("full", 1.0)]["model"]
+detector.attr_head = AttributeHead(detector.config["fpn_channels"], {a: len(v) for a, v in VALUES.items()}).to(DEVICE)
+detector.config["attributes"] = {a: len(v) for a, v in VALUES.items()}
+t0 = time.perf_counter()
+feats = {name: roi_features(detector, *cell_inputs(t)) for name, t in (("train", attr_train), ("test", attr_test))}
+y_train, y_test = encode_attributes(attr_train, VALUES), encode_attributes(attr_test, VALUES)
+attr_history = train_attribute_head(detector.attr_head, feats["train"], y_train, epochs=SIZES["attr_epochs"],
+                                    lr=3e-3, seed=seed)
+pred = attribute_predictions(detector.attr_head, feats["test"]).numpy()
+attr_metrics = attribute_metrics(pred, y_test.numpy(), y_train.numpy(), ATTRS)
+attr_df = pd.DataFrame(attr_metrics).T
+attr_df["accuracy gain"] = attr_df["accuracy"] - attr_df["majority_accuracy"]
+attr_df["LLD name"] = [next((m[0] for m in LLD_MAP if m[1] == a), "–") for a in attr_df.index]
+attr_df.loc["mean"] = attr_df.drop(columns="LLD name").mean().tolist() + [""]
+print(f"attribute head: {len(attr_train)} training cells ({attr_train.source.value_counts().to_dict()}), "
+      f"{len(attr_test)} test cells, {time.perf_counter() - t0:.0f}s")
+display(attr_df.style.format("{:.3f}", subset=[c for c in attr_df if c != "LLD name"]))
+
+# %% [markdown]
+# ### End to end: attributes of detected cells
+#
+# On the TXL-PBC test fields copied from WBCAtt *test* cells, the detector runs on the
+# whole field and the attribute head reads the detected WBC that best overlaps the
+# annotated one (IoU ≥ 0.5); a missed cell counts as wrong for every attribute.
+
+# %%
+e2e = attr_tab[(attr_tab.source == "txl_pbc") & (attr_tab.txl_split == "test") & (attr_tab.wbcatt_split == "test")]
+e2e_rows = []
+if len(e2e):
+    e2e_ds = BoxDataset(txl[txl.relpath.isin(e2e.relpath)].set_index("relpath").loc[e2e.relpath].reset_index(), S)
+    _, e2e_preds = evaluate_detector(detector, e2e_ds)
+    from torchvision.ops import box_iou
+    y_e2e = encode_attributes(e2e, VALUES).numpy()
+    hits, pred_e2e = [], []
+    for (img, t), d, r in zip(e2e_ds, e2e_preds, e2e.itertuples()):
+        wbc = d["labels"] == 0
+        gt = torch.tensor([r.box]) * (img.shape[-2] / txl.set_index("relpath").loc[r.relpath, "height"])
+        iou = box_iou(gt, d["boxes"][wbc])[0] if wbc.any() else torch.zeros(0)
+        ok = len(iou) > 0 and iou.max() >= 0.5
+        hits.append(bool(ok))
+        pred_e2e.append([int(d["attributes"][a][wbc][iou.argmax()].argmax()) if ok else -1 for a in ATTRS])
+    pred_e2e = np.array(pred_e2e)
+    e2e_acc = {a: float((pred_e2e[:, j] == y_e2e[:, j]).mean()) for j, a in enumerate(ATTRS)}
+    display(Markdown(f"{len(e2e)} fields; detected (IoU ≥ 0.5): {np.mean(hits):.1%}; mean attribute accuracy "
+                     f"end to end {np.mean(list(e2e_acc.values())):.3f} (on the ground-truth box above: "
+                     f"{attr_df.loc['mean', 'accuracy']:.3f})."))
+else:
+    e2e_acc, hits = {}, []
+    display(Markdown("No TXL-PBC test field is copied from a WBCAtt test cell under this profile."))
+
+# %% [markdown]
+# ## Detections with their attributes
+#
+# Full-label model on BCCD and TXL-PBC test fields (score ≥ 0.4). Each WBC carries the
+# attributes the head predicts for it (four shown).
+
+# %%
+SHOW = ["cell_size", "nucleus_shape", "chromatin_density", "cytoplasm_colour"]
+picks = [("BCCD test", 0), ("BCCD test", 1)] + [("TXL-PBC test", txl_groups.index(d)) for d in
+                                                  ("pbc", "raabin", "bcd", "bccd") if d in txl_groups]
+fig, axes = plt.subplots(2, 3, figsize=(13, 8.5))
+for ax, (name, i) in zip(axes.ravel(), picks[:6]):
+    ds = eval_sets[name]
+    img, _ = ds[i]
+    with torch.no_grad():
+        d = detector([img.to(DEVICE)])[0]
+    ax.imshow(img.permute(1, 2, 0).numpy())
+    for j in torch.where(d["scores"].cpu() >= 0.4)[0].tolist():
+        b, cls = d["boxes"][j].tolist(), CLASSES[int(d["labels"][j])]
+        ax.add_patch(mpatches.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, lw=1.2, ec=COLORS[cls]))
+        if cls == "WBC":
+            cap = "\n".join(f"{a.replace('_', ' ')}: {VALUES[a][int(d['attributes'][a][j].argmax())]}" for a in SHOW)
+            ax.text(b[0], b[1], cap, fontsize=6, va="bottom", color="white",
+                    bbox=dict(facecolor="tab:purple", alpha=0.75, pad=1, lw=0))
+    ax.set_title(f"{name} ({ds.table.iloc[i].domain})", fontsize=9)
+    ax.axis("off")
+for ax in axes.ravel()[len(picks):]:
+    ax.axis("off")
+fig.legend(handles=[mpatches.Patch(color=c, label=k) for k, c in COLORS.items()], loc="lower center", ncol=3)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## The detect command
+#
+# The detector with its attribute head is saved as safetensors (config and attribute
+# value names in its metadata). `leukemia-core detect <folder> --checkpoint ... --out
+# boxes.json|csv` writes, for every image, the boxes with class, score and, for WBCs,
+# the attribute values with their probabilities. Here it runs on a small folder of BCCD
+# test images.
+
+# %%
+run_dir = REPO_ROOT / "runs" / profile / "detection"
+run_dir.mkdir(parents=True, exist_ok=True)
+ckpt = run_dir / "detector_full.safetensors"
+detector.cpu()
+save_detector(detector, ckpt, VALUES)
+detector.to(DEVICE)
+demo_dir = Path(tempfile.mkdtemp(prefix="detect_demo_"))
+for p in bccd_test.path.head(3):
+    shutil.copy(p, demo_dir)
+cmd_detect(Namespace(folder=str(demo_dir), checkpoint=str(ckpt), out=str(demo_dir / "boxes.csv"), score_thresh=0.4))
+display(pd.read_csv(demo_dir / "boxes.csv").assign(image=lambda d: d.image.map(lambda p: Path(p).name)).head(12))
+
+# %% [markdown]
+# ## Results
+
+# %%
+out = Path(results_dir) if Path(results_dir).is_absolute() else REPO_ROOT / results_dir
+out = out / profile
+full_map = runs[("full", 1.0)]["metrics"]["BCCD test"]["map_50"]
+data_sha = content_hash(pd.concat([train_table, bccd_test, txl_test])[["relpath", "split", "sha256"]])
+common = dict(chapter="07_detection", paper="rehman2025lld", profile=profile, seeds=[seed],
+              split_sha256=split_sha, data_sha256=data_sha, model="fcos_efficientnet_lite0_fpn",
+              profile_sizes=P.to_dict() | {"chapter": SIZES})
+written = []
+for (regime, f), r in runs.items():
+    bm = r["metrics"]["BCCD test"]
+    written.append(write_results(
+        out / f"detection_{regime}{'' if regime == 'full' else f'_{round(f * 100)}'}.json", overwrite=True,
+        kind="detection", method=regime, dataset="bccd+txl_pbc", **common,
+        config={"short_side": S, "train": det_config(regime).__dict__, "patch_fraction": f,
+                "train_images": len(train_table), "pseudo": {"conf": PSEUDO_CONF, "iou": PSEUDO_IOU,
+                                                             "weight": OUTSIDE_WEIGHT}},
+        metrics={"bccd_test": bm, "txl_pbc_test": r["metrics"]["TXL-PBC test"],
+                 "relative_map50_to_full": bm["map_50"] / full_map if full_map else None,
+                 "history": r["history"]},
+        wall_time_s=r["seconds"]))
+attr_summary = {a: attr_metrics[a] for a in ATTRS}
+written.append(write_results(
+    out / "detection_attributes.json", overwrite=True, kind="detection_attributes", method="roi_attribute_head",
+    dataset="wbcatt", **common,
+    config={"train_cells": len(attr_train), "test_cells": len(attr_test), "epochs": SIZES["attr_epochs"],
+            "cell_side": CELL_SIDE, "values": VALUES, "lld_map": LLD_MAP},
+    metrics={"test": attr_summary, "mean_accuracy": float(attr_df.loc["mean", "accuracy"]),
+             "mean_majority_accuracy": float(attr_df.loc["mean", "majority_accuracy"]),
+             "mean_macro_f1": float(attr_df.loc["mean", "macro_f1"]),
+             "mean_majority_macro_f1": float(attr_df.loc["mean", "majority_macro_f1"]),
+             "end_to_end": {"fields": len(hits), "detected": float(np.mean(hits)) if hits else None,
+                            "accuracy": e2e_acc}},
+    wall_time_s=time.perf_counter() - t0))
+print("\n".join(str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p) for p in written))
+
+# %% [markdown]
+# ## What it shows
+#
+# The checks below are the chapter's targets under `ci` (one patch size):
+# WBC AP@0.5 on BCCD's test list of at least 0.90; the masked regime at 25% patch
+# within 90% of the full-label mAP@0.5 and above the naive regime; mean attribute
+# accuracy at least 10 points above the mean majority floor.
+
+# %%
+f25 = 0.25 if 0.25 in FRACTIONS else FRACTIONS[0]
+masked_map = runs[("masked", f25)]["metrics"]["BCCD test"]["map_50"]
+naive_map = runs[("naive", f25)]["metrics"]["BCCD test"]["map_50"]
+checks = pd.DataFrame([
+    ("BCCD test WBC AP@0.5 ≥ 0.90", bccd_m["AP50_WBC"], bccd_m["AP50_WBC"] >= 0.90),
+    (f"masked ≥ 90% of full mAP@0.5 ({f25:.0%} patch)", masked_map / full_map if full_map else float("nan"),
+     masked_map >= 0.9 * full_map),
+    ("masked above naive (mAP@0.5)", masked_map - naive_map, masked_map > naive_map),
+    ("mean attribute accuracy − majority floor ≥ 0.10",
+     attr_df.loc["mean", "accuracy"] - attr_df.loc["mean", "majority_accuracy"],
+     attr_df.loc["mean", "accuracy"] - attr_df.loc["mean", "majority_accuracy"] >= 0.10),
+], columns=["target", "value", "met"]).set_index("target")
+display(checks)
+masked_m, naive_m = runs[("masked", f25)]["metrics"]["BCCD test"], runs[("naive", f25)]["metrics"]["BCCD test"]
+display(Markdown(
+    f"With full labels the detector reaches BCCD mAP@0.5 {full_map:.3f} (WBC {bccd_m['AP50_WBC']:.3f}, "
+    f"RBC {bccd_m['AP50_RBC']:.3f}, platelets {bccd_m['AP50_Platelets']:.3f}). With labels only in a "
+    f"{f25:.0%} patch, the masked loss keeps {masked_map / max(full_map, 1e-9):.0%} of that mAP and the naive "
+    f"regime {naive_map / max(full_map, 1e-9):.0%}. Per class (masked / naive): WBC "
+    f"{masked_m['AP50_WBC']:.3f} / {naive_m['AP50_WBC']:.3f}, RBC {masked_m['AP50_RBC']:.3f} / "
+    f"{naive_m['AP50_RBC']:.3f}, platelets {masked_m['AP50_Platelets']:.3f} / {naive_m['AP50_Platelets']:.3f}. "
+    "Treating the unlabelled area as background teaches the model that unlabelled RBCs are background; "
+    "the mask removes that false signal and the pseudo-labels give part of it back. Platelets, small and "
+    "rare, are where a quarter of the labels costs most within this short schedule."))
+print(f"chapter wall time {time.perf_counter() - CHAPTER_START:.0f}s")
+
+# %% [markdown]
+# Limits, stated plainly. The LLD images, and with them the paper's leukemia classes
+# and its *nucleoli* attribute, are not public: the detector here learns only WBC / RBC /
+# platelet boxes, and the attributes are WBCAtt's, on normal cells from one hospital.
+# The sparse regimes are simulated by hiding labels of fully annotated images; a real
+# annotator's patch is not random. Under `ci` the detector trains a few epochs on CPU at
+# low resolution, so small platelets are detected poorly; the public YOLO anchors train
+# far longer at 640 px.

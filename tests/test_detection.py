@@ -1,0 +1,266 @@
+"""Detection chapter: box checks, sparse-annotation simulator, masked FCOS loss,
+pseudo-labels, model shapes, the detect CLI, and loading the real data."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from leukemia_core.detection.data import (CLASSES, BoxDataset, check_box, read_voc_checked,
+                                          read_yolo_checked)
+from leukemia_core.detection.model import WBCDetector
+from leukemia_core.detection.sparse import (centres_inside, location_weights, regime_targets, select_pseudo,
+                                            sparsify)
+from leukemia_core.errors import DatasetError, LeukemiaError
+
+torch.set_num_threads(1)
+
+VOC = """<annotation>
+  <size><width>100</width><height>80</height><depth>3</depth></size>
+  <object>
+    <name>WBC</name>
+    <bndbox><xmin>10</xmin><ymin>10</ymin><xmax>50</xmax><ymax>40</ymax></bndbox>
+  </object>
+  <object>
+    <name>{name}</name>
+    <bndbox><xmin>{x0}</xmin><ymin>20</ymin><xmax>{x1}</xmax><ymax>30</ymax></bndbox>
+  </object>
+</annotation>
+"""
+
+
+# ----------------------------------------------------------------------------- box checks
+@pytest.mark.parametrize("name,x0,x1,what", [("RBC", 20, 20, "zero-area"), ("RBC", 60, 140, "outside"),
+                                             ("Neutrophil", 20, 30, "unknown class")])
+def test_voc_bad_box_names_file_and_line(tmp_path, name, x0, x1, what):
+    xml = tmp_path / "img.xml"
+    xml.write_text(VOC.format(name=name, x0=x0, x1=x1))
+    with pytest.raises(DatasetError, match=rf"img\.xml line 7: {what}" if what != "outside"
+                       else r"img\.xml line 7: box .* outside"):
+        read_voc_checked(xml)
+
+
+def test_voc_allow_list_reports_instead_of_dropping(tmp_path):
+    xml = tmp_path / "img.xml"
+    xml.write_text(VOC.format(name="RBC", x0=20, x1=20))
+    ann = read_voc_checked(xml, "A/img.xml", allow=[("A/img.xml", 7)])
+    assert ann["labels"] == [0] and len(ann["excluded"]) == 1
+    assert ann["excluded"][0]["line"] == 7 and "zero-area" in ann["excluded"][0]["reason"]
+    with pytest.raises(DatasetError, match="line 7"):  # an allow entry for another line does not help
+        read_voc_checked(xml, "A/img.xml", allow=[("A/img.xml", 3)])
+
+
+@pytest.mark.parametrize("line,what", [("1 0.5 0.5 0 0.2", "zero-area"), ("0 0.95 0.5 0.3 0.2", "outside"),
+                                       ("7 0.5 0.5 0.2 0.2", "unknown class")])
+def test_yolo_bad_line_names_file_and_line(tmp_path, line, what):
+    txt = tmp_path / "a.txt"
+    txt.write_text(f"0 0.5 0.5 0.2 0.2\n\n{line}\n")
+    with pytest.raises(DatasetError, match=rf"a\.txt line 3: .*{what}"):
+        read_yolo_checked(txt, 100, 100)
+
+
+def test_valid_boxes_pass():
+    assert check_box([0, 0, 100, 80], "Platelets", 100, 80, "x") == CLASSES.index("Platelets")
+
+
+# ----------------------------------------------------------------------------- sparse simulator
+def _table(n=20, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        xy = rng.uniform(0, 200, size=(40, 2))  # centres uniform over the image
+        boxes = np.concatenate([xy - 4, xy + 4], 1).clip(0, 200).tolist()
+        rows.append({"path": f"x{i}.jpg", "width": 200, "height": 200, "boxes": boxes,
+                     "labels": rng.integers(0, 3, 40).tolist()})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
+def test_sparsify_keeps_only_boxes_inside_the_patch(fraction):
+    table = _table()
+    sp = sparsify(table, fraction, seed=1)
+    for r, full in zip(sp.itertuples(), table.itertuples()):
+        x0, y0, x1, y1 = r.patch
+        assert (x1 - x0) * (y1 - y0) == pytest.approx(fraction * r.width * r.height)
+        assert 0 <= x0 and x1 <= r.width and 0 <= y0 and y1 <= r.height
+        inside = centres_inside(torch.tensor(full.boxes), torch.tensor(r.patch))
+        assert len(r.boxes) == int(inside.sum()) == len(r.labels)
+        for b in r.boxes:
+            cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+            assert x0 <= cx < x1 and y0 <= cy < y1
+    kept = sum(len(b) for b in sp["boxes"]) / sum(len(b) for b in table["boxes"])
+    assert abs(kept - fraction) < 0.1  # uniform boxes: the kept share follows the area
+    assert sparsify(table, fraction, seed=1)["patch"].tolist() == sp["patch"].tolist()
+
+
+def test_location_weights():
+    anchors = torch.tensor([[0, 0, 8, 8], [40, 40, 48, 48], [90, 90, 98, 98.]])
+    w = location_weights([anchors], [torch.tensor([30, 30, 60, 60.])], 0.1)
+    assert w.tolist() == [[pytest.approx(0.1), 1.0, pytest.approx(0.1)]]
+
+
+# ----------------------------------------------------------------------------- masked loss
+def _tiny_model(**kw):
+    torch.manual_seed(0)
+    return WBCDetector(attributes={"size": 2, "shape": 3}, short_side=64, fpn_channels=32, pretrained=False, **kw)
+
+
+def _loss_and_grad(model, images, targets, weights_fn, perturb_outside):
+    """Loss and head gradients when the head's outputs at outside locations are changed."""
+    head = model.fcos.head
+    orig = head.forward
+
+    def forward(x):
+        out = orig(x)
+        if perturb_outside is not None:
+            out = {k: torch.where(perturb_outside[..., None], v + 3.0 * torch.randn_like(v), v)
+                   for k, v in out.items()}
+        return out
+    head.forward = forward
+    model.zero_grad()
+    loss = sum(model(images, targets, weights_fn=weights_fn).values())
+    loss.backward()
+    head.forward = orig
+    grads = [p.grad.clone() for p in model.fcos.head.parameters() if p.grad is not None]
+    return loss.item(), grads
+
+
+def test_masked_loss_ignores_outside_locations():
+    from leukemia_core.detection.train import _weights_fn
+
+    model = _tiny_model().train()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    patch = torch.tensor([0, 0, 32, 32.])
+    targets = [{"boxes": torch.tensor([[4, 4, 28, 28.]]), "labels": torch.tensor([0]), "patch": patch}] * 2
+    fn = _weights_fn("masked", 0.0)
+    # which locations lie outside the patch (anchor centres)
+    image_list, feats, _ = model.features(images)
+    anchors = model.fcos.anchor_generator(image_list, list(feats.values()))
+    outside = torch.stack([~centres_inside(a, patch) for a in anchors])
+    assert outside.any() and (~outside).any()
+    loss0, g0 = _loss_and_grad(model, images, targets, fn, None)
+    torch.manual_seed(1)
+    loss1, g1 = _loss_and_grad(model, images, targets, fn, outside)
+    assert loss1 == pytest.approx(loss0, rel=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # without the mask the same perturbation changes the loss (the test can fail)
+    loss2, _ = _loss_and_grad(model, images, targets, None, None)
+    torch.manual_seed(1)
+    loss3, _ = _loss_and_grad(model, images, targets, None, outside)
+    assert abs(loss3 - loss2) > 1e-3
+    # with outside weight 0.1 the outside negatives count, but less than unmasked
+    loss4, _ = _loss_and_grad(model, images, targets, _weights_fn("masked", 0.1), None)
+    assert loss0 < loss4 < loss2
+
+
+def test_pseudo_labels_use_conf_and_nms_thresholds():
+    patch = torch.tensor([0, 0, 50, 50.])
+    boxes = torch.tensor([[60, 60, 80, 80], [61, 61, 81, 81],  # IoU ~0.9: one survives NMS
+                          [100, 60, 120, 80],  # score 0.49 < 0.5: dropped
+                          [60, 100, 80, 120], [66, 100, 86, 120],  # IoU 0.54 > 0.2: one survives
+                          [10, 10, 30, 30.]])  # inside the patch: not a pseudo-label
+    scores = torch.tensor([0.9, 0.8, 0.49, 0.7, 0.6, 0.95])
+    labels = torch.tensor([1, 1, 2, 0, 1, 1])
+    b, lab = select_pseudo(boxes, scores, labels, patch)
+    assert b.tolist() == [[60, 60, 80, 80], [60, 100, 80, 120]] and lab.tolist() == [1, 0]
+    b, _ = select_pseudo(boxes, scores, labels, patch, conf=0.4, iou=0.6)
+    assert len(b) == 4  # lower thresholds keep more
+    t = [{"boxes": torch.tensor([[1, 1, 9, 9.]]), "labels": torch.tensor([2]), "patch": patch}]
+    out = regime_targets("masked", t, [{"boxes": boxes, "scores": scores, "labels": labels}])
+    assert len(out[0]["boxes"]) == 3 and out[0]["labels"].tolist() == [2, 1, 0]
+    assert regime_targets("naive", t, None) is t
+
+
+# ----------------------------------------------------------------------------- model
+def test_model_forward_shapes():
+    model = _tiny_model(score_thresh=0.0, detections_per_img=7).eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 64, 80), torch.rand(3, 48, 64)])
+    assert len(out) == 2
+    for d, (h, w) in zip(out, [(64, 80), (48, 64)]):
+        n = len(d["boxes"])
+        assert 0 < n <= 7 and d["boxes"].shape == (n, 4) and d["scores"].shape == (n,)
+        assert set(d["labels"].tolist()) <= {0, 1, 2}
+        assert d["attributes"]["size"].shape == (n, 2) and d["attributes"]["shape"].shape == (n, 3)
+        assert (d["boxes"][:, 2] <= w + 1e-3).all() and (d["boxes"][:, 3] <= h + 1e-3).all()
+    model.train()
+    losses = model([torch.rand(3, 64, 64)] * 2, [{"boxes": torch.tensor([[5, 5, 40, 40.]]), "labels": torch.tensor([0]),
+                                                 "patch": torch.tensor([0, 0, 64, 64.])}] * 2)
+    assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness"}
+
+
+def test_box_dataset_flips_boxes_and_patch(tmp_path):
+    Image.new("RGB", (80, 60), "white").save(tmp_path / "a.jpg")
+    table = pd.DataFrame([{"path": str(tmp_path / "a.jpg"), "width": 80, "height": 60,
+                           "boxes": [[0, 0, 20, 10]], "labels": [1], "patch": [0, 0, 40, 30]}])
+    ds = BoxDataset(table, 30, train=True)
+    for _ in range(10):
+        img, t = ds[0]
+        assert img.shape == (3, 30, 40)
+        b, p = t["boxes"][0], t["patch"]
+        assert (b[2] - b[0]).item() == pytest.approx(10) and (p[2] - p[0]).item() == pytest.approx(20)
+        assert centres_inside(t["boxes"], p).all()  # the patch moves with the boxes
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_detect_cli_writes_one_record_per_image(tmp_path):
+    import argparse
+
+    from leukemia_core.detection.cli import add_detect_parser
+    from leukemia_core.detection.train import save_detector
+
+    folder = tmp_path / "smears"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(folder / f"s{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    model = _tiny_model(score_thresh=0.0)
+    ckpt = tmp_path / "det.safetensors"
+    save_detector(model, ckpt, {"size": ["big", "small"], "shape": ["a", "b", "c"]})
+    parser = argparse.ArgumentParser()
+    add_detect_parser(parser.add_subparsers(dest="cmd"))
+    for out in ("boxes.json", "boxes.csv"):
+        args = parser.parse_args(["detect", str(folder), "--checkpoint", str(ckpt), "--out",
+                                  str(tmp_path / out), "--score-thresh", "0"])
+        assert args.func(args) == 0
+    records = json.loads((tmp_path / "boxes.json").read_text())
+    assert [r["image"].rsplit("/", 1)[1] for r in records] == ["s0.png", "s1.png", "s2.png"]
+    dets = [d for r in records for d in r["detections"]]
+    assert dets and all(d["class"] in CLASSES and len(d["box"]) == 4 for d in dets)
+    wbc = [d for d in dets if d["class"] == "WBC"]
+    assert all(d["attributes"]["size"]["value"] in ("big", "small") for d in wbc)
+    assert records[0]["width"] == 70 and records[0]["height"] == 50
+    rows = pd.read_csv(tmp_path / "boxes.csv")
+    assert sorted(set(rows["image"].str.rsplit("/", n=1).str[1])) == ["s0.png", "s1.png", "s2.png"]
+    assert len(rows) == len(dets)
+    again = parser.parse_args(["detect", str(folder), "--checkpoint", str(ckpt), "--out", str(tmp_path / "boxes.csv")])
+    with pytest.raises(LeukemiaError, match="--overwrite"):  # never replaced silently
+        again.func(again)
+    assert len(pd.read_csv(tmp_path / "boxes.csv")) == len(dets)
+    bad = parser.parse_args(["detect", str(tmp_path / "missing"), "--checkpoint", str(ckpt), "--out", "x.json"])
+    with pytest.raises(DatasetError, match="missing"):
+        bad.func(bad)
+
+
+# ----------------------------------------------------------------------------- real data
+def test_real_boxes_load(data_root):
+    from leukemia_core.detection.data import attribute_table, bccd_boxes, link_sources, txl_boxes
+
+    bccd = bccd_boxes(data_root)
+    assert bccd["split"].value_counts().to_dict() == {"train": 205, "val": 87, "test": 72}
+    assert len(bccd.attrs["excluded_boxes"]) == 2  # the two zero-area boxes, reported
+    n = {c: sum(lab.count(i) for lab in bccd["labels"]) for i, c in enumerate(CLASSES)}
+    assert n == {"WBC": 372, "RBC": 4155 - 2, "Platelets": 361}  # the two excluded boxes are RBCs
+    txl = link_sources(bccd, txl_boxes(data_root))
+    assert len(txl) == 1440 and set(txl["domain"]) == {"raabin", "pbc", "bccd", "bcd"}
+    assert txl["bccd_split"].notna().sum() == 221
+    attrs = attribute_table(data_root, txl)
+    n_txl = (attrs["source"] == "txl_pbc").sum()
+    assert 0 < n_txl and n_txl + len(attrs.attrs["txl_without_wbc_box"]) <= 500
+    assert attrs.groupby("source")["wbcatt_split"].value_counts().loc["pbc"].to_dict() == \
+        {"train": 6169, "test": 3099, "val": 1030}
