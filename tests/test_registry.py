@@ -151,7 +151,7 @@ def test_report_rows(tmp_path):
     assert rows["background-only probe, leaf accuracy (shortcut control)"]["ci"] == 0.5
     assert paper_status(claims, reg, "hamdi2025hierarchy", "ci") == "run"
     assert paper_status(claims, reg, "hamdi2025hierarchy", "full") == "not yet run"
-    assert paper_status(claims, reg, "rehman2025lld", "ci") == "no chapter yet"
+    assert paper_status(claims, reg, "convnextv2_swin_r3gan_2025", "ci") == "no chapter yet"
 
 
 def test_a_result_filed_under_the_wrong_profile_is_a_problem(tmp_path):
