@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import CheckpointError, DatasetError, LeukemiaError
+from .errors import CheckpointError, LeukemiaError
 
 
 def _add_root(p):

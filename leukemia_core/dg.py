@@ -332,31 +332,28 @@ def macro_f1(y: torch.Tensor, pred: torch.Tensor, labels: list[int]) -> float:
 
 
 @torch.no_grad()
-def recompute_bn(model: nn.Module, x_uint8: torch.Tensor, batch_size: int = 128) -> nn.Module:
-    """``model`` (in place) with BatchNorm statistics re-estimated on ``x_uint8``."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the target batches
-    model.train()
-    dev = _device(model)
-    for i in range(0, len(x_uint8), batch_size):
-        model(_batch(x_uint8[i:i + batch_size], dev))
-    return model.eval()
-
-
-@torch.no_grad()
-def recompute_bn_float(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> nn.Module:
-    """:func:`recompute_bn` for already normalised float inputs; returns a copy."""
-    model = copy.deepcopy(model)
+def _reestimate_bn(model: nn.Module, batches) -> nn.Module:
+    """``model`` (in place) with BatchNorm statistics the cumulative average over ``batches``."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
-            m.momentum = None
+            m.momentum = None  # cumulative average over the target batches
     model.train()
-    for i in range(0, len(x), batch_size):
-        model(x[i:i + batch_size])
+    for x in batches:
+        model(x)
     return model.eval()
+
+
+def recompute_bn(model: nn.Module, x_uint8: torch.Tensor, batch_size: int = 128) -> nn.Module:
+    """``model`` (in place) with BatchNorm statistics re-estimated on ``x_uint8``."""
+    dev = _device(model)
+    return _reestimate_bn(model, (_batch(x_uint8[i:i + batch_size], dev)
+                                  for i in range(0, len(x_uint8), batch_size)))
+
+
+def recompute_bn_float(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> nn.Module:
+    """:func:`recompute_bn` for already normalised float inputs; returns a copy."""
+    return _reestimate_bn(copy.deepcopy(model), (x[i:i + batch_size] for i in range(0, len(x), batch_size)))
 
 
 def adapt_bn(model: nn.Module, x_uint8: torch.Tensor) -> nn.Module:

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data.records import IMAGE_SUFFIXES
+from .data.records import find_images
 from .data.torch_dataset import read_image
 from .engine.checkpoint import WEIGHTS, load_weights, read_meta, save_weights
-from .errors import DatasetError, LeukemiaError
+from .errors import LeukemiaError
 
 
 def save_dg_checkpoint(path, model, classes: list[str], image_size: int, scale_norm, recipe) -> Path:
@@ -57,17 +57,6 @@ def load_predictor(checkpoint):
     return net.eval(), meta, prep
 
 
-def list_images(folder) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(f"{folder} is not a folder of images")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not p.name.startswith("."))
-    if not paths:
-        raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}")
-    return paths
-
-
 @torch.no_grad()
 def predict_folder(checkpoint, folder, out_csv, batch_size: int = 64, overwrite: bool = False,
                    adapt_bn: bool = False) -> pd.DataFrame:
@@ -82,7 +71,7 @@ def predict_folder(checkpoint, folder, out_csv, batch_size: int = 64, overwrite:
     out = Path(out_csv)
     if out.exists() and not overwrite:
         raise LeukemiaError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    paths = list_images(folder)
+    paths = find_images(folder, recursive=True)
     net, meta, prep = load_predictor(checkpoint)
     classes = meta["classes"]
     images = [read_image(p) for p in paths]  # DatasetError names a corrupt file

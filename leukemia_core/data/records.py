@@ -30,12 +30,24 @@ def sha256_files(paths, workers: int = 4) -> list[str]:
         return list(pool.map(sha256_file, paths))
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name (hidden files skipped)."""
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files in ``folder`` (and below it if ``recursive``), sorted, hidden files skipped."""
     return sorted(
-        p for p in folder.iterdir()
+        p for p in (Path(folder).rglob("*") if recursive else Path(folder).iterdir())
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
     )
+
+
+def find_images(folder, recursive: bool = False) -> list[Path]:
+    """:func:`list_images` of a user-given folder: a missing folder or one without images
+    is an error naming it (for ``predict`` / ``detect``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is not a folder of images")
+    paths = list_images(folder, recursive)
+    if not paths:
+        raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}")
+    return paths
 
 
 def make_table(rows: list[dict], dataset: str, root: Path, hashes: bool = True) -> pd.DataFrame:

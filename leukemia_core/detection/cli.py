@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.records import list_images
-from ..errors import DatasetError, LeukemiaError
+from ..data.records import find_images
+from ..errors import LeukemiaError
 from .data import CLASSES, load_image
 
 
@@ -18,12 +18,7 @@ def detect_folder(folder, model, attribute_values: dict, score_thresh: float = 0
                   batch_size: int = 4) -> list[dict]:
     """One record per image: ``image``, ``width``, ``height`` and ``detections`` (box in
     original pixels, class, score and, for WBCs, attribute values with probabilities)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(f"detect: {folder} is not a folder of images")
-    paths = list_images(folder)
-    if not paths:
-        raise DatasetError(f"detect: no images (.jpg/.png/...) in {folder}")
+    paths = find_images(folder)
     short = model.config["short_side"]
     records = []
     model.eval()
@@ -31,10 +26,7 @@ def detect_folder(folder, model, attribute_values: dict, score_thresh: float = 0
         batch = paths[i:i + batch_size]
         images, scales = [], []
         for p in batch:
-            try:
-                img, s = load_image(p, short)
-            except OSError as exc:
-                raise DatasetError(f"detect: cannot read image {p}: {exc}") from exc
+            img, s = load_image(p, short)  # DatasetError names a corrupt file
             images.append(img.float() / 255)
             scales.append(s)
         with torch.no_grad():

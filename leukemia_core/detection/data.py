@@ -20,6 +20,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ..data import load_dataset
+from ..data.torch_dataset import read_image
 from ..errors import DatasetError
 
 CLASSES = ["WBC", "RBC", "Platelets"]
@@ -147,11 +148,9 @@ def link_sources(bccd: pd.DataFrame, txl: pd.DataFrame) -> pd.DataFrame:
 
 def load_image(path, short_side: int) -> tuple[torch.Tensor, float]:
     """RGB uint8 tensor resized so its shorter side is ``short_side``, and the scale used."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = short_side / min(im.size)
-        size = (round(im.size[0] * scale), round(im.size[1] * scale))
-        im = im.resize(size, Image.BILINEAR)
+    im = read_image(path)
+    scale = short_side / min(im.size)
+    im = im.resize((round(im.size[0] * scale), round(im.size[1] * scale)), Image.BILINEAR)
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), scale
 
 
