@@ -176,6 +176,44 @@ def test_pseudo_labels_use_conf_and_nms_thresholds():
     assert regime_targets("naive", t, None) is t
 
 
+def test_pseudo_labels_come_from_the_training_forward():
+    """The masked regime decodes pseudo-labels from the training forward pass itself; they
+    must equal the detections of a separate eval-mode forward (frozen BN, GroupNorm head)."""
+    from leukemia_core.detection.train import DetTrainConfig, _pseudo_fn
+
+    model = _tiny_model(score_thresh=0.0)
+    with torch.no_grad():  # make some outputs confident enough to pass conf 0.5
+        model.fcos.head.classification_head.cls_logits.bias.fill_(3.0)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    patch = torch.tensor([0, 0, 32, 32.])
+    targets = [{"boxes": torch.tensor([[4, 4, 28, 28.]]), "labels": torch.tensor([0]), "patch": patch}] * 2
+    with torch.no_grad():
+        eval_dets = model.eval()(images)
+    expected = regime_targets("masked", targets, eval_dets)
+    seen, counter = [], [0]
+    fn = _pseudo_fn(DetTrainConfig(regime="masked"), counter)
+
+    def spy(dets, tg, image_list, sizes):
+        out = fn(dets, tg, image_list, sizes)
+        seen.extend(out)
+        return out
+    model.train()(images, targets, targets_fn=spy)
+    assert counter[0] > 0 and counter[0] == sum(len(e["boxes"]) - 1 for e in expected)
+    for got, exp in zip(seen, expected):
+        torch.testing.assert_close(got["boxes"], exp["boxes"], rtol=1e-4, atol=1e-3)
+        assert got["labels"].tolist() == exp["labels"].tolist()
+
+
+def test_repeat_factors_favour_images_with_rare_labelled_classes():
+    from leukemia_core.detection.train import repeat_factors
+
+    class DS:  # 1 of 8 images has a platelet (class 2), all have RBCs (class 1)
+        targets = [{"labels": torch.tensor([1, 1, 2])}] + [{"labels": torch.tensor([1])}] * 7
+    r = repeat_factors(DS, 0.5)
+    assert r[0] == pytest.approx(2.0) and (r[1:] == 1).all()  # sqrt(0.5 / (1/8)) = 2
+    assert (repeat_factors(DS, None) == 1).all()
+
+
 # ----------------------------------------------------------------------------- model
 def test_model_forward_shapes():
     model = _tiny_model(score_thresh=0.0, detections_per_img=7).eval()

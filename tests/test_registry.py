@@ -151,7 +151,9 @@ def test_report_rows(tmp_path):
     assert rows["background-only probe, leaf accuracy (shortcut control)"]["ci"] == 0.5
     assert paper_status(claims, reg, "hamdi2025hierarchy", "ci") == "run"
     assert paper_status(claims, reg, "hamdi2025hierarchy", "full") == "not yet run"
-    assert paper_status(claims, reg, "convnextv2_swin_r3gan_2025", "ci") == "no chapter yet"
+    unwritten = {**claims, "papers": {**claims["papers"], "a_paper_without_chapter": {"chapter": None}}}
+    assert paper_status(unwritten, reg, "a_paper_without_chapter", "ci") == "no chapter yet"
+    assert paper_status(claims, reg, "convnextv2_swin_r3gan_2025", "ci") == "not yet run"  # chapter 08, not in tmp_path
 
 
 def test_a_result_filed_under_the_wrong_profile_is_a_problem(tmp_path):

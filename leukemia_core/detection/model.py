@@ -108,7 +108,7 @@ class WeightedFCOSHead(FCOSHead):
 class AttributeHead(nn.Module):
     """``MultiScaleRoIAlign`` (P3-P5, 7x7) -> LayerNorm + MLP -> one logit vector per attribute."""
 
-    def __init__(self, in_channels: int, n_values: dict[str, int], hidden: int = 256, dropout: float = 0.2):
+    def __init__(self, in_channels: int, n_values: dict[str, int], hidden: int = 512, dropout: float = 0.3):
         super().__init__()
         self.n_values = dict(n_values)
         self.pool = MultiScaleRoIAlign(list(STAGES), output_size=7, sampling_ratio=2)
@@ -131,32 +131,39 @@ class AttributeHead(nn.Module):
 class WBCDetector(nn.Module):
     """FCOS (3 classes) on ``LiteFPN`` plus an :class:`AttributeHead`.
 
-    ``forward(images, targets, weights_fn)`` in train mode returns the FCOS losses;
-    ``weights_fn(anchors, targets)`` -> [N, HWA] location weights (None: all 1).
+    ``forward(images, targets, weights_fn, targets_fn)`` in train mode returns the FCOS
+    losses; ``targets_fn(detections, targets, image_list, sizes)`` may rewrite the targets
+    from the model's own detections of the same forward pass (pseudo-labels), and
+    ``weights_fn(anchors, targets, image_list, sizes)`` -> [N, HWA] location weights
+    (None: all 1).
     In eval mode it returns per image ``boxes, scores, labels`` and ``attributes``
     (name -> [n_boxes, n_values] logits, computed on the kept boxes).
     """
 
     def __init__(self, attributes: dict[str, int] | None = None, short_side: int = 256, fpn_channels: int = 64,
                  head_convs: int = 2, pretrained: bool = True, score_thresh: float = 0.05,
-                 detections_per_img: int = 100):
+                 detections_per_img: int = 100, attr_hidden: int = 512):
         super().__init__()
         self.config = dict(attributes=dict(attributes or {}), short_side=short_side, fpn_channels=fpn_channels,
                            head_convs=head_convs, score_thresh=score_thresh,
-                           detections_per_img=detections_per_img, classes=CLASSES)
+                           detections_per_img=detections_per_img, attr_hidden=attr_hidden, classes=CLASSES)
         backbone = LiteFPN(fpn_channels, pretrained=pretrained)
         head = WeightedFCOSHead(fpn_channels, 1, len(CLASSES), num_convs=head_convs)
         self.fcos = FCOS(backbone, num_classes=len(CLASSES), min_size=short_side, max_size=short_side * 3,
                          image_mean=[0.5] * 3, image_std=[0.5] * 3, head=head, score_thresh=score_thresh,
                          detections_per_img=detections_per_img, topk_candidates=500)
-        self.attr_head = AttributeHead(fpn_channels, self.config["attributes"]) if attributes else None
+        self.attr_head = (AttributeHead(fpn_channels, self.config["attributes"], hidden=attr_hidden)
+                          if attributes else None)
+        # channels-last convolutions run ~15% faster on CPU (same model, same results up
+        # to float rounding)
+        self.to(memory_format=torch.channels_last)
 
     def features(self, images, targets=None):
         """(ImageList, features dict, resized targets) after torchvision's transform."""
         image_list, targets = self.fcos.transform(list(images), targets)
         return image_list, self.fcos.backbone(image_list.tensors), targets
 
-    def forward(self, images, targets=None, weights_fn=None):
+    def forward(self, images, targets=None, weights_fn=None, targets_fn=None):
         sizes = [tuple(im.shape[-2:]) for im in images]
         image_list, feats, targets = self.features(images, [dict(t) for t in targets] if targets else None)
         levels = list(feats.values())
@@ -164,6 +171,15 @@ class WBCDetector(nn.Module):
         anchors = self.fcos.anchor_generator(image_list, levels)
         per_level = [f.size(2) * f.size(3) for f in levels]
         if self.training:
+            if targets_fn is not None:
+                # The current model's detections on these images, decoded from this very
+                # forward pass (BatchNorm is frozen and FCOS's head uses GroupNorm, so the
+                # train-mode outputs equal the eval-mode ones): no second forward needed.
+                with torch.no_grad():
+                    split = {k: list(v.detach().split(per_level, dim=1)) for k, v in head_out.items()}
+                    dets = self.fcos.postprocess_detections(split, [list(a.split(per_level)) for a in anchors],
+                                                            image_list.image_sizes)
+                targets = targets_fn(dets, targets, image_list, sizes)
             head = self.fcos.head
             head.weights = None if weights_fn is None else weights_fn(anchors, targets, image_list, sizes)
             try:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import accuracy_score, f1_score
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from torchmetrics.detection import MeanAveragePrecision
 
 from .data import CLASSES, collate
@@ -30,6 +30,7 @@ class DetTrainConfig:
     pseudo_start: int = 1  # first epoch (0-based) that uses pseudo-labels (masked regime)
     pseudo_conf: float = PSEUDO_CONF
     pseudo_iou: float = PSEUDO_IOU
+    repeat_threshold: float | None = None  # repeat-factor sampling of rare classes (None: plain shuffle)
     seed: int = 0
 
 
@@ -38,18 +39,48 @@ def _weights_fn(regime: str, outside_weight: float):
         return None
 
     def fn(anchors, targets, image_list, sizes):
-        patches = []
-        for t, (h, w), (oh, ow) in zip(targets, image_list.image_sizes, sizes):
-            patches.append(t["patch"] * t["patch"].new_tensor([w / ow, h / oh, w / ow, h / oh]))
-        return location_weights(anchors, patches, outside_weight)
+        return location_weights(anchors, _scaled_patches(targets, image_list, sizes), outside_weight)
     return fn
+
+
+def _scaled_patches(targets, image_list, sizes):
+    """Each target's patch (original pixels) in the transformed image's pixels."""
+    return [t["patch"] * t["patch"].new_tensor([w / ow, h / oh, w / ow, h / oh])
+            for t, (h, w), (oh, ow) in zip(targets, image_list.image_sizes, sizes)]
+
+
+def _pseudo_fn(cfg: DetTrainConfig, counter: list[int]):
+    """Masked regime: add the model's own confident detections outside the patch
+    (score >= ``pseudo_conf``, class-agnostic NMS at ``pseudo_iou``) to the targets."""
+    def fn(detections, targets, image_list, sizes):
+        patched = [{**t, "patch": p} for t, p in zip(targets, _scaled_patches(targets, image_list, sizes))]
+        out = regime_targets("masked", patched, detections, cfg.pseudo_conf, cfg.pseudo_iou)
+        counter[0] += sum(len(o["boxes"]) - len(t["boxes"]) for o, t in zip(out, targets))
+        return [{**o, "patch": t["patch"]} for o, t in zip(out, targets)]
+    return fn
+
+
+def repeat_factors(dataset, threshold: float | None) -> torch.Tensor:
+    """LVIS repeat-factor sampling (Gupta et al. 2019) over the *labelled* boxes: class
+    ``c`` present in a fraction ``f_c`` of the images gets ``r_c = max(1, sqrt(t / f_c))``;
+    an image repeats by the largest ``r_c`` of its classes. ``threshold=None``: all 1."""
+    labels = [set(t["labels"].tolist()) for t in dataset.targets]
+    if threshold is None:
+        return torch.ones(len(labels))
+    freq = {c: sum(c in s for s in labels) / max(1, len(labels)) for c in range(len(CLASSES))}
+    r = {c: max(1.0, math.sqrt(threshold / f)) if f > 0 else 1.0 for c, f in freq.items()}
+    return torch.tensor([max([r[c] for c in s], default=1.0) for s in labels])
 
 
 def train_detector(model: WBCDetector, dataset, cfg: DetTrainConfig, log=print) -> list[dict]:
     """AdamW with linear warm-up and cosine decay; returns per-epoch loss history."""
     torch.manual_seed(cfg.seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.repeat_threshold is None:
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=gen)
+    else:  # same number of samples per epoch, drawn with repeat factors as weights
+        sampler = WeightedRandomSampler(repeat_factors(dataset, cfg.repeat_threshold), len(dataset), generator=gen)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate)
     params = [p for p in model.fcos.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = max(1, cfg.epochs * len(loader))
@@ -58,22 +89,15 @@ def train_detector(model: WBCDetector, dataset, cfg: DetTrainConfig, log=print) 
     dev = next(model.parameters()).device
     history = []
     for epoch in range(cfg.epochs):
-        start, losses, n_pseudo = time.perf_counter(), [], 0
+        start, losses, n_pseudo = time.perf_counter(), [], [0]
         use_pseudo = cfg.regime == "masked" and epoch >= cfg.pseudo_start
         outside = cfg.outside_weight if use_pseudo else 0.0
+        model.train()
         for images, targets in loader:
             images = [im.to(dev) for im in images]
             targets = [{k: t[k].to(dev) for k in ("boxes", "labels", "patch")} for t in targets]
-            dets = None
-            if use_pseudo:
-                model.eval()
-                with torch.no_grad():
-                    dets = model(list(images))
-                n_before = sum(len(t["boxes"]) for t in targets)
-                targets = regime_targets("masked", targets, dets, cfg.pseudo_conf, cfg.pseudo_iou)
-                n_pseudo += sum(len(t["boxes"]) for t in targets) - n_before
-            model.train()
-            loss_dict = model(list(images), targets, weights_fn=_weights_fn(cfg.regime, outside))
+            loss_dict = model(list(images), targets, weights_fn=_weights_fn(cfg.regime, outside),
+                              targets_fn=_pseudo_fn(cfg, n_pseudo) if use_pseudo else None)
             loss = sum(loss_dict.values())
             opt.zero_grad()
             loss.backward()
@@ -81,10 +105,10 @@ def train_detector(model: WBCDetector, dataset, cfg: DetTrainConfig, log=print) 
             opt.step()
             sched.step()
             losses.append(loss.item())
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "pseudo_boxes": n_pseudo,
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "pseudo_boxes": n_pseudo[0],
                         "seconds": time.perf_counter() - start})
         log(f"[{cfg.regime}] epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.3f} "
-            f"pseudo {n_pseudo} ({history[-1]['seconds']:.0f}s)")
+            f"pseudo {n_pseudo[0]} ({history[-1]['seconds']:.0f}s)")
     model.eval()
     return history
 
@@ -221,6 +245,6 @@ def load_detector(path) -> tuple[WBCDetector, dict]:
         raise CheckpointError(f"{path} is not a detector checkpoint written by save_detector: {exc}") from exc
     model = WBCDetector(attributes=cfg["attributes"], short_side=cfg["short_side"], fpn_channels=cfg["fpn_channels"],
                         head_convs=cfg["head_convs"], pretrained=False, score_thresh=cfg["score_thresh"],
-                        detections_per_img=cfg["detections_per_img"])
+                        detections_per_img=cfg["detections_per_img"], attr_hidden=cfg.get("attr_hidden", 256))
     model.load_state_dict(state)
     return model.eval(), json.loads(meta.get("attribute_values", "{}"))
