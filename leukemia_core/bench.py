@@ -224,20 +224,26 @@ BOOK_SIZES = {
                               max_train_per_class=40, train_steps=2),
                   train=dict(image_size=32, batch=16, steps=3, repeats=1),
                   latency=dict(batches=(1, 64), repeats={1: 3, 64: 1}),
-                  scaling=dict(sizes=(64, 128, 224), batch=4, steps=1)),
+                  scaling=dict(sizes=(64, 128, 224), batch=4, steps=1),
+                  gan=[dict(image_size=16, batch=4, steps=1, base=8, max_width=16)]),
     "ci": dict(loader=dict(sizes=(64, 128), workers=(0, 2), batches=15, batch=64, n_raw=300,
                            max_train_per_class=250, train_steps=6),
                train=dict(image_size=64, batch=64, steps=10, repeats=1),
                latency=dict(batches=(1, 64), repeats={1: 15, 64: 3}),
-               scaling=dict(sizes=(64, 128, 224), batch=32, steps=3)),
+               scaling=dict(sizes=(64, 128, 224), batch=32, steps=3),
+               # the R3GAN chapter's ci GAN (32 px) and the full one (64 px)
+               gan=[dict(image_size=32, batch=32, steps=5, base=8, max_width=64),
+                    dict(image_size=64, batch=32, steps=2)]),
     "full": dict(loader=dict(), train=dict(), latency=dict(batches=(1, 64), repeats={1: 50, 64: 10}),
-                 scaling=dict(sizes=(64, 128, 224), batch=64, steps=10)),
+                 scaling=dict(sizes=(64, 128, 224), batch=64, steps=10),
+                 gan=[dict(image_size=64, batch=64, steps=20), dict(image_size=128, batch=64, steps=20)]),
 }
 
 
 def run(what: str, data_root=None, out: str | None = None, profile: str = "full") -> dict:
-    """``what``: loader, train, latency, scaling or all. ``profile`` picks the sizes
-    (:data:`BOOK_SIZES`; ``full``: the full benchmark) and the chapters' image size."""
+    """``what``: loader, train, latency, scaling, all (these four) or gan (R3GAN rates, on
+    its own: not part of ``all``). ``profile`` picks the sizes (:data:`BOOK_SIZES`;
+    ``full``: the full benchmark) and the chapters' image size."""
     sizes = BOOK_SIZES[profile]
     result = {"schema": "leukemia-core/bench/v1", "profile": profile, "machine": hardware(),
               "torch_threads": torch.get_num_threads()}
@@ -249,6 +255,8 @@ def run(what: str, data_root=None, out: str | None = None, profile: str = "full"
         result["latency"] = bench_latency(profile, **sizes["latency"])
     if what in ("scaling", "all"):
         result["scaling"] = bench_scaling(**sizes["scaling"])
+    if what == "gan":
+        result["gan"] = [bench_gan(**kw) for kw in sizes["gan"]]
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")

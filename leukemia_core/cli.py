@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .detection.cli import add_detect_parser  # the detection chapter's detector
     add_detect_parser(sub)
 
-    b = sub.add_parser("bench", help="benchmarks (not tests): loader, train, latency, scaling")
-    b.add_argument("what", choices=["loader", "train", "latency", "scaling", "all"])
+    b = sub.add_parser("bench", help="benchmarks (not tests): loader, train, latency, scaling; gan")
+    b.add_argument("what", choices=["loader", "train", "latency", "scaling", "all", "gan"],
+                   help="all: the first four; gan: R3GAN training images/s and generator samples/s")
     b.add_argument("--profile", default="full", choices=["smoke", "ci", "full"],
                    help="benchmark sizes and the chapters' image size (default: full)")
     b.add_argument("--out", help="write the benchmark JSON here (e.g. results/bench/<machine>.json)")

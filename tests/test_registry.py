@@ -284,6 +284,16 @@ def test_cli_results_lists_the_registry(capsys):
     assert "ci/pbc_convnext_atto.json: paper pbc_baseline" in out
 
 
+def test_bench_gan_from_the_cli(tmp_path):
+    from leukemia_core.cli import main
+
+    torch.set_num_threads(1)
+    out = tmp_path / "gan.json"
+    assert main(["bench", "gan", "--profile", "smoke", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["gan"]
+    assert row["image_size"] == 16 and row["train_images_per_s"] > 0 and row["generator_samples_per_s"] > 0
+
+
 def test_latency_of_a_tiny_model():
     from leukemia_core.bench import latency
 
