@@ -99,11 +99,11 @@ SIZES = {
     "ci": dict(short_side=256, bccd_train_cap=None, txl_train_per_domain=5, epochs=5, batch_size=8, lr=1.5e-3,
                repeat_threshold=3.0,
                test_cap=None, txl_test_per_domain=None, fractions=(0.25,), attr_train_cap=1600,
-               attr_test_cap=400, attr_epochs=40),
+               attr_test_cap=400, attr_epochs=120),
     "full": dict(short_side=416, bccd_train_cap=None, txl_train_per_domain=None, epochs=30, batch_size=8,
                  repeat_threshold=3.0,
                  lr=1e-3, test_cap=None, txl_test_per_domain=None, fractions=(0.1, 0.25, 0.5),
-                 attr_train_cap=None, attr_test_cap=None, attr_epochs=60),
+                 attr_train_cap=None, attr_test_cap=None, attr_epochs=150),
 }[profile]
 P = get_profile(profile)
 ROOT = resolve_root(data_root)
@@ -324,7 +324,8 @@ lap("tables")
 # softmax per attribute. The detector stays frozen and the head trains on WBCAtt's own training
 # split: the PBC single-cell images with a full-cell box (the whole image, resized so
 # that the cell has about the size it has in a TXL-PBC field), plus the TXL-PBC fields
-# copied from those PBC cells, on their annotated WBC box. WBCAtt's test split is the
+# copied from those PBC cells, on their annotated WBC box. WBCAtt's validation split picks
+# the epoch the head keeps (its best mean attribute accuracy), and its test split is the
 # test set; a cell never crosses splits, whichever image it appears in.
 #
 # WBCAtt's attributes and the LLD attribute names of {cite:t}`rehman2025lld` only
@@ -356,8 +357,10 @@ if SIZES["attr_train_cap"]:  # a random sample keeps WBCAtt's value frequencies
     attr_pbc = attr_pbc.sample(min(SIZES["attr_train_cap"], len(attr_pbc)), random_state=seed)
 attr_train = pd.concat([attr_pbc, attr_train[attr_train.source == "txl_pbc"]])
 attr_test = attr_tab[(attr_tab.wbcatt_split == "test") & (attr_tab.source == "pbc")]
+attr_val = attr_tab[(attr_tab.wbcatt_split == "val") & (attr_tab.source == "pbc")]  # selects the head's epoch
 if SIZES["attr_test_cap"]:
     attr_test = attr_test.sample(min(SIZES["attr_test_cap"], len(attr_test)), random_state=seed)
+    attr_val = attr_val.sample(min(SIZES["attr_test_cap"], len(attr_val)), random_state=seed)
 CELL_SIDE = int(S * 0.8)  # PBC crops: cell ~ as large as in a TXL-PBC field at side S
 
 
@@ -376,10 +379,12 @@ detector.attr_head = AttributeHead(detector.config["fpn_channels"], {a: len(v) f
                                    hidden=detector.config["attr_hidden"]).to(DEVICE)
 detector.config["attributes"] = {a: len(v) for a, v in VALUES.items()}
 t0 = time.perf_counter()
-feats = {name: roi_features(detector, *cell_inputs(t)) for name, t in (("train", attr_train), ("test", attr_test))}
-y_train, y_test = encode_attributes(attr_train, VALUES), encode_attributes(attr_test, VALUES)
+feats = {name: roi_features(detector, *cell_inputs(t))
+         for name, t in (("train", attr_train), ("val", attr_val), ("test", attr_test))}
+y_train, y_val, y_test = (encode_attributes(t, VALUES) for t in (attr_train, attr_val, attr_test))
 attr_history = train_attribute_head(detector.attr_head, feats["train"], y_train, epochs=SIZES["attr_epochs"],
-                                    lr=3e-3, seed=seed)
+                                    lr=3e-3, seed=seed, val=(feats["val"], y_val))
+attr_epoch = next(r for r in attr_history if r["selected"])
 pred = attribute_predictions(detector.attr_head, feats["test"]).numpy()
 attr_metrics = attribute_metrics(pred, y_test.numpy(), y_train.numpy(), ATTRS)
 attr_df = pd.DataFrame(attr_metrics).T
@@ -387,7 +392,9 @@ attr_df["accuracy gain"] = attr_df["accuracy"] - attr_df["majority_accuracy"]
 attr_df["LLD name"] = [next((m[0] for m in LLD_MAP if m[1] == a), "–") for a in attr_df.index]
 attr_df.loc["mean"] = attr_df.drop(columns="LLD name").mean().tolist() + [""]
 print(f"attribute head: {len(attr_train)} training cells ({attr_train.source.value_counts().to_dict()}), "
-      f"{len(attr_test)} test cells, {time.perf_counter() - t0:.0f}s")
+      f"{len(attr_test)} test cells; epoch {attr_epoch['epoch']} of {SIZES['attr_epochs']} selected by mean "
+      f"accuracy on {len(attr_val)} WBCAtt validation cells ({attr_epoch['val_accuracy']:.3f}); "
+      f"{time.perf_counter() - t0:.0f}s")
 display(attr_df.style.format("{:.3f}", subset=[c for c in attr_df if c != "LLD name"]))
 lap("attribute head")
 
@@ -507,7 +514,8 @@ attr_summary = {a: attr_metrics[a] for a in ATTRS}
 written.append(write_results(
     out / "detection_attributes.json", overwrite=True, kind="detection_attributes", method="roi_attribute_head",
     dataset="wbcatt", **common,
-    config={"train_cells": len(attr_train), "test_cells": len(attr_test), "epochs": SIZES["attr_epochs"],
+    config={"train_cells": len(attr_train), "val_cells": len(attr_val), "test_cells": len(attr_test),
+            "epochs": SIZES["attr_epochs"], "selected_epoch": attr_epoch["epoch"],
             "cell_side": CELL_SIDE, "values": VALUES, "lld_map": LLD_MAP},
     metrics={"test": attr_summary, "mean_accuracy": float(attr_df.loc["mean", "accuracy"]),
              "mean_majority_accuracy": float(attr_df.loc["mean", "majority_accuracy"]),

@@ -302,3 +302,23 @@ def test_real_boxes_load(data_root):
     assert 0 < n_txl and n_txl + len(attrs.attrs["txl_without_wbc_box"]) <= 500
     assert attrs.groupby("source")["wbcatt_split"].value_counts().loc["pbc"].to_dict() == \
         {"train": 6169, "test": 3099, "val": 1030}
+
+
+def test_attribute_head_keeps_its_best_validation_epoch():
+    """With a validation set the head ends on the epoch with the best mean val accuracy,
+    and exactly that epoch is marked selected."""
+    from leukemia_core.detection.model import AttributeHead
+    from leukemia_core.detection.train import attribute_predictions, train_attribute_head
+
+    torch.manual_seed(0)
+    head = AttributeHead(2, {"a": 3, "b": 2}, hidden=16, dropout=0.0)
+    feats = torch.randn(60, 2 * 49)
+    targets = torch.stack([feats[:, 0].gt(0).long() + feats[:, 1].gt(0.5).long(), feats[:, 2].gt(0).long()], 1)
+    val_x, val_y = feats[:20], targets[:20]
+    history = train_attribute_head(head, feats[20:], targets[20:], epochs=6, lr=1e-2, batch_size=16,
+                                   val=(val_x, val_y))
+    assert [r["epoch"] for r in history] == list(range(1, 7)) and sum(r["selected"] for r in history) == 1
+    best = max(history, key=lambda r: r["val_accuracy"])
+    assert best["selected"]
+    final = (attribute_predictions(head, val_x) == val_y).float().mean().item()
+    assert final == pytest.approx(best["val_accuracy"])

@@ -2,6 +2,8 @@
 COCO mAP with torchmetrics, and the attribute head on RoIAlign features."""
 from __future__ import annotations
 
+import copy
+
 import math
 import time
 from dataclasses import dataclass
@@ -176,14 +178,18 @@ def roi_features(model: WBCDetector, images: list[torch.Tensor], boxes: list[tor
 
 
 def train_attribute_head(head, feats: torch.Tensor, targets: torch.Tensor, epochs: int = 30,
-                         lr: float = 1e-3, batch_size: int = 128, seed: int = 0) -> list[float]:
-    """Cross-entropy summed over attributes; ``targets`` [n, n_attributes] value indices."""
+                         lr: float = 1e-3, batch_size: int = 128, seed: int = 0, val=None) -> list[dict]:
+    """Cross-entropy summed over attributes; ``targets`` [n, n_attributes] value indices.
+
+    ``val`` (features, targets): after every epoch the mean attribute accuracy on these
+    (a validation split, never the test one) is recorded, and the head ends with the
+    weights of its best epoch. Returns one row per epoch (loss, val accuracy, selected)."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(head.mlp.parameters(), lr=lr, weight_decay=1e-3)
     dev = next(head.parameters()).device
     feats, targets = feats.to(dev), targets.to(dev)
-    n, history = len(feats), []
-    for _ in range(epochs):
+    n, history, best = len(feats), [], (-1.0, None, 0)
+    for epoch in range(1, epochs + 1):
         head.train()
         perm, total = torch.randperm(n, device=dev), 0.0
         for i in range(0, n, batch_size):
@@ -195,7 +201,16 @@ def train_attribute_head(head, feats: torch.Tensor, targets: torch.Tensor, epoch
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
-        history.append(total / n)
+        row = {"epoch": epoch, "loss": total / n}
+        if val is not None:
+            row["val_accuracy"] = (attribute_predictions(head, val[0]) == val[1].cpu()).float().mean().item()
+            if row["val_accuracy"] > best[0]:
+                best = (row["val_accuracy"], copy.deepcopy(head.state_dict()), epoch)
+        history.append(row)
+    if val is not None:
+        head.load_state_dict(best[1])
+        for row in history:
+            row["selected"] = row["epoch"] == best[2]
     head.eval()
     return history
 
