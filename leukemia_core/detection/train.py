@@ -3,7 +3,6 @@ COCO mAP with torchmetrics, and the attribute head on RoIAlign features."""
 from __future__ import annotations
 
 import copy
-
 import math
 import time
 from dataclasses import dataclass
