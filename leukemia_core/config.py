@@ -40,7 +40,7 @@ PROFILES: dict[str, Profile] = {
         num_workers=0, patience=1, seeds=(0,), extra={"finetune_epochs": 1},
     ),
     "ci": Profile(
-        name="ci", image_size=64, epochs=12, batch_size=64, lr=2e-3, warmup_epochs=1.0,
+        name="ci", image_size=64, epochs=8, batch_size=64, lr=2e-3, warmup_epochs=1.0,
         max_train_per_class=None, max_eval_per_class=None, model="convnext_atto",
         num_workers=2, patience=4, seeds=(0,), preload_images=True,
         extra={"finetune_epochs": 3},

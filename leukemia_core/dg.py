@@ -11,7 +11,10 @@
   loss** (effective-number weights of Cui et al. 2019).
 - **Supervised contrastive loss** across domains (Khosla et al. 2020; SADA uses it to
   align domains): same-class embeddings attract whatever their hospital.
-- **SWA** (``torch.optim.swa_utils``) and **test-time BatchNorm adaptation**.
+- **SWA** (``torch.optim.swa_utils``) and **test-time BatchNorm adaptation**; with
+  ``Recipe.domain_bn`` also *domain-wise BatchNorm in training* (each domain's share of a
+  batch normalised with its own statistics, and validation with each domain's own), so
+  that training matches the test-time adaptation (AdaBN, Li et al. 2016).
 
 :func:`train_dg` runs one recipe on in-memory uint8 image arrays; the engine's ``fit``
 is not used because the contrastive term needs embeddings and domain ids per batch.
@@ -275,6 +278,7 @@ class Recipe:
     supcon: float = 0.0  # weight of the contrastive term
     supcon_temperature: float = 0.1
     swa: bool = False  # also keep the SWA average of the epochs' weights
+    domain_bn: bool = False  # BatchNorm statistics per domain: in training, validation and test
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -362,13 +366,24 @@ def adapt_bn(model: nn.Module, x_uint8: torch.Tensor) -> nn.Module:
     return recompute_bn(copy.deepcopy(model), x_uint8)
 
 
+def predict_per_domain(model: nn.Module, data: Arrays) -> torch.Tensor:
+    """Class predictions with BatchNorm statistics re-estimated on each domain's images."""
+    pred = torch.empty(len(data), dtype=torch.long)
+    for dom in data.d.unique():
+        sel = data.d == dom
+        pred[sel] = predict_probs(adapt_bn(model, data.x[sel]), data.x[sel]).argmax(1)
+    return pred
+
+
 def train_dg(recipe: Recipe, train: Arrays, val: Arrays, num_classes: int, eval_labels: list[int],
              epochs: int, lr: float = 2e-3, batch_size: int = 48, seed: int = 0,
              weight_decay: float = 0.01, warmup_frac: float = 0.1) -> TrainResult:
     """Fine-tune EfficientNet-Lite0 with one recipe; model selection by macro-F1 over
     ``eval_labels`` on ``val`` (training domains only). With ``recipe.swa`` the result
     also holds the SWA average of every epoch's weights from the second epoch on, with
-    BatchNorm statistics recomputed on the training images."""
+    BatchNorm statistics recomputed on the training images. With ``recipe.domain_bn`` the
+    returned model's running statistics mix the training domains: predict with
+    :func:`adapt_bn` on the target domain's images (or :func:`predict_per_domain`)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -394,7 +409,14 @@ def train_dg(recipe: Recipe, train: Arrays, val: Arrays, num_classes: int, eval_
             x = augment(train.x[b].float() / 255, recipe.stain, gen)
             x = ((x - 0.5) / 0.5).to(device).contiguous(memory_format=torch.channels_last)
             y, d = train.y[b].to(device), train.d[b].to(device)
-            logits, z = model(x, with_embedding=True)
+            if recipe.domain_bn:  # each domain's share of the batch normalised on its own
+                order = torch.argsort(d, stable=True)
+                sizes = torch.unique_consecutive(d[order], return_counts=True)[1].tolist()
+                outs = [model(chunk, with_embedding=True) for chunk in x[order].split(sizes)]
+                logits, z = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+                y, d = y[order], d[order]
+            else:
+                logits, z = model(x, with_embedding=True)
             loss = (focal_loss(logits, y, weight, recipe.focal_gamma) if recipe.loss == "cb_focal"
                     else F.cross_entropy(logits.float(), y))
             if recipe.supcon:
@@ -406,7 +428,7 @@ def train_dg(recipe: Recipe, train: Arrays, val: Arrays, num_classes: int, eval_
             loss_sum += float(loss.detach())
         if swa is not None and (epoch >= 1 or epochs == 1):
             swa.update_parameters(model)
-        pred = predict_probs(model, val.x).argmax(1)
+        pred = predict_per_domain(model, val) if recipe.domain_bn else predict_probs(model, val.x).argmax(1)
         score = macro_f1(val.y, pred, eval_labels)
         result.history.append({"epoch": epoch, "train_loss": loss_sum / steps, "val_macro_f1": score})
         if best is None or score > best[0]:
