@@ -8,6 +8,7 @@ use their own evaluation transform.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,10 @@ def predict_folder(checkpoint, folder, out_csv, batch_size: int = 64, overwrite:
         raise LeukemiaError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     paths = find_images(folder, recursive=True)
     net, meta, prep = load_predictor(checkpoint)
+    if meta.get("dg", {}).get("recipe", {}).get("domain_bn") and not adapt_bn:
+        warnings.warn(f"{checkpoint} was trained with domain-wise BatchNorm and expects the target "
+                      "hospital's statistics: pass adapt_bn=True (CLI: --adapt-bn) with a folder of "
+                      "many cells from one hospital", UserWarning, stacklevel=2)
     classes = meta["classes"]
     images = [read_image(p) for p in paths]  # DatasetError names a corrupt file
     prepped = [prep(im) for im in images]

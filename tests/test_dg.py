@@ -3,6 +3,7 @@ losses, and predict_folder (synthetic data), plus domain loading on the real mir
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -264,3 +265,20 @@ def test_train_dg_domain_bn_runs_and_selects_on_per_domain_validation():
                       batch_size=8, lr=1e-3)
     assert len(res.history) == 2 and 0 <= res.best_epoch < 2
     assert all(math.isfinite(h["train_loss"]) and 0 <= h["val_macro_f1"] <= 1 for h in res.history)
+
+
+def test_predict_warns_when_a_domain_bn_model_is_not_adapted(tmp_path):
+    from leukemia_core.predict import predict_folder, save_dg_checkpoint
+
+    recipe = dg.Recipe("combined", domain_bn=True)
+    model = dg.DGNet(dg.build_backbone("bn", 3, pretrained=False))
+    ckpt = save_dg_checkpoint(tmp_path / "run" / "model.safetensors", model, ["a", "b", "c"], 32, None, recipe)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(disc_image(60, 10 + 3 * i)).save(folder / f"cell{i}.png")
+    with pytest.warns(UserWarning, match="adapt-bn"):
+        predict_folder(ckpt, folder, tmp_path / "plain.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(predict_folder(ckpt, folder, tmp_path / "adapted.csv", adapt_bn=True)) == 3
