@@ -429,7 +429,7 @@ for held in DOMAINS:
         own, _ = score(dg.adapt_bn(res.model, cache[test_keys, sc].x), test_keys, sc)
         row = {"domain": held, "seed": seed, "test images": own["n"], "in-domain macro-F1": own["macro_f1"],
                "in-domain accuracy": own["accuracy"], "train s": res.train_time_s}
-        sel = (parts[held, "heldout"]["split"] == "test").to_numpy()
+        sel = torch.tensor((parts[held, "heldout"]["split"] == "test").to_numpy())
         y_test = cache[(held, "heldout"), sc].y[sel]
         for name in [best, "ERM-BN + TTA-BN", "ERM-BN"]:
             pred = predictions[name, held, seed][sel]
