@@ -418,19 +418,17 @@ sc = (combined.scale_norm, combined.stain_norm)
 ceiling_rows = []
 for held in DOMAINS:
     test_keys = (held, "test")
-    if held == "pbc":
-        parts[test_keys] = parts["pbc", "heldout"]  # PBC's LODO test images are its test split
-    else:
-        parts[test_keys] = parts[held, "heldout"][parts[held, "heldout"]["split"] == "test"].reset_index(drop=True)
-    cache[test_keys, sc] = arrays(parts[test_keys], *sc)
+    sel = torch.tensor((parts[held, "heldout"]["split"] == "test").to_numpy())  # all of PBC's held-out rows
+    parts[test_keys] = parts[held, "heldout"][sel.numpy()].reset_index(drop=True)
+    heldout = cache[(held, "heldout"), sc]  # already decoded: slice, do not read the images again
+    cache[test_keys, sc] = dg.Arrays(heldout.x[sel], heldout.y[sel], heldout.d[sel])
+    y_test = heldout.y[sel]
     for seed in seeds:
         res = dg.train_dg(combined, cache[(held, "train"), sc], cache[(held, "val"), sc], len(CLASSES), LABELS,
                           SIZES["epochs"], batch_size=SIZES["batch_size"], seed=seed)
         own, _ = score(dg.adapt_bn(res.model, cache[test_keys, sc].x), test_keys, sc)
         row = {"domain": held, "seed": seed, "test images": own["n"], "in-domain macro-F1": own["macro_f1"],
                "in-domain accuracy": own["accuracy"], "train s": res.train_time_s}
-        sel = torch.tensor((parts[held, "heldout"]["split"] == "test").to_numpy())
-        y_test = cache[(held, "heldout"), sc].y[sel]
         for name in [best, "ERM-BN + TTA-BN", "ERM-BN"]:
             pred = predictions[name, held, seed][sel]
             row[f"cross-domain {name}"] = dg.macro_f1(y_test, pred, LABELS)
