@@ -52,8 +52,8 @@ BUDGETS = {"ci": {"total": 45 * 60, "notebooks/02_data": 2 * 60, "notebooks/03_b
                   "notebooks/04_hierarchy": 6 * 60, "notebooks/05_vision_language": 6 * 60,
                   "notebooks/06_domain_generalization": 7 * 60, "notebooks/07_detection": 8 * 60,
                   "notebooks/08_r3gan_hybrid": 7 * 60,
-                  "notebooks/09_explain": 3 * 60, "notebooks/09_explorer": 60,
-                  "notebooks/10_reproducibility": 60, "notebooks/11_benchmarks": 2 * 60}}
+                  "notebooks/09_explain": 3 * 60, "notebooks/10_explorer": 60,
+                  "notebooks/11_reproducibility": 60, "notebooks/12_benchmarks": 2 * 60}}
 #: The build folder, for chapters that read what this build measured so far
 #: (``build_progress.json``, rewritten after every chapter).
 BUILD_ENV = "LEUKEMIA_BOOK_BUILD"

@@ -34,7 +34,7 @@
 # **random maps** of the same coarseness on the same images.
 #
 # All of it comes from `leukemia_core.explain`, which every chapter and the
-# {doc}`prediction explorer <09_explorer>` use.
+# {doc}`prediction explorer <10_explorer>` use.
 
 # %% tags=["parameters"]
 profile = "ci"  # smoke | ci | full: selects the baseline checkpoints trained by 03_baseline
@@ -194,4 +194,4 @@ display(Markdown(f"Under the **{profile}** profile, on {tables[name].attrs['imag
 # the granules). It does not say that the evidence is the biology a haematologist would
 # use. The sample is small (a few images per class), so read the p-values, not only the
 # means; the `full` profile (224 px, 25 images per class) gives finer maps and a tighter
-# test. To look at any image's CAM, open the {doc}`prediction explorer <09_explorer>`.
+# test. To look at any image's CAM, open the {doc}`prediction explorer <10_explorer>`.

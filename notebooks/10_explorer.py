@@ -37,7 +37,7 @@
 # `_build/artifacts/ci/pbc_convnext_atto_s0/`, which `make book` leaves there; from a
 # fresh clone without a built book, it first trains that checkpoint the same way
 # (`make explore-checkpoint`: `leukemia-core train` under the `ci` profile, a few minutes
-# on a laptop CPU). In JupyterLab, open this chapter (`notebooks/09_explorer.py`) and run
+# on a laptop CPU). In JupyterLab, open this chapter (`notebooks/10_explorer.py`) and run
 # it: the last cell shows the live explorer.
 # :::
 #
