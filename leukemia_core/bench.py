@@ -240,10 +240,12 @@ BOOK_SIZES = {
 }
 
 
-def run(what: str, data_root=None, out: str | None = None, profile: str = "full") -> dict:
-    """``what``: loader, train, latency, scaling, all (these four) or gan (R3GAN rates, on
-    its own: not part of ``all``). ``profile`` picks the sizes (:data:`BOOK_SIZES`;
-    ``full``: the full benchmark) and the chapters' image size."""
+def run(what: str, data_root=None, out: str | None = None, profile: str = "full", n: int = 20000,
+        checkpoint=None) -> dict:
+    """``what``: loader, train, latency, scaling, all (these four), gan (R3GAN rates, on
+    its own: not part of ``all``) or predict (peak memory of ``predict_folder`` on ``n``
+    generated images and on ``n / 10``, :func:`bench_predict`). ``profile`` picks the sizes
+    (:data:`BOOK_SIZES`; ``full``: the full benchmark) and the chapters' image size."""
     sizes = BOOK_SIZES[profile]
     result = {"schema": "leukemia-core/bench/v1", "profile": profile, "machine": hardware(),
               "torch_threads": torch.get_num_threads()}
@@ -257,6 +259,8 @@ def run(what: str, data_root=None, out: str | None = None, profile: str = "full"
         result["scaling"] = bench_scaling(**sizes["scaling"])
     if what == "gan":
         result["gan"] = [bench_gan(**kw) for kw in sizes["gan"]]
+    if what == "predict":
+        result["predict"] = bench_predict(ns=sorted({max(1, n // 10), n}), checkpoint=checkpoint)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
@@ -330,3 +334,113 @@ def bench_classifier_train(model_name: str, image_size: int, batch: int = 64, st
     return {"model": model_name, "image_size": image_size, "batch": batch, "steps": steps,
             "device": str(device), "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
             "train_images_per_s": batch * steps / (time.perf_counter() - t0)}
+
+
+# --------------------------------------------------------------------------- predict memory
+def _rss_mb() -> float:
+    """The current resident set size of this process (Linux), in MiB."""
+    import os
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _predict_memory(folder: str, checkpoint: str, out_csv: str, batch_size: int, adapt_bn: bool) -> dict:
+    """Run in a fresh process: RSS before, peak RSS after ``predict_folder`` on ``folder``,
+    and the peak of Python-level allocations (tracemalloc) during it."""
+    import tracemalloc
+
+    from .predict import load_predictor, predict_folder
+
+    load_predictor(checkpoint)  # imports and weights count in the baseline, not in the growth
+    before = _rss_mb()
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    table = predict_folder(checkpoint, folder, out_csv, batch_size=batch_size, overwrite=True,
+                           adapt_bn=adapt_bn)
+    wall = time.perf_counter() - t0
+    py_peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    peak = _peak_rss_mb()
+    return {"n_images": len(table), "unreadable": int(table["error"].notna().sum()),
+            "rss_before_mb": round(before, 1), "peak_rss_mb": round(peak, 1),
+            "peak_growth_mb": round(peak - before, 1), "python_alloc_peak_mb": round(py_peak, 2),
+            "wall_s": round(wall, 1), "images_per_s": round(len(table) / wall, 1)}
+
+
+def tiny_checkpoint(path, image_size: int = 32, classes=("neutrophil", "lymphocyte", "monocyte",
+                                                          "eosinophil", "basophil")) -> Path:
+    """An untrained EfficientNet-Lite0 (BatchNorm) saved as a DG checkpoint at ``image_size``."""
+    from . import dg
+    from .predict import save_dg_checkpoint
+
+    torch.manual_seed(0)
+    model = dg.DGNet(dg.build_backbone("bn", len(classes), pretrained=False))
+    return save_dg_checkpoint(path, model, list(classes), image_size, None, dg.Recipe("bench"))
+
+
+def write_cell_images(folder, n: int, seed: int = 0) -> list[Path]:
+    """``n`` small synthetic cell-like JPEGs (a purple disc on a pale background, 48-80 px)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        w, h = (int(v) for v in rng.integers(48, 81, 2))
+        im = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(200, 240, 3)))
+        r = int(rng.integers(8, min(w, h) // 2))
+        ImageDraw.Draw(im).ellipse([w // 2 - r, h // 2 - r, w // 2 + r, h // 2 + r],
+                                   fill=tuple(int(v) for v in rng.integers(60, 160, 3)))
+        paths.append(folder / f"cell_{i:06d}.jpg")
+        im.save(paths[-1], quality=85)
+    return paths
+
+
+def bench_predict(ns=(2000, 20000), checkpoint=None, batch_size: int = 64, adapt_bn: bool = False) -> dict:
+    """Peak memory of :func:`leukemia_core.predict.predict_folder` against the folder's size:
+    ``max(ns)`` generated images, a folder of the first ``n`` of them (hard links) for each
+    ``n``, each measured in a fresh process (peak RSS is a process high-water mark). With
+    streaming the growth over the baseline stays flat in ``n``; only the per-row results
+    (a few hundred bytes per image) grow."""
+    import multiprocessing
+    import os
+    import tempfile
+
+    ns = sorted(ns)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
+        tmp = Path(tmp)
+        ckpt = Path(checkpoint) if checkpoint else tiny_checkpoint(tmp / "tiny.safetensors")
+        t0 = time.perf_counter()
+        paths = write_cell_images(tmp / "all", ns[-1])
+        generate_s = time.perf_counter() - t0
+        ctx = multiprocessing.get_context("spawn")
+        for n in ns:
+            folder = tmp / "all" if n == ns[-1] else tmp / f"first_{n}"
+            if n != ns[-1]:
+                folder.mkdir()
+                for p in paths[:n]:
+                    try:
+                        os.link(p, folder / p.name)
+                    except OSError:
+                        (folder / p.name).write_bytes(p.read_bytes())
+            with ctx.Pool(1) as pool:
+                rows.append(pool.apply(_predict_memory, (str(folder), str(ckpt), str(tmp / f"pred_{n}.csv"),
+                                                         batch_size, adapt_bn)))
+    out = {"checkpoint": str(checkpoint) if checkpoint else "untrained efficientnet_lite0, 32 px (DG)",
+           "batch_size": batch_size, "adapt_bn": adapt_bn, "generate_images_s": round(generate_s, 1),
+           "runs": rows}
+    if len(rows) > 1:
+        a, b = rows[0], rows[-1]
+        out["growth_mb_per_1000_images"] = round(
+            (b["peak_growth_mb"] - a["peak_growth_mb"]) / max(1, b["n_images"] - a["n_images"]) * 1000, 3)
+    return out

@@ -98,6 +98,23 @@ def _train(args):
 
 
 def cmd_evaluate(args):
+    """Two modes: ``--dataset NAME --split S`` (a dataset split of the data root) or
+    ``--images DIR --out OUTDIR`` (any labelled folder, one subfolder per class)."""
+    if (args.images is None) == (args.dataset is None):
+        raise LeukemiaError("evaluate needs exactly one of --dataset NAME (a split of a dataset under the "
+                            "data root, e.g. --dataset pbc --split test) or --images DIR (a labelled folder, "
+                            f"one subfolder per class){'; not both' if args.images else ''}")
+    if args.images is not None:
+        from .predict import cmd_evaluate_images
+        return cmd_evaluate_images(args)
+    only_images = [f"--{k.replace('_', '-')}" for k in ("adapt_bn", "restrict_to_shared", "strict", "overwrite")
+                   if getattr(args, k)]
+    if only_images:
+        raise LeukemiaError(f"{', '.join(only_images)} apply to evaluate --images DIR only, not --dataset")
+    return _evaluate_dataset(args)
+
+
+def _evaluate_dataset(args):
     from torch.utils.data import DataLoader
 
     from .data import load_dataset
@@ -131,7 +148,8 @@ def cmd_predict(args):
 def cmd_bench(args):
     from . import bench
 
-    result = bench.run(args.what, data_root=args.data_root, out=args.out, profile=args.profile)
+    result = bench.run(args.what, data_root=args.data_root, out=args.out, profile=args.profile,
+                       n=args.n, checkpoint=args.checkpoint)
     print(json.dumps(result, indent=2))
 
 
@@ -200,11 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--dataset", default="pbc")
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split (--dataset) or on "
+                       "any labelled folder, one subfolder per class (--images)")
+    e.add_argument("--checkpoint", required=True, help="model.safetensors or its run folder")
+    e.add_argument("--dataset", help="a dataset under the data root (e.g. pbc), evaluated on --split")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.add_argument("--out", help="write metrics JSON here")
+    e.add_argument("--images", metavar="DIR", help="a labelled folder DIR/<class>/<image>; class names "
+                   "are matched to the model's through synonyms (leukemia_core/class_names.py)")
+    e.add_argument("--out", help="--dataset: write the metrics JSON here; --images: the output folder "
+                   "(predictions.csv, metrics.json; opens with `make explore RUN=OUTDIR`)")
+    e.add_argument("--adapt-bn", action="store_true",
+                   help="--images: re-estimate BatchNorm statistics on the folder (one new hospital)")
+    e.add_argument("--restrict-to-shared", action="store_true",
+                   help="--images: predict only among the classes the folder shares with the model")
+    e.add_argument("--strict", action="store_true",
+                   help="--images: stop at the first unreadable image (default: record it in the error column)")
+    e.add_argument("--overwrite", action="store_true", help="--images: replace the output folder's files")
+    e.add_argument("--batch-size", type=int, default=64, help="--images: images per batch")
     e.add_argument("--workers", type=int, default=0)
     _add_root(e)
     e.set_defaults(func=cmd_evaluate)
@@ -215,8 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_detect_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks (not tests): loader, train, latency, scaling; gan")
-    b.add_argument("what", choices=["loader", "train", "latency", "scaling", "all", "gan"],
-                   help="all: the first four; gan: R3GAN training images/s and generator samples/s")
+    b.add_argument("what", choices=["loader", "train", "latency", "scaling", "all", "gan", "predict"],
+                   help="all: the first four; gan: R3GAN training images/s and generator samples/s; "
+                   "predict: peak memory of `predict` on --n generated images (and on n/10)")
+    b.add_argument("--n", type=int, default=20000, help="predict: number of generated images")
+    b.add_argument("--checkpoint", help="predict: checkpoint to use (default: a tiny untrained model)")
     b.add_argument("--profile", default="full", choices=["smoke", "ci", "full"],
                    help="benchmark sizes and the chapters' image size (default: full)")
     b.add_argument("--out", help="write the benchmark JSON here (e.g. results/bench/<machine>.json)")

@@ -16,7 +16,11 @@ Optional columns, for models written elsewhere in the book, are shown when prese
 - ``boxes`` (detection models): a JSON list of ``{"box": [x0, y0, x1, y1], "label": ...,
   "score": ..., "caption": ...}`` in the original image's pixels, drawn on the thumbnail
   and listed with their captions (``attributes``, a dict, is accepted for ``caption``);
-- ``dataset`` and ``split`` (else the checkpoint's dataset and the CSV's file name).
+- ``dataset`` and ``split`` (else the checkpoint's dataset and the CSV's file name);
+- ``error`` (``predict`` / ``evaluate --images``): rows with an unreadable image are left out.
+
+A folder written by ``leukemia-core evaluate --images DIR --out OUTDIR`` (``predictions.csv``
+with absolute ``path``, the folder's class as ``label``, no checkpoint: no CAMs) opens too.
 
 Served as a web app by Voilà (``make explore``; :func:`serve` starts it on 127.0.0.1).
 """
@@ -72,10 +76,12 @@ def load_run(run: str | Path, checkpoint: str | Path | None = None, data_root=No
     if not run.is_absolute() and not run.exists():
         run = REPO_ROOT / run  # `make` and the book work from the repository root
     if run.is_dir():
-        csvs = sorted(run.glob("predictions_*.csv"))
+        # `leukemia-core train` writes predictions_<split>.csv, `evaluate --images` predictions.csv
+        csvs = sorted(run.glob("predictions_*.csv")) or sorted(run.glob("predictions.csv"))
         if not csvs:
-            raise DatasetError(f"{run} holds no predictions_<split>.csv; train a model into it "
-                               "(`leukemia-core train --out DIR`) or pass a predictions CSV")
+            raise DatasetError(f"{run} holds no predictions_<split>.csv (or predictions.csv); train a "
+                               "model into it (`leukemia-core train --out DIR`), evaluate one into it "
+                               "(`leukemia-core evaluate --images IMAGES --out DIR`) or pass a predictions CSV")
         folder = run
     elif run.suffix == ".csv" and run.is_file():
         csvs, folder = [run], run.parent
@@ -95,6 +101,8 @@ def load_run(run: str | Path, checkpoint: str | Path | None = None, data_root=No
             raise DatasetError(f"cannot read predictions {csv}: {exc}") from exc
         parts.append(part if "split" in part else part.assign(split=_split_of(csv)))
     table = pd.concat(parts, ignore_index=True)
+    if "error" in table:  # unreadable images (`predict` / `evaluate --images`): nothing to show
+        table = table[table["error"].isna()].reset_index(drop=True)
     missing = ({"pred"} | (set() if "path" in table else {"relpath"})) - set(table)
     if missing:
         raise DatasetError(f"predictions {csvs[0]} lack column(s) {sorted(missing)}; expected "

@@ -64,10 +64,14 @@ def test_evaluate_and_predict(pbc_run, data_root, tmp_path):
     p = pd.read_csv(tmp_path / "p.csv")
     assert len(p) == 5
     assert p.filter(like="prob_").sum(axis=1).round(4).eq(1).all()
-    # an unreadable image gets one clear message naming it
+    # an unreadable image is recorded in the error column and counted; --strict: one clear message
     (imgs / "broken.jpg").write_bytes(b"not a jpeg")
-    _assert_clean_error(run("predict", "--images", imgs, "--checkpoint", pbc_run, "--out", tmp_path / "q.csv"),
-                        "broken.jpg")
+    r = run("predict", "--images", imgs, "--checkpoint", pbc_run, "--out", tmp_path / "q.csv")
+    assert r.returncode == 0 and "6 images, 1 unreadable: listed in the error column" in r.stdout, r.stderr
+    q = pd.read_csv(tmp_path / "q.csv")
+    assert q["error"].notna().sum() == 1 and "broken.jpg" in q["error"].dropna().iloc[0]
+    _assert_clean_error(run("predict", "--images", imgs, "--checkpoint", pbc_run, "--out", tmp_path / "s.csv",
+                            "--strict"), "broken.jpg")
     _assert_clean_error(run("predict", "--images", imgs, "--checkpoint", pbc_run, "--out", tmp_path / "p.csv"),
                         "--overwrite")
 

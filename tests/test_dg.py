@@ -199,7 +199,10 @@ def test_predict_folder_mixed_sizes_and_corrupt(trained, tmp_path):
     assert np.allclose(out[["prob_a", "prob_b", "prob_c"]].sum(axis=1), 1, atol=1e-4)
     (folder / "broken.png").write_bytes(b"not a png at all")
     with pytest.raises(DatasetError, match="broken.png"):
-        predict_folder(ckpt, folder, tmp_path / "pred2.csv")
+        predict_folder(ckpt, folder, tmp_path / "pred2.csv", strict=True)
+    out = predict_folder(ckpt, folder, tmp_path / "pred2.csv")  # default: recorded, not fatal
+    assert len(out) == 4 and out["error"].notna().sum() == 1
+    assert "broken.png" in out.loc[out["error"].notna(), "error"].iloc[0]
     with pytest.raises(DatasetError, match="no images"):
         predict_folder(ckpt, tmp_path / "run", tmp_path / "pred3.csv")
 
