@@ -38,13 +38,14 @@ seed = 0
 
 # %%
 import pandas as pd
-import plotly.express as px
+import plotly.graph_objects as go
 from IPython.display import Markdown, display
 
 from leukemia_core.config import PROFILES, get_profile
 from leukemia_core.data import CLASSIFICATION, LOADERS
 from leukemia_core.dataroot import resolve_data_root
 from leukemia_core.plots import use_offline_plotly
+from leukemia_core.taxonomy import Taxonomy
 
 use_offline_plotly()
 P = get_profile(profile)
@@ -56,7 +57,7 @@ P = get_profile(profile)
 # |---|---|---|---|
 # | 1 | text-guided vision-language classification: each class is described by a sentence and images are matched to descriptions | {cite:t}`vlm_leukemia_2026` | leukemia classes with images |
 # | 2 | a hybrid ConvNeXtV2–Swin Transformer classifier, R3GAN {cite:p}`huang2024r3gan` images to balance rare classes, CLAHE contrast preprocessing | {cite:t}`convnextv2_swin_r3gan_2025` | an imbalanced WBC dataset |
-# | 3 | hierarchical classification that follows the clinical taxonomy (normal / leukemia, acute / chronic, myeloid / lymphoid) | {cite:t}`hamdi2025hierarchy` | labels at several levels of the taxonomy |
+# | 3 | hierarchical classification that follows a clinical taxonomy of the cells, one decision per level (the book's tree is shown below) | {cite:t}`hamdi2025hierarchy` | labels at several levels of the taxonomy |
 # | 4 | WBC detection with morphological attributes learnt from sparse annotations, on the Large Leukemia Dataset (LLD) | {cite:t}`rehman2025lld` | boxes and per-cell attributes |
 # | 5 | imbalanced domain generalisation: a classifier that holds up on cells from unseen hospitals and scanners | {cite:t}`umer2023imbalanced` | the same classes from several sources |
 #
@@ -99,39 +100,38 @@ display(Markdown(
 # - **Some images are copies of others**: TXL-PBC re-uses PBC and BCCD files, and PBC has a
 #   few exact duplicates. {doc}`02_data` finds them; splits keep copies on one side.
 #
-# The figure shows the taxonomy the methods work with and which of its leaves have images
-# here (each leaf has the same size: this is not a count).
+# The taxonomy the hierarchical and vision-language chapters work with is data, read from
+# `leukemia_core/taxonomies/leukemia.yaml`; the figure and the list below are drawn from
+# it, with the image sources of each leaf (`dataset:label`; each leaf has the same size:
+# this is not a count). The baseline and domain-generalisation chapters classify the
+# datasets' own classes instead.
 
 # %%
-taxonomy = pd.DataFrame([
-    ("normal / reactive", "white blood cells", "neutrophil", "PBC, BCCD, Zheng, Matek"),
-    ("normal / reactive", "white blood cells", "lymphocyte", "PBC, BCCD, Zheng"),
-    ("normal / reactive", "white blood cells", "monocyte", "PBC, BCCD, Zheng"),
-    ("normal / reactive", "white blood cells", "eosinophil", "PBC, BCCD, Zheng"),
-    ("normal / reactive", "white blood cells", "basophil", "PBC, BCCD, Zheng"),
-    ("normal / reactive", "other cells", "immature granulocyte", "PBC"),
-    ("normal / reactive", "other cells", "erythroblast", "PBC"),
-    ("normal / reactive", "other cells", "platelet", "PBC"),
-    ("normal / reactive", "benign precursors", "hematogone", "Aria"),
-    ("acute leukemia", "AML", "myeloblast", "Matek"),
-    ("acute leukemia", "ALL", "early pre-B", "Aria"),
-    ("acute leukemia", "ALL", "pre-B", "Aria"),
-    ("acute leukemia", "ALL", "pro-B", "Aria"),
-    ("chronic leukemia", "CML", "CML cells", None),
-    ("chronic leukemia", "CLL", "CLL cells", None),
-], columns=["group", "type", "class", "sources"])
-taxonomy["images here"] = taxonomy["sources"].notna().map({True: "public images", False: "no public images"})
-taxonomy["sources"] = taxonomy["sources"].fillna("none")
-fig = px.sunburst(taxonomy, path=["group", "type", "class"], color="images here",
-                  color_discrete_map={"public images": "#2a9d8f", "no public images": "#c0c0c0",
-                                      "(?)": "#e9c46a"},
-                  hover_data=["sources"], title="Which classes of the taxonomy have public images here")
-fig.update_layout(margin=dict(t=50, l=0, r=0, b=0))
+tax = Taxonomy.from_yaml("leukemia")
+names = [n for n in tax.nodes if n != tax.root]
+hover = ["sources: " + (", ".join(tax[n].sources) if tax[n].sources else
+                        ("none: " + tax[n].note if tax[n].note else "none") if not tax[n].children else
+                        f"{sum(n in tax.path(leaf) for leaf in tax.data_leaves)} leaves with images below")
+         for n in names]
+fig = go.Figure(go.Sunburst(
+    ids=names, labels=names, parents=["" if tax[n].parent == tax.root else tax[n].parent for n in names],
+    values=[1 if not tax[n].children else 0 for n in names], branchvalues="remainder",
+    marker=dict(colors=["#2a9d8f" if tax.has_data(n) else "#c0c0c0" for n in names]),
+    hovertext=hover, hoverinfo="label+text"))
+fig.update_layout(title="The book's taxonomy: green nodes have public images here, grey ones none",
+                  margin=dict(t=50, l=0, r=0, b=0))
 fig.show()
 
-missing = taxonomy.loc[taxonomy["sources"] == "none", "type"].tolist()
-display(Markdown(f"Leaves without images: **{', '.join(missing)}** "
-                 f"({len(missing)} of {len(taxonomy)} leaves)."))
+by_depth = {d: [n for n in names if tax[n].depth == d] for d in range(1, tax.depth + 1)}
+missing = [n for n in tax.leaves if not tax.has_data(n)]
+display(Markdown(
+    f"The tree `{tax.name}` has {tax.depth} levels below its root `{tax.root}`:\n\n"
+    + "\n".join(f"- level {d}: " + ("; ".join(
+        f"{parent} → {', '.join(n for n in nodes if tax[n].parent == parent)}"
+        for parent in dict.fromkeys(tax[n].parent for n in nodes)) if d > 1 else ", ".join(nodes))
+        for d, nodes in by_depth.items())
+    + f"\n\n{len(tax.leaves)} leaves, {len(tax.data_leaves)} of them with images. "
+    f"Leaves without images: **{', '.join(missing)}**."))
 
 # %% [markdown]
 # ## How to read and run this book
