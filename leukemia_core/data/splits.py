@@ -1,9 +1,11 @@
 """Deterministic, stratified, deduplicated splits, committed as CSV under ``splits/``.
 
 Splits key on ``relpath`` (the same on the mirror and on full-resolution originals).
-Exact duplicates (same sha256) and, optionally, records sharing a group column
-(e.g. crops of one smear image) always land in the same split; duplicate groups
-whose members disagree on the label are excluded and listed.
+Exact duplicates (same sha256), near duplicates (the same cell or field shifted or
+re-encoded: :mod:`leukemia_core.data.near_duplicates`, committed as
+``splits/<name>_near_duplicates.csv``) and, optionally, records sharing a group column
+(e.g. crops of one smear image) always land in the same split; copies whose members
+disagree on the label are excluded and listed.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from ..dataroot import REPO_ROOT
 from ..errors import DatasetError
 
 SPLITS_DIR = REPO_ROOT / "splits"
-#: dataset -> (fractions train/val/test, group column or None, split file it uses)
+#: dataset -> (fractions train/val/test, group column or None)
 SPLIT_SPECS = {
     "pbc": ((0.7, 0.1, 0.2), None),
     "bccd_crops": ((0.7, 0.1, 0.2), "source_image"),
@@ -25,13 +27,18 @@ SPLIT_SPECS = {
     "aria": ((0.7, 0.1, 0.2), None),
     "zheng": ((0.7, 0.1, 0.2), None),
 }
+#: near-duplicate confirmation threshold per dataset (see near_duplicates): Aria's
+#: images are whole smear fields, whose copies separate from other fields more clearly
+NEAR_DUP_MIN_CORR = {"aria": 0.75}
 #: datasets that reuse another dataset's split file (same relpaths)
 SPLIT_ALIASES = {"wbcatt": "pbc"}
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def duplicate_groups(table: pd.DataFrame, group_col: str | None = None) -> pd.Series:
-    """Connected components of 'same sha256' (and 'same group_col'), as integer ids."""
+def duplicate_groups(table: pd.DataFrame, group_col: str | None = None,
+                     pairs: pd.DataFrame | None = None) -> pd.Series:
+    """Connected components of 'same sha256' (and 'same group_col', and the relpath pairs
+    ``a, b`` of ``pairs``), as integer ids."""
     parent = list(range(len(table)))
 
     def find(i):
@@ -45,21 +52,30 @@ def duplicate_groups(table: pd.DataFrame, group_col: str | None = None) -> pd.Se
         for members in key.groupby(key, sort=False).indices.values():
             for j in members[1:]:
                 parent[find(j)] = find(members[0])
+    if pairs is not None and len(pairs):
+        row = {r: k for k, r in enumerate(table["relpath"])}
+        for a, b in zip(pairs["a"], pairs["b"]):
+            if a in row and b in row:
+                parent[find(row[b])] = find(row[a])
     return pd.Series([find(i) for i in range(len(table))], index=table.index)
 
 
 def make_split(table: pd.DataFrame, fractions=(0.7, 0.1, 0.2), group_col: str | None = None,
-               seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+               seed: int = 0, pairs: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return ``(split, excluded)`` tables with columns ``relpath, label, split`` and
     ``relpath, label, sha256, reason``.
 
-    Stratified per class over duplicate groups; a group's label is its most common
-    one. Deterministic: depends only on the table's content and ``seed``.
+    ``pairs``: near-duplicate relpath pairs (columns ``a, b``) kept together like exact
+    copies. Exact copies under different labels are excluded (the label is unknowable);
+    a near-duplicate cluster with mixed labels is kept together (most are similar-looking
+    different cells). Stratified per class over groups; a group's label is its most
+    common one.
+    Deterministic: depends only on the table's content, ``pairs`` and ``seed``.
     """
     if table["sha256"].isna().any():
         raise DatasetError("splits need content hashes: load the dataset with hashes=True")
     t = table.sort_values("relpath").reset_index(drop=True)
-    t["group"] = duplicate_groups(t, group_col)
+    t["group"] = duplicate_groups(t, group_col, pairs)
     cross = t.groupby("sha256")["label"].transform("nunique") > 1
     excluded = t.loc[cross, ["relpath", "label", "sha256"]].assign(
         reason="exact duplicate across classes")
@@ -87,17 +103,42 @@ def split_paths(name: str, splits_dir: Path = SPLITS_DIR) -> tuple[Path, Path]:
     return splits_dir / f"{name}.csv", splits_dir / f"{name}_excluded.csv"
 
 
-def write_split(name: str, table: pd.DataFrame, splits_dir: Path = SPLITS_DIR) -> tuple[Path, Path]:
-    """Compute and write the committed split files of dataset ``name``."""
+def near_duplicates_path(name: str, splits_dir: Path = SPLITS_DIR) -> Path:
+    return splits_dir / f"{SPLIT_ALIASES.get(name, name)}_near_duplicates.csv"
+
+
+def read_near_duplicates(name: str, splits_dir: Path = SPLITS_DIR) -> pd.DataFrame:
+    """The committed near-duplicate pairs of dataset ``name`` (``a, b, hamming, correlation``)."""
+    path = near_duplicates_path(name, splits_dir)
+    if not path.exists():
+        raise DatasetError(f"no committed near-duplicate list {path}; create it with "
+                           f"`leukemia-core data splits {name}`")
+    return pd.read_csv(path)
+
+
+def compute_split(name: str, table: pd.DataFrame):
+    """``(split, excluded, near-duplicate pairs)`` of dataset ``name``, from its images."""
+    from .near_duplicates import NearDupConfig, near_duplicate_pairs
+
     if name not in SPLIT_SPECS:
         raise DatasetError(f"no split spec for '{name}'; datasets with splits: {sorted(SPLIT_SPECS)}")
     fractions, group_col = SPLIT_SPECS[name]
-    split, excluded = make_split(table, fractions, group_col)
+    cfg = NearDupConfig(**({"min_corr": NEAR_DUP_MIN_CORR[name]} if name in NEAR_DUP_MIN_CORR else {}))
+    pairs = near_duplicate_pairs(table, cfg)
+    split, excluded = make_split(table, fractions, group_col, pairs=pairs)
+    return split, excluded, pairs
+
+
+def write_split(name: str, table: pd.DataFrame, splits_dir: Path = SPLITS_DIR) -> tuple[Path, Path, Path]:
+    """Compute and write the committed split files of dataset ``name``."""
+    split, excluded, pairs = compute_split(name, table)
     split_file, excl_file = split_paths(name, splits_dir)
+    pairs_file = near_duplicates_path(name, splits_dir)
     splits_dir.mkdir(parents=True, exist_ok=True)
     split.to_csv(split_file, index=False, lineterminator="\n")
     excluded.to_csv(excl_file, index=False, lineterminator="\n")
-    return split_file, excl_file
+    pairs.to_csv(pairs_file, index=False, lineterminator="\n")
+    return split_file, excl_file, pairs_file
 
 
 def split_hash(name: str, splits_dir: Path = SPLITS_DIR) -> str:

@@ -65,6 +65,34 @@ def load_wbcatt(root: Path, hashes: bool = True, reannotated: bool = False):
     if bad.any():
         raise DatasetError(f"WBCAtt: label disagrees with PBC folder for {merged.loc[bad, 'relpath'].iloc[0]}")
     merged = merged.drop(columns="wbcatt_label").reset_index(drop=True)
+    merged, dropped = drop_cross_split_copies(merged)
     merged["dataset"] = "wbcatt"
-    merged.attrs.update(dataset="wbcatt", root=pbc.attrs["root"])
+    merged.attrs.update(dataset="wbcatt", root=pbc.attrs["root"], cross_split_copies=dropped)
     return merged
+
+
+#: which copy of a cell survives when WBCAtt's own split holds it twice: the published
+#: test (then validation) set stays whole, the leaking copy leaves training/validation
+KEEP_ORDER = {"test": 0, "val": 1, "train": 2}
+
+
+def drop_cross_split_copies(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Remove copies of one cell that sit in two of WBCAtt's splits.
+
+    Copies are PBC's committed near-duplicate clusters (``splits/pbc_near_duplicates.csv``,
+    exact byte copies included). In a cluster spread over several WBCAtt splits, the
+    members in the most held-out split (test, then val) stay and the others are
+    dropped. Returns ``(kept, dropped)``; ``dropped`` lists each removed cell with the
+    split it was in and the copy it duplicates."""
+    from .near_duplicates import clusters
+    from .splits import read_near_duplicates
+
+    cluster = clusters(table["relpath"], read_near_duplicates("pbc"))
+    t = table.assign(_cluster=cluster[table["relpath"]].to_numpy(),
+                     _rank=table["wbcatt_split"].map(KEEP_ORDER))
+    best = t.groupby("_cluster")["_rank"].transform("min")
+    drop = t["_rank"] > best
+    keeper = t[~drop].groupby("_cluster")["relpath"].first()
+    dropped = pd.DataFrame({"relpath": t.loc[drop, "relpath"], "wbcatt_split": t.loc[drop, "wbcatt_split"],
+                            "copy_of": keeper[t.loc[drop, "_cluster"]].to_numpy()}).reset_index(drop=True)
+    return t[~drop].drop(columns=["_cluster", "_rank"]).reset_index(drop=True), dropped
