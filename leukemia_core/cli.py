@@ -38,7 +38,7 @@ def cmd_splits(args):
     import pandas as pd
 
     from .data import load_dataset
-    from .data.splits import SPLIT_SPECS, make_split, split_paths, write_split
+    from .data.splits import SPLIT_SPECS, compute_split, read_near_duplicates, split_paths, write_split
 
     names = args.names or sorted(SPLIT_SPECS)
     changed = []
@@ -47,9 +47,10 @@ def cmd_splits(args):
             raise LeukemiaError(f"no split for '{name}'; datasets with splits: {sorted(SPLIT_SPECS)}")
         table = load_dataset(name, args.data_root)
         if args.check:
-            split, _ = make_split(table, *SPLIT_SPECS[name])
+            split, _, pairs = compute_split(name, table)
             committed = pd.read_csv(split_paths(name)[0])
-            same = committed.equals(split.astype(committed.dtypes.to_dict()))
+            same = (committed.equals(split.astype(committed.dtypes.to_dict()))
+                    and read_near_duplicates(name)[["a", "b"]].equals(pairs[["a", "b"]]))
             print(f"{name}: {'unchanged' if same else 'DIFFERS from the committed split'}")
             changed += [] if same else [name]
         else:
