@@ -137,7 +137,8 @@ else:
 #
 # ROAD on a class-stratified sample of test images, for the class each model predicted.
 # *MoRF* and *LeRF* are the mean change of that class's probability when the most / least
-# relevant pixels are imputed (averaged over removing 25, 50 and 75 % of the pixels);
+# relevant pixels are imputed (averaged over the removal shares of the `percentiles`
+# parameter, printed below the table);
 # *gain over random* is the mean paired difference in ROAD to a random map of the same
 # grid size, *wins* the share of images where the method beats it, and *p* a paired
 # Wilcoxon signed-rank test of that difference. RandomCAM (grad-cam's random channel
@@ -160,6 +161,8 @@ display(table.style.format({"MoRF": "{:+.3f}", "LeRF": "{:+.3f}", "ROAD": "{:+.3
                             "gain over random": "{:+.3f}", "wins vs random": "{:.0%}",
                             "p (Wilcoxon)": "{:.3g}"}, na_rep="–"))
 print(", ".join(f"{n}: {tables[n].attrs['images']} images in {t:.0f} s" for n, t in took.items()))
+print(f"ROAD thresholds (percentiles {list(percentiles)}): "
+      f"{', '.join(f'{100 - q}%' for q in percentiles)} of the pixels removed")
 
 # %%
 fig = go.Figure()
@@ -187,11 +190,19 @@ for name, t in tables.items():
 display(Markdown(f"Under the **{profile}** profile, on {tables[name].attrs['images']} test images per model:\n\n"
                  + "\n".join(lines)))
 
+# %%
+grids = pd.DataFrame(rows).set_index("model")["CAM grid"]
+sizes = {name: d.meta["image_size"] for name, d in runs.items()}
+display(Markdown(
+    "What this does and does not say. ROAD measures whether the model's confidence depends on the pixels a map "
+    "ranks highest, at the input resolution the model sees ("
+    + "; ".join(f"{name}: {sizes[name]} px, a CAM on a {grids[name]} grid" for name in runs)
+    + f", under `{profile}`)"
+    + (": a grid that coarse can tell the cell from the background, not the nucleus from the granules. "
+       if max(int(v) for g in grids for v in g.split("x")) <= 8 else ". ")
+    + "It does not say that the evidence is the biology a haematologist would use. The sample is "
+    f"{per_class} image(s) per class, so read the p-values, not only the means; the `full` profile "
+    "gives finer maps and a tighter test."))
+
 # %% [markdown]
-# What this does and does not say. ROAD measures whether the model's confidence depends
-# on the pixels a map ranks highest, at the input resolution the model sees (64 px under
-# `ci`: a CAM on a 4x4 grid can tell the cell from the background, not the nucleus from
-# the granules). It does not say that the evidence is the biology a haematologist would
-# use. The sample is small (a few images per class), so read the p-values, not only the
-# means; the `full` profile (224 px, 25 images per class) gives finer maps and a tighter
-# test. To look at any image's CAM, open the {doc}`prediction explorer <10_explorer>`.
+# To look at any image's CAM, open the {doc}`prediction explorer <10_explorer>`.
