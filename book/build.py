@@ -12,7 +12,10 @@ pages, the executed ``notebooks/*.ipynb`` and their ``.py`` sources), ``html/`` 
 
 The build fails, listing every problem, if a chapter raises, a page of the table of contents
 is missing from the site, a figure of an executed notebook is missing from its page, a page
-loads plotly.js from a CDN, or Jupyter Book emits any warning (``-W -n --keep-going``).
+loads plotly.js, MathJax or any other script from a CDN (the book must work offline; MathJax
+is copied into the site from the pinned ``sphinx-mathjax-offline`` wheel), or Jupyter Book
+emits any warning (``-W -n --keep-going``). Papermill's injected-parameters cell is tagged
+``remove-cell``: the page shows the chapter's own parameters cell, not the injected one.
 
 It also fails if a results file the chapters just rewrote under ``results/<profile>/``
 disagrees with its committed version (``git show HEAD:``) on a headline metric of
@@ -63,6 +66,16 @@ KERNEL = "python3"
 PLOTLY_DIV = re.compile(r'class="plotly-graph-div"')
 OUTPUT_IMG = re.compile(r'<img[^>]*src="[^"]*_images/')
 CDN_PLOTLY = re.compile(r'<script[^>]*src="(?:https?:)?//[^"]*plot\.?ly', re.I)
+#: Any script fetched from another host (MathJax's CDN default, require.js, ...).
+CDN_SCRIPT = re.compile(r'<script[^>]*\ssrc=["\']((?:https?:)?//[^"\']+)', re.I)
+#: Where MathJax 3 comes from: the pinned wheel's files, staged into ``source/<MATHJAX_STAGE>``
+#: (an ``html_static_path`` of ``_config.yml``), so the site serves ``_static/mathjax/``.
+MATHJAX_DIST = "sphinx-mathjax-offline"
+MATHJAX_STAGE = "_vendor"
+#: Of MathJax's files, those the book does not load (other output formats, bundles, node).
+MATHJAX_SKIP = ("output/svg", "adaptors", "node-main.js", "tex-svg*.js", "tex-mml-*.js",
+                "mml-*.js", "tex-chtml-full*.js")  # relative to MathJax's folder
+INJECTED_TAG, HIDE_TAG = "injected-parameters", "remove-cell"
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/svg+xml")
 
 
@@ -230,11 +243,25 @@ def execute_chapter(name: str, dest: Path, profile: str, data_root: str | None =
     if out.exists():
         executed = nbformat.read(out, as_version=4)
         run.figures = count_figures(executed)
+        hide_injected_parameters(executed)
         if run.ok:
             insert_run_box(executed, run, profile)
-            nbformat.write(executed, out)
+        nbformat.write(executed, out)
     shutil.copy2(src, dest / src.name)  # the .py source, downloadable from the page
     return run
+
+
+def hide_injected_parameters(nb) -> int:
+    """Tag papermill's injected-parameters cell ``remove-cell`` so that the page leaves it
+    out (the executed .ipynb keeps it); the chapter's own ``parameters`` cell stays on the
+    page. Returns the number of cells tagged."""
+    n = 0
+    for cell in nb.cells:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if INJECTED_TAG in tags and HIDE_TAG not in tags:
+            tags.append(HIDE_TAG)
+            n += 1
+    return n
 
 
 def insert_run_box(nb, run: ChapterRun, profile: str) -> None:
@@ -386,7 +413,41 @@ def stage(build: Path) -> Path:
         shutil.copy2(ROOT / name, src / name)
     shutil.copytree(ROOT / "book", src / "book",
                     ignore=shutil.ignore_patterns("*.py", "__pycache__", "*.pyc"))
+    stage_mathjax(src / MATHJAX_STAGE / "mathjax")
     return src
+
+
+def mathjax_source() -> Path:
+    """MathJax 3's browser files, as the pinned ``sphinx-mathjax-offline`` wheel installs them."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(MATHJAX_DIST)
+    except metadata.PackageNotFoundError:
+        raise BuildError(f"{MATHJAX_DIST} is not installed: the book serves MathJax itself "
+                         f"(pip install -r requirements.lock)") from None
+    path = Path(dist.locate_file(f"{MATHJAX_DIST}/static/mathjax"))
+    if not (path / "tex-chtml.js").is_file():
+        raise BuildError(f"{path / 'tex-chtml.js'} missing: reinstall {MATHJAX_DIST}")
+    return path
+
+
+def stage_mathjax(dest: Path) -> Path:
+    """Copy MathJax (the ``tex-chtml`` bundle, its fonts and the extensions and
+    accessibility components it loads on demand) to ``dest``; Sphinx serves it as
+    ``_static/mathjax/`` (``mathjax_path`` in ``_config.yml``)."""
+    import fnmatch
+
+    top = mathjax_source()
+
+    def skip(folder, names):
+        rel = Path(folder).relative_to(top)
+        return {n for n in names
+                if any(fnmatch.fnmatch((rel / n).as_posix(), pat) for pat in MATHJAX_SKIP)}
+
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(top, dest, ignore=skip)
+    return dest
 
 
 def jupyter_book(src: Path, out: Path, everything: bool, log=print) -> tuple[int, list[str]]:
@@ -405,7 +466,8 @@ def jupyter_book(src: Path, out: Path, everything: bool, log=print) -> tuple[int
 
 
 def check_site(html: Path, files: list[str], runs: dict[str, ChapterRun]) -> list[str]:
-    """Every page present, every figure kept, plotly.js embedded rather than fetched."""
+    """Every page present, every figure kept, plotly.js embedded and MathJax (any script)
+    served by the site rather than fetched from a CDN."""
     problems = [] if (html / "index.html").exists() else [f"{html / 'index.html'} missing"]
     for name in files:
         page = html / f"{name}.html"
@@ -415,6 +477,9 @@ def check_site(html: Path, files: list[str], runs: dict[str, ChapterRun]) -> lis
         text = page.read_text(errors="replace")
         if CDN_PLOTLY.search(text):
             problems.append(f"{name}: loads plotly.js from a CDN (the book must work offline)")
+        for url in sorted({u for u in CDN_SCRIPT.findall(text) if not re.search(r"plot\.?ly", u, re.I)}):
+            what = "MathJax" if "mathjax" in url.lower() else "a script"
+            problems.append(f"{name}: loads {what} from a CDN ({url}); the book must work offline")
         run = runs.get(name)
         if run and run.figures:
             run.html_figures = {"plotly": len(PLOTLY_DIV.findall(text)),

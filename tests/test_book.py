@@ -3,6 +3,7 @@ present; and the checks that make a broken build fail actually catch breakage.""
 from __future__ import annotations
 
 import atexit
+import html as htmllib
 import re
 import shutil
 import tempfile
@@ -73,6 +74,42 @@ def test_plotly_from_a_cdn_is_reported(tmp_path):
     assert any("CDN" in p for p in build.check_site(tmp_path, ["p"], {}))
 
 
+def test_mathjax_or_any_script_from_a_cdn_is_reported(tmp_path):
+    (tmp_path / "index.html").write_text("")
+    (tmp_path / "m.html").write_text(
+        '<script async="async" src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js"></script>')
+    (tmp_path / "r.html").write_text("<script src='//cdnjs.cloudflare.com/require.min.js'></script>")
+    (tmp_path / "ok.html").write_text('<script defer="defer" src="../_static/mathjax/tex-chtml.js"></script>')
+    problems = build.check_site(tmp_path, ["m", "r", "ok"], {})
+    assert any(p.startswith("m:") and "MathJax" in p and "CDN" in p for p in problems), problems
+    assert any(p.startswith("r:") and "CDN" in p for p in problems), problems
+    assert not any(p.startswith("ok:") for p in problems), problems
+
+
+def test_mathjax_is_staged_from_the_pinned_wheel(tmp_path):
+    dest = build.stage_mathjax(tmp_path / "mathjax")
+    assert (dest / "tex-chtml.js").is_file()
+    assert list((dest / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))
+    assert (dest / "input" / "tex" / "extensions").is_dir()  # loaded on demand (\boldsymbol, ...)
+    assert not (dest / "output" / "svg").exists() and not (dest / "tex-svg.js").exists()
+    config = __import__("yaml").safe_load((REPO / "_config.yml").read_text())["sphinx"]["config"]
+    assert config["mathjax_path"] == "mathjax/tex-chtml.js"
+    assert build.MATHJAX_STAGE in config["html_static_path"]
+
+
+def test_injected_parameters_cell_is_hidden_and_own_parameters_kept():
+    nb = nbformat.v4.new_notebook()
+    own = nbformat.v4.new_code_cell('profile = "ci"', metadata={"tags": ["parameters"]})
+    injected = nbformat.v4.new_code_cell('profile = "smoke"', metadata={"tags": ["injected-parameters"]})
+    other = nbformat.v4.new_code_cell("x = 1")
+    nb.cells += [own, injected, other]
+    assert build.hide_injected_parameters(nb) == 1
+    assert "remove-cell" in injected.metadata["tags"] and "injected-parameters" in injected.metadata["tags"]
+    assert own.metadata["tags"] == ["parameters"]
+    assert "remove-cell" not in other.metadata.get("tags", [])
+    assert build.hide_injected_parameters(nb) == 0  # idempotent
+
+
 def test_toc_files_read_in_order():
     files = build.toc_files()
     assert files[0] == "notebooks/01_introduction"
@@ -139,3 +176,69 @@ def test_report_and_bibliography_pages():
                    "10.7937/tcia.2019.36f5o9ld", "MedMNIST", "10.1007/s44163-026-01239-7"):
         assert needle in refs, needle
     assert book.report["profile"] == "smoke" and book.report["execution_s"] > 0
+
+
+def page_text(page: str) -> str:
+    """A built page's visible text: tags dropped, entities decoded, spaces collapsed."""
+    return re.sub(r"\s+", " ", htmllib.unescape(re.sub(r"<[^>]+>", "", page)))
+
+
+GLOSSARY_TERMS = [
+    "test-time BatchNorm adaptation", "TTA-BN", "AdaBN", "batch normalization", "group normalization",
+    "domain generalization", "leave-one-domain-out", "LODO", "macro-F1", "KID", "FID",
+    "train-on-synthetic/test-on-real", "TSTR", "R1 regularisation", "R2 regularisation", "RpGAN",
+    "EMA generator", "mode collapse", "RoIAlign", "FPN", "FCOS", "mAP@0.5", "pseudo-label",
+    "sparse annotation", "hierarchical F1", "mistake severity", "path consistency", "FCMAE",
+    "global response normalisation", "GRN", "CLAHE", "contrastive loss", "InfoNCE", "CLIP loss",
+    "zero-shot classification", "SupCon", "SWA", "stain normalisation", "Reinhard normalisation",
+    "near-duplicate", "data leakage", "stratified split", "perceptual hash", "Grad-CAM", "ROAD",
+    "reference checkpoint", "papermill", "profile"]
+
+
+@pytest.mark.slow
+def test_glossary_page_defines_every_term():
+    book = smoke_book()
+    page = (book.html / "book" / "glossary.html").read_text()
+    terms = {htmllib.unescape(t) for t in re.findall(r'<dt id="term-[^"]*">(.*?)<a class="headerlink"', page, re.S)}
+    terms = {re.sub(r"<[^>]+>", "", t).strip() for t in terms}
+    missing = [t for t in GLOSSARY_TERMS if t not in terms]
+    assert not missing, f"glossary lacks {missing}; has {sorted(terms)}"
+    # the other new pages link into it ({term} roles; -W -n fails on an unknown term)
+    for name in ("notation", "instructors"):
+        other = (book.html / "book" / f"{name}.html").read_text()
+        assert len(set(re.findall(r'href="glossary\.html#term-[^"]+"', other))) >= 5, name
+
+
+@pytest.mark.slow
+def test_notation_page_math_uses_the_local_mathjax():
+    book = smoke_book()
+    page = (book.html / "book" / "notation.html").read_text()
+    inline = re.findall(r'<span class="math notranslate nohighlight">\\\(', page)
+    display = re.findall(r'<div class="math notranslate nohighlight">\s*\\\[', page)
+    assert len(inline) >= 20 and len(display) >= 4, (len(inline), len(display))
+    assert "$" not in page_text(page).replace("$$", ""), "unparsed $...$ math on the page"
+    scripts = re.findall(r'<script[^>]*\ssrc="([^"]+)"', page)
+    local = [s for s in scripts if re.match(r"(\.\./)?_static/mathjax/tex-chtml\.js", s)]
+    assert local, f"no local MathJax script among {scripts}"
+    assert (book.html / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    assert list((book.html / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))
+    for path in book.html.rglob("*.html"):  # no page of the site fetches a script from elsewhere
+        found = build.CDN_SCRIPT.findall(path.read_text(errors="replace"))
+        assert not found, f"{path.relative_to(book.html)} loads {found}"
+
+
+@pytest.mark.slow
+def test_injected_parameters_hidden_own_parameters_shown():
+    book = smoke_book()
+    source = book.html.parent / "source" / "notebooks"
+    for name in build.toc_chapters():
+        nb = nbformat.read(source / f"{Path(name).name}.ipynb", as_version=4)
+        injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        own = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(injected) == 1 and "remove-cell" in injected[0].metadata["tags"], name
+        assert own and "remove-cell" not in own[0].metadata["tags"], name
+        page = (book.html / f"{name}.html").read_text()
+        assert "tag_injected-parameters" not in page, f"{name}: the injected cell is on the page"
+        assert 'profile = "smoke"' not in page_text(page), f"{name}: injected values shown"
+        assert "tag_parameters" in page and 'profile = "ci"' in page_text(page), \
+            f"{name}: the chapter's own parameters cell is missing"
