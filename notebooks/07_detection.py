@@ -32,8 +32,9 @@
 # * **attributes** from WBCAtt {cite:p}`tsutsui2023wbcatt`: 11 attributes for PBC
 #   cells {cite:p}`acevedo2020pbc`, on a full-cell box per single-cell image and on the
 #   TXL-PBC fields copied from PBC;
-# * **sparse annotation**, simulated on the training images: one random patch of about
-#   25% of the image keeps its labels, the rest loses them. Three regimes are compared:
+# * **sparse annotation**, simulated on the training images: one random patch covering a
+#   fixed share of the image (set per profile) keeps its labels, the rest loses them.
+#   Three regimes are compared:
 #   full labels, naive sparse (unlabelled area = background) and the paper's masked loss
 #   with weighted pseudo-labels.
 #
@@ -116,12 +117,14 @@ print(f"profile {profile}: FCOS + EfficientNet-Lite0 FPN at shorter side {S}px, 
 #
 # Every box is checked as it is read: a zero-area box, a box outside its image or an
 # unknown class stops the loader with the file and line at fault. The BCCD release has
-# two such boxes (zero-area RBCs); they are excluded by an explicit list in
-# `leukemia_core/detection/data.py` and shown here, not dropped silently.
+# such boxes; they are excluded by an explicit list in `leukemia_core/detection/data.py`
+# and shown here, not dropped silently.
 
 # %%
 bccd = bccd_boxes(ROOT)
-display(pd.DataFrame(bccd.attrs["excluded_boxes"]))
+excluded = pd.DataFrame(bccd.attrs["excluded_boxes"])
+display(excluded)
+display(Markdown(f"{len(excluded)} box(es) of the BCCD release excluded by the explicit list."))
 txl = link_sources(bccd, txl_boxes(ROOT))
 lap("read and check boxes")
 
@@ -137,8 +140,8 @@ overview["images"] = [len(bccd[bccd.split == s]) if n == "BCCD" else
 display(overview)
 
 # %% [markdown]
-# TXL-PBC re-uses 221 BCCD images (found by content hash, `txl_pbc/source_map.csv`),
-# re-annotated: it marks many more RBCs than BCCD's own XML. Two leaks follow and are
+# TXL-PBC re-uses BCCD images (found by content hash, `txl_pbc/source_map.csv`; counted
+# below), re-annotated: it marks many more RBCs than BCCD's own XML. Two leaks follow and are
 # closed here. A TXL training image copied from a BCCD val/test image would put test
 # cells into training, so **no TXL image copied from BCCD is used for training** (BCCD's
 # own training list covers that source). A TXL **test** image copied from a BCCD
@@ -162,7 +165,9 @@ contaminated = txl_test_all.bccd_split == "train"
 txl_test = txl_test_all[~contaminated]
 if SIZES["txl_test_per_domain"]:
     txl_test = txl_test.groupby("domain").head(SIZES["txl_test_per_domain"])
+copied = txl[txl.bccd_split.notna()]
 display(Markdown(
+    f"TXL-PBC copies {len(copied)} BCCD images ({copied.bccd_split.value_counts().to_dict()} by BCCD split). "
     f"Training: {len(bccd_train)} BCCD images + {len(txl_train)} TXL-PBC images "
     f"({txl_train.domain.value_counts().to_dict()}). Test: {len(bccd_test)} BCCD test images; "
     f"{len(txl_test)} TXL-PBC test images ({int(contaminated.sum())} removed as copies of BCCD training images)."))
@@ -176,7 +181,7 @@ split_sha = hashlib.sha256("\n".join(sorted(f"{r}\t{s}" for r, s in zip(
 # ## Sparse annotation, simulated
 #
 # Each training image gets one random patch with the image's aspect ratio and a fixed
-# share of its area (25% by default; several shares under `full`). A box belongs to the
+# share of its area (one share under `ci`, several under `full`; printed below). A box belongs to the
 # patch when its centre lies inside it, as an annotator would label every cell whose
 # centre is in the marked region. The patch is drawn once per image (seeded) and moves
 # with the flips used as augmentation. Dashed boxes below lose their label.
@@ -188,6 +193,17 @@ kept = pd.DataFrame({f"{f:.0%} patch": {"boxes kept": sum(map(len, t.boxes)) / s
                                        **{f"{c} kept": class_counts(t)[c] / class_counts(train_table)[c]
                                           for c in CLASSES}} for f, t in sparse_tables.items()}).T
 display(kept.style.format("{:.1%}"))
+PLATELET = CLASSES.index("Platelets")
+f_demo = 0.25 if 0.25 in FRACTIONS else FRACTIONS[0]
+is_bccd = (train_table["dataset"] == "bccd").to_numpy()  # sparsify keeps the rows and their order
+plt_full = sum(lab.count(PLATELET) for lab in train_table.loc[is_bccd, "labels"])
+plt_kept = sum(lab.count(PLATELET) for lab in sparse_tables[f_demo].loc[is_bccd, "labels"])
+plt_side = np.median([((b[2] - b[0]) + (b[3] - b[1])) / 2 * S / min(r.width, r.height)
+                      for r in train_table.itertuples() for b, lab in zip(r.boxes, r.labels) if lab == PLATELET])
+display(Markdown(
+    f"Patch shares under `{profile}`: {', '.join(f'{f:.0%}' for f in FRACTIONS)}. Platelets are small (median "
+    f"box side {plt_side:.0f} px at shorter side {S} px) and rare: a {f_demo:.0%} patch keeps {plt_kept} of the "
+    f"{plt_full} platelets of the BCCD training images."))
 
 COLORS = {"WBC": "tab:purple", "RBC": "tab:red", "Platelets": "tab:green"}
 demo = sparse_tables[0.25 if 0.25 in FRACTIONS else FRACTIONS[0]]
@@ -227,8 +243,7 @@ lap("sparsify + figure")
 #    frozen and FCOS's head uses GroupNorm, so they equal an eval-mode pass; a test checks
 #    this), which costs no second forward.
 #
-# Platelets are small (about 20 px at this resolution) and rare: a 25% patch keeps about
-# 50 of BCCD's 209 training platelets. All three regimes therefore draw their batches
+# Platelets are small and rare (counted above). All three regimes therefore draw their batches
 # with **repeat-factor sampling** (Gupta, Dollár and Girshick, LVIS, CVPR 2019),
 # computed from the boxes each regime can see: a class present in a share $f_c$ of the
 # images gets the factor $\max(1, \sqrt{t / f_c})$ (here $t$ = `repeat_threshold`), an
@@ -300,13 +315,17 @@ display(per_domain.style.format("{:.3f}", subset=per_domain.columns[1:]).format(
 # evaluation (101-point interpolated AP), not Ultralytics' evaluator.
 
 # %%
+from leukemia_core.registry import load_claims
+
 bccd_m = full_metrics["BCCD test"]
 txl_m = full_metrics["TXL-PBC test"]["all"]
+ANCHOR = {a["id"]: a for a in load_claims()["papers"]["rehman2025lld"]["anchors"]}
 anchors = pd.DataFrame([
     {"model": "YOLOv8n (public reports: TXL-PBC paper and BCCD studies)",
-     "data": "BCCD / TXL-PBC, 640 px, ~100 epochs, GPU", "mAP@0.5": "0.904–0.935", "WBC AP@0.5": "–"},
+     "data": "BCCD / TXL-PBC, 640 px, ~100 epochs, GPU",
+     "mAP@0.5": f"≥ {ANCHOR['yolov8n_bccd_txl']['value']:.3f} (lower end of the reported range)", "WBC AP@0.5": "–"},
     {"model": "YOLOv7 (public report, WBC class)", "data": "BCCD-type smears, 640 px, GPU", "mAP@0.5": "–",
-     "WBC AP@0.5": "0.983"},
+     "WBC AP@0.5": f"{ANCHOR['yolov7_wbc']['value']:.3f}"},
     {"model": f"ours: FCOS + EfficientNet-Lite0 FPN, full labels ({profile})",
      "data": f"BCCD test list, shorter side {S}px, {SIZES['epochs']} epochs",
      "mAP@0.5": f"{bccd_m['map_50']:.3f}", "WBC AP@0.5": f"{bccd_m['AP50_WBC']:.3f}"},
@@ -529,36 +548,55 @@ print("\n".join(str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) els
 # %% [markdown]
 # ## What it shows
 #
-# The checks below are the chapter's targets under `ci` (one patch size):
-# WBC AP@0.5 on BCCD's test list of at least 0.90; the masked regime at 25% patch
-# within 90% of the full-label mAP@0.5 and above the naive regime; mean attribute
-# accuracy at least 10 points above the mean majority floor.
+# The checks below are the chapter's targets, fixed before the runs (`TARGETS`; one
+# patch size under `ci`): WBC AP@0.5 on BCCD's test list, the masked regime's share of
+# the full-label mAP@0.5, masked above naive, and the mean attribute accuracy over the
+# mean majority floor.
 
 # %%
+TARGETS = {"wbc_ap50": 0.90, "masked_share_of_full": 0.90, "attribute_gain": 0.10}  # protocol, not results
 f25 = 0.25 if 0.25 in FRACTIONS else FRACTIONS[0]
 masked_map = runs[("masked", f25)]["metrics"]["BCCD test"]["map_50"]
 naive_map = runs[("naive", f25)]["metrics"]["BCCD test"]["map_50"]
+attr_gain = attr_df.loc["mean", "accuracy"] - attr_df.loc["mean", "majority_accuracy"]
 checks = pd.DataFrame([
-    ("BCCD test WBC AP@0.5 ≥ 0.90", bccd_m["AP50_WBC"], bccd_m["AP50_WBC"] >= 0.90),
-    (f"masked ≥ 90% of full mAP@0.5 ({f25:.0%} patch)", masked_map / full_map if full_map else float("nan"),
-     masked_map >= 0.9 * full_map),
+    (f"BCCD test WBC AP@0.5 ≥ {TARGETS['wbc_ap50']:.2f}", bccd_m["AP50_WBC"], bccd_m["AP50_WBC"] >= TARGETS["wbc_ap50"]),
+    (f"masked ≥ {TARGETS['masked_share_of_full']:.0%} of full mAP@0.5 ({f25:.0%} patch)",
+     masked_map / full_map if full_map else float("nan"), masked_map >= TARGETS["masked_share_of_full"] * full_map),
     ("masked above naive (mAP@0.5)", masked_map - naive_map, masked_map > naive_map),
-    ("mean attribute accuracy − majority floor ≥ 0.10",
-     attr_df.loc["mean", "accuracy"] - attr_df.loc["mean", "majority_accuracy"],
-     attr_df.loc["mean", "accuracy"] - attr_df.loc["mean", "majority_accuracy"] >= 0.10),
+    (f"mean attribute accuracy − majority floor ≥ {TARGETS['attribute_gain']:.2f}", attr_gain,
+     attr_gain >= TARGETS["attribute_gain"]),
 ], columns=["target", "value", "met"]).set_index("target")
 display(checks)
 masked_m, naive_m = runs[("masked", f25)]["metrics"]["BCCD test"], runs[("naive", f25)]["metrics"]["BCCD test"]
+n_test, n_seeds = int(bccd_m["n_images"]), len(common["seeds"])
+ap = lambda m, c: m[f"AP50_{c}"]  # noqa: E731
+vs_naive = {c: ap(masked_m, c) - ap(naive_m, c) for c in CLASSES}  # + : masked ahead
+cost = {c: ap(bccd_m, c) - ap(masked_m, c) for c in CLASSES}  # full minus masked: what the sparse labels cost
+lead = 100 * (masked_map - naive_map)
+if abs(lead) < 0.05:
+    standing = "level with the naive regime"
+else:
+    standing = f"{abs(lead):.1f} mAP@0.5 points {'above' if lead > 0 else 'below'} the naive regime"
+gaps = ", ".join(f"{c} {100 * v:+.1f}" for c, v in vs_naive.items())
 display(Markdown(
     f"With full labels the detector reaches BCCD mAP@0.5 {full_map:.3f} (WBC {bccd_m['AP50_WBC']:.3f}, "
     f"RBC {bccd_m['AP50_RBC']:.3f}, platelets {bccd_m['AP50_Platelets']:.3f}). With labels only in a "
-    f"{f25:.0%} patch, the masked loss keeps {masked_map / max(full_map, 1e-9):.0%} of that mAP and the naive "
-    f"regime {naive_map / max(full_map, 1e-9):.0%}. Per class (masked / naive): WBC "
-    f"{masked_m['AP50_WBC']:.3f} / {naive_m['AP50_WBC']:.3f}, RBC {masked_m['AP50_RBC']:.3f} / "
-    f"{naive_m['AP50_RBC']:.3f}, platelets {masked_m['AP50_Platelets']:.3f} / {naive_m['AP50_Platelets']:.3f}. "
-    "Treating the unlabelled area as background teaches the model that unlabelled RBCs are background; "
-    "the mask removes that false signal and the pseudo-labels give part of it back. Platelets, small and "
-    "rare, are where a quarter of the labels costs most within this short schedule."))
+    f"{f25:.0%} patch, the masked regime with pseudo-labels keeps {masked_map / max(full_map, 1e-9):.0%} of that "
+    f"mAP and the naive regime {naive_map / max(full_map, 1e-9):.0%}: masked + pseudo-labels is {standing}. "
+    f"Per class (masked / naive): WBC {masked_m['AP50_WBC']:.3f} / {naive_m['AP50_WBC']:.3f}, "
+    f"RBC {masked_m['AP50_RBC']:.3f} / {naive_m['AP50_RBC']:.3f}, platelets {masked_m['AP50_Platelets']:.3f} / "
+    f"{naive_m['AP50_Platelets']:.3f} (masked minus naive, AP@0.5 points: {gaps}). "
+    + (f"Against full labels the masked regime loses most on **{max(cost, key=cost.get)}** "
+       f"({100 * max(cost.values()):.1f} AP@0.5 points lower)." if max(cost.values()) >= 0.0005 else
+       "Against full labels the masked regime loses nothing on any class.")
+    + f"\n\nWhat these rows can and cannot say: they are **{n_seeds} seed{'s' if n_seeds != 1 else ''}** and **{n_test} BCCD test images**"
+    + (", with no seed-to-seed spread measured, so a gap of a point or two is not established. "
+       if n_seeds == 1 else ". ")
+    + "The masked regime combines two changes against naive (the loss mask and the pseudo-labels), and **no "
+    "masked run without pseudo-labels was trained**, so these rows do not say which of the two accounts for any "
+    "difference. The naive regime's handicap is known by construction (it treats the unlabelled cells as "
+    "background); how much of it the mask and the pseudo-labels each recover is not measured here."))
 lap("results, checks")
 print(f"chapter wall time {time.perf_counter() - CHAPTER_START:.0f}s, {torch.get_num_threads()} torch threads; "
       "by section:")
@@ -570,5 +608,5 @@ print("\n".join(f"  {k:<24} {v:6.1f}s" for k, v in SECTION_TIMES.items()))
 # platelet boxes, and the attributes are WBCAtt's, on normal cells from one hospital.
 # The sparse regimes are simulated by hiding labels of fully annotated images; a real
 # annotator's patch is not random. Under `ci` the detector trains a few epochs on CPU at
-# low resolution, so small platelets are detected poorly; the public YOLO anchors train
-# far longer at 640 px.
+# low resolution (the per-class AP above shows what that costs each class, the small
+# platelets included); the public YOLO anchors train far longer at 640 px.
