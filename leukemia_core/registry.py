@@ -37,7 +37,13 @@ REQUIRED: dict[str, tuple[type, ...]] = {
 }
 #: Optional fields that, when present, must have these types.
 OPTIONAL: dict[str, tuple[type, ...]] = {"paper": (str,), "chapter": (str,), "method": (str,),
-                                         "model": (str,), "dataset": (str,)}
+                                         "model": (str,), "dataset": (str,), "selected_on": (str,)}
+#: How a row that was picked among others was picked. ``test``: by held-out/test scores
+#: (shown, labelled, never a verdict); ``validation``: by a rule on validation data;
+#: ``pre-registered``: named before any result existed.
+SELECTED_ON = ("pre-registered", "validation", "test")
+#: Metric keys that name a row picked among others: a file holding one must say how.
+SELECTION_KEYS = ("best_row", "best_method", "best_cross_domain_method", "headline_method")
 CLAIMS_FILE = REPO_ROOT / "results" / "claims.yaml"
 RESULTS_DIR = REPO_ROOT / "results"
 #: Folders of ``results/`` that hold run results (``bench/`` holds benchmark files).
@@ -75,6 +81,12 @@ def validate(payload: dict) -> list[str]:
         problems.append("field 'seeds' must list integers")
     if isinstance(payload.get("metrics"), dict) and not payload["metrics"]:
         problems.append("field 'metrics' is empty")
+    if payload.get("selected_on") is not None and payload["selected_on"] not in SELECTED_ON:
+        problems.append(f"field 'selected_on' is '{payload['selected_on']}', expected one of {SELECTED_ON}")
+    picked = [k for k in SELECTION_KEYS if isinstance(payload.get("metrics"), dict) and k in payload["metrics"]]
+    if picked and payload.get("selected_on") is None:
+        problems.append(f"metrics name a selected row ({', '.join(picked)}) but 'selected_on' says not how "
+                        f"it was selected (one of {SELECTED_ON})")
     return problems
 
 
@@ -107,6 +119,15 @@ def as_number(value) -> float | None:
 
 
 # --------------------------------------------------------------------------- claims
+BIB_FILE = REPO_ROOT / "book" / "references.bib"
+
+
+def bibtex_keys(path: str | Path = BIB_FILE) -> set[str]:
+    """The entry keys of a BibTeX file (``@type{key,``)."""
+    import re
+    return set(re.findall(r"^@\w+\{([^,\s]+),", Path(path).read_text(), flags=re.M))
+
+
 def load_claims(path: str | Path = CLAIMS_FILE) -> dict:
     """``results/claims.yaml``, checked: every paper has a title, its references have
     sources, every headline metric names a file and a metric, every reason is known."""
@@ -116,6 +137,7 @@ def load_claims(path: str | Path = CLAIMS_FILE) -> dict:
     except (OSError, yaml.YAMLError) as exc:
         raise ResultsError(f"cannot read claims file {path}: {exc}") from exc
     problems = []
+    bib_keys = bibtex_keys()
     papers = (data or {}).get("papers")
     if not isinstance(papers, dict) or not papers:
         raise ResultsError(f"{path}: no 'papers' mapping")
@@ -129,9 +151,20 @@ def load_claims(path: str | Path = CLAIMS_FILE) -> dict:
             for ref in paper.get(kind) or []:
                 if not ref.get("id") or not ref.get("statement") or not ref.get("source"):
                     problems.append(f"{where}.{kind}: every entry needs id, statement and source ({ref})")
+                if ref.get("cite") not in bib_keys:
+                    problems.append(f"{where}.{kind}.{ref.get('id')}: cite '{ref.get('cite')}' is no BibTeX "
+                                    f"key of {BIB_FILE.name} (add the publication there)")
                 if ref.get("value") is not None and as_number(ref["value"]) is None:
                     problems.append(f"{where}.{kind}.{ref.get('id')}: value must be a number or null")
                 ids.add(ref.get("id"))
+        head = paper.get("headline")
+        if paper.get("chapter") and not (isinstance(head, dict) and (head.get("row") or head.get("rule"))):
+            problems.append(f"{where}: a paper with a chapter needs a headline (row or rule), fixed "
+                            "before any result")
+        labels = {row.get("label") for row in paper.get("ours") or []}
+        for label in (head or {}).get("judged") or []:
+            if label not in labels:
+                problems.append(f"{where}.headline.judged: '{label}' is no label of its ours list")
         for row in paper.get("ours") or []:
             if not row.get("label") or not row.get("file") or not row.get("metric"):
                 problems.append(f"{where}.ours: every headline needs label, file and metric ({row})")
@@ -432,6 +465,20 @@ def headline_rows(claims: dict, reg: Registry, key: str, profiles=("ci", "full")
             row["results"][profile] = res
         rows.append(row)
     return rows
+
+
+def verdicts_on_test_selection(claims: dict, reg: Registry, profiles=PROFILE_DIRS) -> list[str]:
+    """Headline metrics compared with a paper's claim or an anchor (a verdict) whose
+    results file says its row was selected on test: one line each (must be empty)."""
+    out = []
+    for key, paper in claims["papers"].items():
+        for spec in paper.get("ours") or []:
+            for profile in profiles:
+                res = reg.find(profile, spec["file"])
+                if res is not None and spec.get("compare_to") and res.data.get("selected_on") == "test":
+                    out.append(f"{key}: '{spec['label']}' compares {res.path.name} (selected_on: test) "
+                               f"with {spec['compare_to']}")
+    return out
 
 
 def not_reproducible(claims: dict) -> list[dict]:

@@ -63,6 +63,7 @@ from leukemia_core.domains import CLASSES, DOMAINS, SHARED, class_counts, load_d
 from leukemia_core.pipeline import content_hash, subsample
 from leukemia_core.plots import image_grid, use_offline_plotly
 from leukemia_core.predict import predict_folder, save_dg_checkpoint
+from leukemia_core.registry import load_claims
 from leukemia_core.results import write_results
 
 use_offline_plotly()
@@ -147,8 +148,8 @@ px.box(stats, x="domain", y="nucleus extent / side", color="label", points=False
 #
 # `leukemia_core.dg.ScaleNorm` segments the nucleus (Otsu's threshold on blue minus
 # green, a small opening, and the lobes grouped by dilation; the group nearest the
-# centre wins), then crops a square around it so that the nucleus spans
-# 65% of the side, padding with the border colour where needed. Zheng
+# centre wins), then crops a square around it so that the nucleus spans a fixed
+# fraction of the side (`dg.ScaleNorm`), padding with the border colour where needed. Zheng
 # Dataset 1 has expert masks (nucleus 255, cytoplasm 128): the nucleus IoU tells how far
 # to trust the segmentation, and the extent ratio how far to trust the *scale*, which is
 # what the normalisation uses.
@@ -260,15 +261,20 @@ def join(keys, scale):
 # but not BatchNorm's affine parameters: copied into GroupNorm they make the features
 # almost constant across inputs.
 #
-# **How the combined recipe was chosen, honestly**: after sweeps over these pieces that
-# looked at the held-out scores: first 3 folds and up to 3 seeds on a separate 16-core
-# machine, then one seed at these `ci` sizes on the book's 2-core machine, where
-# domain-wise BN and longer training (3 → 8 epochs; `ci` now trains 6, what the chapter's
-# 7-minute budget allows) each added a few points on top of TTA-BN, and MixStyle (Zhou et
-# al. 2021) and frozen ImageNet BatchNorm statistics did not. Class-balanced sampling and stain *augmentation* did not
-# add reliably to scale and colour normalisation, so the combined recipe leaves them out.
-# Its held-out score is therefore optimistic by the selection; the single-piece rows are
-# not. Differences of a few points between rows are within one seed's noise here.
+# **How the combined recipe was designed, and why it cannot be the headline**: its pieces
+# were picked in earlier sweeps that *looked at the held-out scores* (first on a separate
+# 16-core machine, then at these `ci` sizes on the book's 2-core machine; MixStyle (Zhou et
+# al. 2021) and frozen ImageNet BatchNorm statistics were dropped that way). Its held-out
+# score is therefore optimistic by that selection. Its rows are shown and marked
+# `selected_on: test` in their results files; they decide nothing.
+#
+# **The headline row, fixed before any result is computed** (`HEADLINE_RULE` below): among
+# the rows *not* designed on held-out scores, the one with the highest mean macro-F1 on the
+# **training domains' validation splits**, scored the way the row is used: plain rows with
+# their running BatchNorm statistics, a TTA-BN row with its statistics re-estimated on each
+# validation domain separately (as it would be on a new hospital). The held-out domain is
+# touched once, to score that row. Every verdict below (targets, gain over ERM, the
+# in-domain ceiling, the anchors) uses it.
 
 # %%
 ERM = dg.Recipe("ERM-BN", swa=True)
@@ -281,6 +287,10 @@ RECIPES = [
     dg.Recipe("combined", scale_norm=True, stain_norm=True, supcon=0.5, domain_bn=True),
 ]
 LABELS = [CLASSES.index(c) for c in SHARED]
+#: rows whose recipe was designed by sweeps that saw held-out scores: shown, never the headline
+DESIGNED_ON_HELDOUT = {"combined", "combined + TTA-BN"}
+HEADLINE_RULE = ("highest mean validation macro-F1 on the training domains (TTA-BN rows adapted per "
+                 "validation domain) among rows not designed on held-out scores")
 
 
 def score(model, key, scale):
@@ -315,9 +325,12 @@ for seed in seeds:
                 m, pred = score(model, (held, "heldout"), sc)
                 probe, _ = score(model, ("matek", "heldout"), sc)
                 predictions[name, held, seed] = pred
+                # selection score: the training domains' validation images, scored as the row is used
+                val_pred = (dg.predict_per_domain(res.model, va) if name.endswith("TTA-BN")
+                            else dg.predict_probs(model, va.x).argmax(1))
                 rows.append({"method": name, "held out": held, "seed": seed, **m,
                              "matek neutrophil recall": probe["recall neutrophil"],
-                             "val macro-F1": max(h["val_macro_f1"] for h in res.history),
+                             "val macro-F1": dg.macro_f1(va.y, val_pred, LABELS),
                              "train s": res.train_time_s, "best epoch": res.best_epoch})
         print(f"seed {seed}, held out {held}: done at {(time.perf_counter() - CHAPTER_START) / 60:.1f} min")
 scores = pd.DataFrame(rows)
@@ -326,9 +339,9 @@ scores = pd.DataFrame(rows)
 # ## The leave-one-domain-out table
 #
 # Macro-F1 over the four shared classes on each held-out domain, and its mean over the
-# three folds (the number the paper's setting asks for). The last column is the best
-# validation macro-F1 on the *training* domains (mean over folds): what model selection
-# saw.
+# three folds (the number the paper's setting asks for). The last column is the
+# validation macro-F1 on the *training* domains (mean over folds): what the headline rule
+# sees. The headline row is marked in green.
 
 # %%
 order = list(dict.fromkeys(scores["method"]))
@@ -339,29 +352,38 @@ acc = scores.pivot_table(index="method", columns="held out", values="accuracy", 
 lodo = pd.concat({"macro-F1": per_fold, "accuracy": acc[list(DOMAINS)]}, axis=1)
 lodo[("Matek", "neutrophil recall")] = scores.groupby("method")["matek neutrophil recall"].mean().reindex(order)
 lodo[("training domains", "val macro-F1")] = scores.groupby("method")["val macro-F1"].mean().reindex(order)
-display(lodo.style.format("{:.1%}").highlight_max(subset=[("macro-F1", "mean")], color="#d4edda"))
+val_mean = lodo[("training domains", "val macro-F1")]
+best = val_mean.drop(list(DESIGNED_ON_HELDOUT)).idxmax()  # the headline: chosen on validation only
+lodo.index = [f"{m} (selected on test)" if m in DESIGNED_ON_HELDOUT else m for m in lodo.index]
+display(lodo.style.format("{:.1%}").apply(
+    lambda r: ["background-color: #d4edda" if r.name == best else "" for _ in r], axis=1))
 if len(seeds) > 1:
     sd = scores.groupby(["method", "seed"])["macro_f1"].mean().groupby("method").std().reindex(order)
     display(Markdown("Std over seeds of the mean held-out macro-F1: " +
                      ", ".join(f"{m} {v:.1%}" for m, v in sd.items())))
 erm_f1 = per_fold.loc["ERM-BN", "mean"]
-best = per_fold["mean"].drop("ERM-BN").idxmax()
 best_f1 = per_fold.loc[best, "mean"]
 bccd_acc = acc.loc[best, "bccd"]
+top_test = per_fold["mean"].idxmax()
 display(Markdown(
-    f"Best method: **{best}**, mean held-out macro-F1 **{best_f1:.1%}** vs ERM-BN **{erm_f1:.1%}** "
+    f"Headline row (rule: {HEADLINE_RULE}): **{best}**, validation macro-F1 {val_mean[best]:.1%}; "
+    f"mean held-out macro-F1 **{best_f1:.1%}** vs ERM-BN **{erm_f1:.1%}** "
     f"(**{100 * (best_f1 - erm_f1):+.1f} points**); held-out BCCD accuracy **{bccd_acc:.1%}**. "
-    f"Picking the best row by its held-out score is itself a look at the test domains (see "
-    f"how the combined recipe was chosen, above)."))
+    + ("It is also the row with the highest held-out score." if top_test == best else
+       f"The highest held-out score belongs to {top_test} ({per_fold.loc[top_test, 'mean']:.1%}); "
+       "picking it by that score would be selection on test, so it is reported, not used.")))
 
 # %%
 TARGETS = {"ci": 0.75, "smoke": 0.75, "full": 0.85}
+DG_CLAIMS = load_claims()["papers"]["umer2023imbalanced"]
+tsutsui = max((a for a in DG_CLAIMS["anchors"] if a["id"].startswith("tsutsui_bccd")), key=lambda a: a["value"])
 gap = best_f1 - TARGETS[profile]
 display(Markdown(
-    f"Targets under `{profile}`: mean held-out macro-F1 ≥ {TARGETS[profile]:.2f}: "
-    f"**{'met' if gap >= 0 else f'missed by {-gap:.2f}'}**; at least +10 points over ERM-BN: "
-    f"**{'met' if best_f1 - erm_f1 >= 0.10 else 'missed'}**; held-out BCCD accuracy above the best "
-    f"Tsutsui anchor (49.1%): **{'yes' if bccd_acc > 0.491 else 'no'}** ({bccd_acc:.1%})."))
+    f"Targets under `{profile}`, judged on the headline row ({best}): mean held-out macro-F1 ≥ "
+    f"{TARGETS[profile]:.2f}: **{'met' if gap >= 0 else f'missed by {-gap:.2f}'}**; at least +10 points "
+    f"over ERM-BN: **{'met' if best_f1 - erm_f1 >= 0.10 else 'missed'}**; held-out BCCD accuracy above "
+    f"the best Tsutsui anchor ({tsutsui['statement']}: {tsutsui['value']:.1%}): "
+    f"**{'yes' if bccd_acc > tsutsui['value'] else 'no'}** ({bccd_acc:.1%})."))
 
 # %%
 f1 = per_fold["mean"]
@@ -371,50 +393,83 @@ piece_gain = {m: f1[m] - f1["ERM-BN"] for m in ["ERM-GN", "CB sampling + CB foca
 display(Markdown(
     f"Measured in this build: TTA-BN adds **{100 * tta_gain:+.1f} points** to ERM-BN; the single "
     "training-time pieces add " + ", ".join(f"{m} {100 * v:+.1f}" for m, v in piece_gain.items()) +
-    f" points. Against ERM-BN *with* TTA-BN (the fair baseline for a transductive best row), "
-    f"{best} is **{100 * (best_f1 - f1['ERM-BN + TTA-BN']):+.1f} points**."))
+    " points."
+    + (f" Against ERM-BN *with* TTA-BN (the fair baseline for a transductive headline row), {best} is "
+       f"**{100 * (best_f1 - f1['ERM-BN + TTA-BN']):+.1f} points**."
+       if best.endswith("TTA-BN") and best != "ERM-BN + TTA-BN" else "")))
 
 # %% [markdown]
-# What the table says, and what it does not:
-#
-# - **Plain training does not transfer.** ERM-BN reaches high macro-F1 on the training
-#   domains' validation images and collapses on the held-out hospital, often into one or
-#   two classes (see the recalls below). The in-domain number says nothing about the next
-#   hospital.
-# - **The BatchNorm statistics carry the hospital.** Re-estimating them on the new
-#   hospital's unlabelled images (TTA-BN) is the largest single gain above, and training
-#   with domain-wise BN makes the network expect exactly that. It needs a batch of
-#   unlabelled images from the target hospital, which a deployment usually has
-#   (`leukemia-core predict --adapt-bn`).
-# - **Normalising the input is the largest training-time piece.** Putting every image
-#   into one apparent scale and one colour space (with stain jitter on top) removes much
-#   of the shift before the network sees it.
-# - **With two training hospitals, losses that ask for invariance (SupCon) or balance
-#   (CB sampling, focal loss) have little to work with**; on their own their rows move by
-#   amounts comparable to the seed noise.
-# - **The GroupNorm row** keeps ImageNet convolutions that were trained *with*
-#   BatchNorm; a few epochs at 64 px do not re-learn what the swap throws away, and a high
-#   Matek recall next to a low macro-F1 means it predicts "neutrophil" for almost
-#   everything. Tsutsui et al.'s GN advantage was with a network pretrained with GN.
-# - Monocytes are the weak class everywhere: 20 in BCCD, 48 in Zheng, and a shape that
-#   overlaps with large lymphocytes once absolute size is normalised away.
-# - Under `ci` each number rests on one seed and, for BCCD and Zheng, on 20–50 images
-#   of the rare classes: differences of a few points between rows are noise. `full`
-#   reports the standard deviation over three seeds.
-#
-# ## How far could it go? The in-domain ceiling
-#
-# The 0.75 target is a number about the *shift*, but these domains are also small, and the
-# model is fine-tuned at 64 px for a few epochs. To separate the two, the combined recipe
-# is trained on each domain's **own** training split (PBC capped as above), its epoch chosen
-# on that domain's validation split, and tested on that domain's **test split**, scored
-# with the same TTA-BN step. The LODO models are scored again on exactly those test
-# images (they saw none of that domain). The ratio says how much of the in-domain
-# performance survives the move to a new hospital.
+# What the table says, and what it does not (every statement below is computed from the
+# rows above, in this build):
 
 # %%
-combined = RECIPES[-1]
-sc = (combined.scale_norm, combined.stain_norm)
+def top_class(method, held):
+    """The class a method's model predicts most on a held-out domain, and its share."""
+    pred = torch.cat([predictions[method, held, s] for s in seeds])
+    counts = torch.bincount(pred, minlength=len(CLASSES))
+    return CLASSES[int(counts.argmax())], float(counts.max() / counts.sum())
+
+
+erm_val = val_mean["ERM-BN"]
+gn_top = {h: top_class("ERM-GN", h) for h in DOMAINS}
+heldout_counts = {h: parts[h, "heldout"]["label"].value_counts() for h in ("bccd", "zheng")}
+rare = {h: int(c.reindex(SHARED).fillna(0).min()) for h, c in heldout_counts.items()}
+trainers = [m for m in piece_gain if m not in ("ERM-BN + SWA",)]
+largest = max(trainers, key=piece_gain.get)
+one_seed = len(seeds) == 1
+bullets = [
+    f"**Does plain training transfer?** ERM-BN scores {erm_val:.1%} macro-F1 on the training domains' "
+    f"validation images and {erm_f1:.1%} on the held-out hospital ({100 * (erm_f1 - erm_val):+.1f} points): "
+    + ("the in-domain number says little about the next hospital." if erm_val - erm_f1 > 0.15 else
+       "here the drop is small."),
+    f"**BatchNorm statistics.** Re-estimating them on the new hospital's unlabelled images (TTA-BN) "
+    f"changes ERM-BN by {100 * tta_gain:+.1f} points"
+    + (f", more than any training-time piece (largest: {largest}, {100 * piece_gain[largest]:+.1f})."
+       if tta_gain > max(piece_gain[m] for m in trainers) else
+       f"; the largest training-time piece, {largest}, changes it by {100 * piece_gain[largest]:+.1f}.")
+    + " TTA-BN needs a batch of unlabelled images from the target hospital (`leukemia-core predict --adapt-bn`).",
+    "**Training-time pieces** against ERM-BN: " + ", ".join(
+        f"{m} {100 * piece_gain[m]:+.1f}" for m in trainers) + " points. " +
+    ("With one seed per row under this profile, differences of a few points cannot be told from "
+     "seed noise; `full` runs three seeds." if one_seed else
+     "The standard deviation over seeds is printed under the table."),
+    "**The GroupNorm row**: its most-predicted class per held-out domain is " + ", ".join(
+        f"{h}: {c} ({v:.0%} of predictions)" for h, (c, v) in gn_top.items()) +
+    ". It keeps ImageNet convolutions trained *with* BatchNorm; Tsutsui et al.'s GroupNorm "
+    "advantage was with a network pretrained with GroupNorm.",
+    f"**Small held-out domains.** The rarest shared class has {rare['bccd']} images in BCCD and "
+    f"{rare['zheng']} in Zheng (all their images are held out): a handful of errors moves macro-F1 "
+    "by points.",
+]
+display(Markdown("\n".join(f"- {b}" for b in bullets)))
+
+# %% [markdown]
+# ## How far could it go? The in-domain ceiling
+#
+# The target is a number about the *shift*, but these domains are also small, and the
+# model is fine-tuned at small size for a few epochs. To separate the two, the headline
+# row's recipe is trained on each domain's **own** training split (PBC capped as above),
+# its epoch chosen on that domain's validation split, and tested on that domain's **test
+# split**, scored the way the row is used (with the same TTA-BN step if it has one). The
+# LODO models are scored again on exactly those test images (they saw none of that
+# domain). The ratio says how much of the in-domain performance survives the move to a
+# new hospital.
+
+# %%
+def recipe_of(method):
+    """The recipe a table row was trained with (a row name may add ' + SWA' / ' + TTA-BN')."""
+    names = {r.name: r for r in RECIPES}
+    return names[method] if method in names else names[method.split(" + ")[0]]
+
+
+def as_used(res, method, x_target):
+    """The model of a row as it is scored: SWA weights, or BN adapted to the target images."""
+    model = res.swa_model if method.endswith("+ SWA") else res.model
+    return dg.adapt_bn(model, x_target) if method.endswith("TTA-BN") else model
+
+
+headline_recipe = recipe_of(best)
+sc = (headline_recipe.scale_norm, headline_recipe.stain_norm)
 ceiling_rows = []
 for held in DOMAINS:
     test_keys = (held, "test")
@@ -424,12 +479,12 @@ for held in DOMAINS:
     cache[test_keys, sc] = dg.Arrays(heldout.x[sel], heldout.y[sel], heldout.d[sel])
     y_test = heldout.y[sel]
     for seed in seeds:
-        res = dg.train_dg(combined, cache[(held, "train"), sc], cache[(held, "val"), sc], len(CLASSES), LABELS,
-                          SIZES["epochs"], batch_size=SIZES["batch_size"], seed=seed)
-        own, _ = score(dg.adapt_bn(res.model, cache[test_keys, sc].x), test_keys, sc)
+        res = dg.train_dg(headline_recipe, cache[(held, "train"), sc], cache[(held, "val"), sc], len(CLASSES),
+                          LABELS, SIZES["epochs"], batch_size=SIZES["batch_size"], seed=seed)
+        own, _ = score(as_used(res, best, cache[test_keys, sc].x), test_keys, sc)
         row = {"domain": held, "seed": seed, "test images": own["n"], "in-domain macro-F1": own["macro_f1"],
                "in-domain accuracy": own["accuracy"], "train s": res.train_time_s}
-        for name in [best, "ERM-BN + TTA-BN", "ERM-BN"]:
+        for name in dict.fromkeys([best, "ERM-BN + TTA-BN", "ERM-BN"]):
             pred = predictions[name, held, seed][sel]
             row[f"cross-domain {name}"] = dg.macro_f1(y_test, pred, LABELS)
         ceiling_rows.append(row)
@@ -439,15 +494,15 @@ ceiling.loc["mean"] = ceiling.mean()
 display(ceiling.style.format({c: "{:.1%}" for c in ceiling.columns if c not in ("test images", "train s")}
                              | {"test images": "{:.0f}", "train s": "{:.0f}"}))
 display(Markdown(
-    f"Mean in-domain macro-F1 under `{profile}`: **{ceiling.loc['mean', 'in-domain macro-F1']:.1%}**; "
-    f"the best cross-domain method keeps **{ceiling.loc['mean', 'share of ceiling']:.0%}** of it on "
+    f"Mean in-domain macro-F1 of {best} under `{profile}`: **{ceiling.loc['mean', 'in-domain macro-F1']:.1%}**; "
+    f"its leave-one-domain-out models keep **{ceiling.loc['mean', 'share of ceiling']:.0%}** of it on "
     f"the same test images. A cross-domain target above the in-domain ceiling cannot be met by any "
     f"domain-generalisation method at these sizes; below it, the gap is what the shift costs."))
 
-# %% [markdown]
-# The in-domain scores on BCCD and Zheng rest on 60–70 test images with a handful of
-# monocytes and lymphocytes each (see the split table above), so they move by several
-# points with the seed; PBC's is on 300 images.
+# %%
+display(Markdown("The in-domain scores rest on " + ", ".join(
+    f"{d}: {int(ceiling.loc[d, 'test images'])} test images" for d in DOMAINS) +
+    " (see the split table above for the classes); the small ones move by several points with the seed."))
 
 # %% [markdown]
 # ## Per-class recall
@@ -466,11 +521,8 @@ display(recall.style.format("{:.0%}", na_rep="–"))
 # No published number is on exactly this protocol; the anchors set the scale only.
 
 # %%
-anchors = pd.DataFrame([
-    ("Tsutsui et al., ICASSP 2023", "train Raabin, test BCCD crops", "resnet50", "accuracy", 0.232),
-    ("Tsutsui et al., ICASSP 2023", "train Raabin, test BCCD crops", "resnet50-gn", "accuracy", 0.491),
-    ("Tsutsui et al., ICASSP 2023", "train Raabin, test BCCD crops", "vit_b_16", "accuracy", 0.410),
-    ("SADA, arXiv:2412.02976", "ERM, held-out public domains", "ERM", "macro-F1", "0.59–0.71"),
+anchors = pd.DataFrame(
+    [(a["source"], a["statement"], "", a["metric"], a["value"]) for a in DG_CLAIMS["anchors"]] + [
     ("this chapter", "train PBC + Zheng, test BCCD crops (all)", "ERM-BN", "accuracy", acc.loc["ERM-BN", "bccd"]),
     ("this chapter", "train PBC + Zheng, test BCCD crops (all)", best, "accuracy", bccd_acc),
     ("this chapter", "LODO over PBC / BCCD / Zheng, mean", "ERM-BN", "macro-F1", erm_f1),
@@ -544,41 +596,54 @@ wall = time.perf_counter() - CHAPTER_START
 out = Path(results_dir)
 out = out if out.is_absolute() else REPO_ROOT / out
 written = []
+
+
+def lodo_metrics(s):
+    return {"lodo": {"mean_macro_f1": float(s["macro_f1"].mean()),
+                     "mean_accuracy": float(s["accuracy"].mean()),
+                     "mean_val_macro_f1": float(s["val macro-F1"].mean()),
+                     **{f"{h}_macro_f1": float(g["macro_f1"].mean()) for h, g in s.groupby("held out")},
+                     **{f"{h}_accuracy": float(g["accuracy"].mean()) for h, g in s.groupby("held out")}},
+            "per_fold": s.drop(columns=["method"]).to_dict(orient="records"),
+            "matek_neutrophil_recall": float(s["matek neutrophil recall"].mean()),
+            "segmentation_check": seg_check, "removed_duplicates": len(removed)}
+
+
+def dg_config(method):
+    return {"recipe": recipe_of(method).to_dict(), "variant": method, "classes": CLASSES, "shared": SHARED,
+            "scale_norm": SCALE.__dict__, "lab_target": dg.LAB_TARGET,
+            "heldout": "pbc: test split; bccd, zheng: all images"}
+
+
+common = dict(overwrite=True, kind="domain_generalization", chapter="06_domain_generalization",
+              paper="umer2023imbalanced", model="efficientnet_lite0", pretrained=True, profile=P.name,
+              profile_sizes=P.to_dict() | {"chapter": SIZES}, seeds=list(seeds), split_sha256=split_sha,
+              data_sha256=content_hash(used), wall_time_s=wall)
 for method in order:
-    s = scores[scores["method"] == method]
-    base = method.split(" + ")[0] if method not in [r.name for r in RECIPES] else method
-    recipe = next(r for r in RECIPES if r.name == base)
     slug = method.lower().replace(" + ", "_").replace(" ", "_").replace("-", "_")
+    # the combined recipe was designed by sweeps that saw held-out scores: say so in its file
+    selection = ({"selected_on": "test", "selection_note": "recipe designed in sweeps scored on the held-out "
+                  "domains (earlier sessions); shown, never the headline"} if method in DESIGNED_ON_HELDOUT else {})
     written.append(write_results(
-        out / P.name / f"dg_{slug}.json", overwrite=True, kind="domain_generalization",
-        chapter="06_domain_generalization", paper="umer2023imbalanced", method=method,
-        model="efficientnet_lite0", dataset="lodo:pbc,bccd_crops,zheng+matek_probe", pretrained=True,
-        profile=P.name, profile_sizes=P.to_dict() | {"chapter": SIZES}, seeds=list(seeds),
-        config={"recipe": recipe.to_dict(), "variant": method, "classes": CLASSES, "shared": SHARED,
-                "scale_norm": SCALE.__dict__, "lab_target": dg.LAB_TARGET, "heldout": "pbc: test split; bccd, zheng: all images"},
-        split_sha256=split_sha, data_sha256=content_hash(used),
-        metrics={"lodo": {"mean_macro_f1": float(s["macro_f1"].mean()),
-                          "mean_accuracy": float(s["accuracy"].mean()),
-                          **{f"{h}_macro_f1": float(g["macro_f1"].mean()) for h, g in s.groupby("held out")},
-                          **{f"{h}_accuracy": float(g["accuracy"].mean()) for h, g in s.groupby("held out")}},
-                 "per_fold": s.drop(columns=["method"]).to_dict(orient="records"),
-                 "matek_neutrophil_recall": float(s["matek neutrophil recall"].mean()),
-                 "segmentation_check": seg_check, "removed_duplicates": len(removed)},
-        wall_time_s=wall))
+        out / P.name / f"dg_{slug}.json", method=method, dataset="lodo:pbc,bccd_crops,zheng+matek_probe",
+        config=dg_config(method), metrics=lodo_metrics(scores[scores["method"] == method]), **selection, **common))
 written.append(write_results(
-    out / P.name / "dg_in_domain_ceiling.json", overwrite=True, kind="domain_generalization",
-    chapter="06_domain_generalization", paper="umer2023imbalanced", method="in-domain ceiling (combined + TTA-BN)",
-    model="efficientnet_lite0", dataset="pbc,bccd_crops,zheng (each on its own splits)", pretrained=True,
-    profile=P.name, profile_sizes=P.to_dict() | {"chapter": SIZES}, seeds=list(seeds),
-    config={"recipe": combined.to_dict(), "classes": CLASSES, "shared": SHARED,
+    out / P.name / "dg_headline.json", method=best, dataset="lodo:pbc,bccd_crops,zheng+matek_probe",
+    selected_on="validation", selection_rule=HEADLINE_RULE,
+    config=dg_config(best) | {"candidates": [m for m in order if m not in DESIGNED_ON_HELDOUT]},
+    metrics=lodo_metrics(scores[scores["method"] == best]) | {"gain_over_erm_bn": float(best_f1 - erm_f1)},
+    **common))
+written.append(write_results(
+    out / P.name / "dg_in_domain_ceiling.json", method=f"in-domain ceiling ({best})",
+    dataset="pbc,bccd_crops,zheng (each on its own splits)", selected_on="validation",
+    config={"recipe": headline_recipe.to_dict(), "variant": best, "classes": CLASSES, "shared": SHARED,
             "test": "each domain's test split (PBC subsampled per class as in LODO)"},
-    split_sha256=split_sha, data_sha256=content_hash(used),
     metrics={"in_domain_macro_f1": {d: float(ceiling.loc[d, "in-domain macro-F1"]) for d in DOMAINS},
              "mean_in_domain_macro_f1": float(ceiling.loc["mean", "in-domain macro-F1"]),
-             "best_cross_domain_method": best,
+             "headline_method": best,
              "cross_domain_macro_f1_same_test": {d: float(ceiling.loc[d, f"cross-domain {best}"]) for d in DOMAINS},
              "mean_share_of_ceiling": float(ceiling.loc["mean", "share of ceiling"]),
              "per_seed": ceiling_rows},
-    wall_time_s=wall))
+    **common))
 display(Markdown(f"Wrote {len(written)} results files to `{out / P.name}`; chapter time "
                  f"{wall / 60:.1f} min."))

@@ -18,8 +18,14 @@
 #
 # {cite:t}`convnextv2_swin_r3gan_2025` classify white blood cells with three pieces:
 # CLAHE contrast enhancement, an "R3GAN" that generates images of the rare classes, and a
-# hybrid of a ConvNeXtV2 and a Swin Transformer whose features are fused. They report
-# **99.1%** on Raabin-WBC, a data set where basophils are 3.4% as many as neutrophils.
+# hybrid of a ConvNeXtV2 and a Swin Transformer whose features are fused, on Raabin-WBC, a
+# data set with very few basophils (their claims are printed below, from
+# `results/claims.yaml`).
+#
+# **The headline row, fixed before any result**: the paper's own method, *hybrid + CLAHE +
+# R3GAN* (`headline.row` in `results/claims.yaml`). The chapter's targets are judged on that
+# row only; the other rows are its ablation. Where the chapter names the strongest row, it
+# picks it by **validation** macro-F1, never by a test score.
 #
 # What this chapter can and cannot do, before any number:
 #
@@ -105,12 +111,17 @@ OUT = REPO_ROOT / artifacts / P.name / "r3gan_hybrid"
 OUT.mkdir(parents=True, exist_ok=True)
 print(f"profile {P.name}: classifier {SIZES['image_size']} px, hybrid {SIZES['hybrid_size']} px, "
       f"GAN {SIZES['gan_size']} px x {SIZES['gan_steps']} steps, seeds {seeds}")
+PAPER = load_claims()["papers"]["convnextv2_swin_r3gan_2025"]
+HEADLINE = PAPER["headline"]["row"]  # pre-registered in claims.yaml: the paper's method
+display(Markdown("The paper's claims: " + "; ".join(
+    f"{c['statement'].strip()}" + (f" (**{c['value']:.1%}**)" if c.get("value") is not None else "")
+    for c in PAPER["claims"]) + f". Headline row of this chapter: **{HEADLINE}**."))
 
 # %% [markdown]
 # ## The imbalance protocol
 #
-# Raabin-WBC's training set, relative to its neutrophils (`leukemia_core.imbalance.RAABIN_RATIOS`):
-# lymphocyte 0.406, monocyte 0.0894, eosinophil 0.120, basophil 0.0339. From PBC's
+# Raabin-WBC's training set, relative to its neutrophils (`leukemia_core.imbalance.RAABIN_RATIOS`,
+# the "Raabin ratio" column below). From PBC's
 # committed training split we keep the largest subsample with exactly these ratios
 # (lymphocytes run out first), chosen by a fixed seed; the kept list and its SHA-256 are
 # written beside the chapter's artefacts and into every results file. Validation and test
@@ -231,8 +242,9 @@ def run_row(name, model="efficientnet_lite0", use_clahe=False, sampler=False, cl
         torch.manual_seed(s)
         net = create_model(model, len(CLASSES), pretrained=pretrained, **size_kwargs(model, size))
         fitted = fit(net, loaders["train"], loaders["val"], CLASSES, cfg)
+        val = evaluate(net, loaders["val"], CLASSES)  # what any choice between rows may look at
         test = evaluate(net, loaders["test"], CLASSES)
-        results.append({"seed": s, "model": net, "test": test, "history": fitted.history,
+        results.append({"seed": s, "model": net, "val": val, "test": test, "history": fitted.history,
                         "n_train": len(train_ds), "n_synthetic": int(is_synthetic(train_ds.records).sum()),
                         "size": size, "wall_s": time.perf_counter() - t0, "data": data,
                         "recipe": dict(model=model, clahe=use_clahe, sampler=sampler,
@@ -266,8 +278,8 @@ run_row("+ oversampling", sampler=True);
 # images of the three minority classes (monocyte, eosinophil, basophil: the imbalanced
 # split's, never a validation or test image), at the profile's GAN size, with flips and
 # right-angle rotations. Objective: relativistic pairing loss, plus γ/2 (R1 + R2) with
-# γ = 0.05; Adam (β = 0, 0.99); samples come from an exponential moving average of the
-# generator. It is small on purpose under `ci`: a 64-px GAN trains at a few images per
+# the γ printed below; Adam with β₁ = 0; samples come from an exponential moving average of
+# the generator. It is small on purpose under `ci`: a 64-px GAN trains at a few images per
 # second on this CPU, and a 32-px one for a few hundred steps learns the colours and the
 # layout of a cell, not its texture (the samples below). The `full` profile trains a 64-px
 # GAN for 20,000 steps; only then is the R3GAN row a test of the paper's idea.
@@ -292,9 +304,10 @@ threads = torch.get_num_threads()
 if not torch.cuda.is_available():  # a GAN this small gains nothing from a second CPU thread; one avoids contention
     torch.set_num_threads(1)
 gan = train_r3gan(gan_images, gan_targets, len(MINORITY), SIZES["gan_steps"], SIZES["gan_batch"], seed=0,
-                  net=SIZES["gan_net"], config=R3GANConfig(gamma=0.05, lr=SIZES["gan_lr"]),
+                  net=SIZES["gan_net"], config=(gan_config := R3GANConfig(gamma=0.05, lr=SIZES["gan_lr"])),
                   out=OUT / "r3gan_generator.safetensors", meta={"classes": MINORITY})
 torch.set_num_threads(threads)
+print(f"R3GAN objective: gamma {gan_config.gamma} for R1 + R2, Adam betas {gan_config.betas}, lr {gan_config.lr}")
 gen_t0 = time.perf_counter()
 with torch.no_grad():
     gan.generator(torch.randn(256, gan.generator.z_dim), torch.arange(256) % len(MINORITY))
@@ -481,15 +494,28 @@ ablation = table_of(ABLATION)
 ablation["paper (Raabin-WBC, accuracy)"] = ""
 ablation.loc["hybrid + CLAHE + R3GAN", "paper (Raabin-WBC, accuracy)"] = f"{claim['value']:.1%}"
 display(ablation)
-best = max(ABLATION, key=lambda n: mean_std(n, "macro-F1")[0])
+def val_f1(name):
+    return float(np.mean([r["val"]["macro_f1"] for r in ROWS[name]]))
+
+
+best = max(ABLATION, key=val_f1)  # the strongest row, chosen on validation only
+h_f1, h_baso = mean_std(HEADLINE, "macro-F1")[0], mean_std(HEADLINE, "basophil recall")[0]
 b_f1, b_baso = mean_std(best, "macro-F1")[0], mean_std(best, "basophil recall")[0]
+TARGETS = {"macro-F1": 0.93, "basophil recall": 0.85}  # this chapter's ci targets, set before results
+met = h_f1 >= TARGETS["macro-F1"] and h_baso >= TARGETS["basophil recall"]
 display(Markdown(
-    f"Best configuration by test macro-F1: **{best}**, macro-F1 **{b_f1:.1%}**, basophil recall "
-    f"**{b_baso:.1%}** (targets of this chapter under `ci`: macro-F1 ≥ 93%, basophil recall ≥ 85%: "
-    f"{'met' if b_f1 >= 0.93 and b_baso >= 0.85 else 'not met'}). The test split has "
-    f"{ROWS[best][0]['test']['per_class']['basophil']['support']} basophils among "
-    f"{ROWS[best][0]['test']['n']:,} cells. Claim beside it: {claim['statement'].strip()} "
-    f"({claim['source']})."))
+    f"**Headline row (pre-registered): {HEADLINE}**: test macro-F1 **{h_f1:.1%}**, basophil recall "
+    f"**{h_baso:.1%}**; this chapter's targets (macro-F1 ≥ {TARGETS['macro-F1']:.0%}, basophil recall ≥ "
+    f"{TARGETS['basophil recall']:.0%}) are **{'met' if met else 'not met'}** on it. The test split has "
+    f"{ROWS[HEADLINE][0]['test']['per_class']['basophil']['support']} basophils among "
+    f"{ROWS[HEADLINE][0]['test']['n']:,} cells. Claim beside it: {claim['statement'].strip()} "
+    f"({claim['source']}).\n\n"
+    f"The row with the highest **validation** macro-F1 ({val_f1(best):.1%}) is **{best}**: test "
+    f"macro-F1 {b_f1:.1%}, basophil recall {b_baso:.1%}. "
+    + ("It is the headline row." if best == HEADLINE else
+       f"It is not the paper's method: at this profile's budget, {best} "
+       f"{'beats' if b_f1 > h_f1 else 'does not beat'} the headline row on test macro-F1 "
+       f"({100 * (b_f1 - h_f1):+.1f} points).")))
 delta = {m: mean_std("+ R3GAN synthetic", m)[0] - mean_std("+ oversampling", m)[0] for m in METRICS}
 display(Markdown("Adding the R3GAN images to the oversampling recipe changes " +
                  ", ".join(f"{m} by **{v:+.1%}**" for m, v in delta.items()) +
@@ -501,11 +527,12 @@ fig = px.bar(long, x="metric", y="value", color="row", barmode="group", title="a
 fig.update_layout(yaxis_range=[max(0, long["value"].min() - 0.05), 1], height=400).show()
 
 # %% [markdown]
-# ### Where the best configuration still errs
+# ### Where the headline row and the validation-best row err
 
 # %%
-r = ROWS[best][0]
-confusion_matrix_figure(r["test"]["confusion_matrix"], CLASSES, title=f"{best}, test split").show()
+for name in dict.fromkeys([HEADLINE, best]):
+    r = ROWS[name][0]
+    confusion_matrix_figure(r["test"]["confusion_matrix"], CLASSES, title=f"{name}, test split").show()
 
 # %% [markdown]
 # ### The hybrid against each branch alone
@@ -521,7 +548,7 @@ display(table_of(["hybrid", "ConvNeXtV2 branch alone", "Swin branch alone"]))
 #
 # | | paper | this chapter |
 # |---|---|---|
-# | data | Raabin-WBC (basophils 3.4% of neutrophils) | PBC's five WBC classes, Raabin ratios imposed on the training split only |
+# | data | Raabin-WBC (very few basophils) | PBC's five WBC classes, Raabin ratios imposed on the training split only |
 # | evaluation | authors' code puts generated images in the test split | committed natural-balance test split; generated images only in training (`assert_real_only`) |
 # | GAN | "R3GAN" (the public code: a DCGAN) | R3GAN as Huang et al. define it; tiny and short under `ci` |
 # | hybrid | ConvNeXtV2 + Swin, presumably ImageNet-pretrained | same design from scratch (no offline weights); small (`atto`) and at 32 px under `ci` |
@@ -541,12 +568,13 @@ def slug(name):
 
 for name, rs in ROWS.items():
     tests = [r["test"] for r in rs]
+    selection = {"selected_on": "pre-registered"} if name == HEADLINE else {}
     per_seed = [{k: v for k, v in t.items() if k not in ("probs", "targets")} for t in tests]
     scalar = {m: float(np.mean([METRICS[m](t) for t in tests])) for m in METRICS}
     metrics = {"test": {"accuracy": scalar["accuracy"], "macro_f1": scalar["macro-F1"],
                         "basophil_recall": scalar["basophil recall"], "monocyte_recall": scalar["monocyte recall"],
                         "n": tests[0]["n"], "per_class": per_seed[0]["per_class"] if len(rs) == 1 else None},
-               "per_seed": per_seed}
+               "val": {"macro_f1": val_f1(name)}, "per_seed": per_seed}
     if len(rs) > 1:
         metrics["test_std"] = {k: float(np.std([METRICS[m](t) for t in tests], ddof=1)) for k, m in
                                (("accuracy", "accuracy"), ("macro_f1", "macro-F1"),
@@ -561,7 +589,7 @@ for name, rs in ROWS.items():
                 "clahe": repr(clahe), "gan_checkpoint_sha256": gan.checkpoint_sha256,
                 "n_train": rs[0]["n_train"], "n_synthetic": rs[0]["n_synthetic"]},
         split_sha256=split_sha, data_sha256=content_hash(rs[0]["data"].table), metrics=metrics,
-        history=[r["history"] for r in rs], wall_time_s=float(sum(r["wall_s"] for r in rs))))
+        history=[r["history"] for r in rs], wall_time_s=float(sum(r["wall_s"] for r in rs)), **selection))
 written.append(write_results(
     REPO_ROOT / results_dir / P.name / "r3gan_gan_quality.json", overwrite=True, kind="generative",
     chapter="08_r3gan_hybrid", paper="convnextv2_swin_r3gan_2025", method="R3GAN, minority classes",
@@ -573,8 +601,7 @@ written.append(write_results(
     split_sha256=split_sha, data_sha256=content_hash(gan_rows),
     metrics={"per_class": q.reset_index().to_dict(orient="records"), "tstr_accuracy": tstr,
              "trtr_accuracy": trtr, "train_images_per_s": gan.train_images_per_s,
-             "generator_samples_per_s": gen_rate, "best_row": best, "best_macro_f1": b_f1,
-             "best_basophil_recall": b_baso},
+             "generator_samples_per_s": gen_rate},
     wall_time_s=gan.wall_s))
 print("\n".join(str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p) for p in written))
 print(f"chapter wall time {(time.perf_counter() - CHAPTER_START) / 60:.1f} min")

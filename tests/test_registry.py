@@ -129,6 +129,46 @@ def test_a_broken_claims_file_is_refused(tmp_path):
     assert "nowhere" in str(err.value) and "bad luck" in str(err.value)
 
 
+def test_every_claim_and_anchor_cites_a_bibtex_entry(tmp_path):
+    claims = yaml.safe_load((REPO / "results" / "claims.yaml").read_text())
+    claims["papers"]["umer2023imbalanced"]["anchors"][0]["cite"] = "planning_issue_7"
+    del claims["papers"]["hamdi2025hierarchy"]["claims"][0]["cite"]
+    (tmp_path / "claims.yaml").write_text(yaml.safe_dump(claims))
+    with pytest.raises(ResultsError) as err:
+        load_claims(tmp_path / "claims.yaml")
+    assert "planning_issue_7" in str(err.value) and "accuracy_90: cite 'None'" in str(err.value)
+
+
+def test_a_chapter_needs_a_preregistered_headline(tmp_path):
+    claims = yaml.safe_load((REPO / "results" / "claims.yaml").read_text())
+    del claims["papers"]["convnextv2_swin_r3gan_2025"]["headline"]
+    claims["papers"]["umer2023imbalanced"]["headline"]["judged"].append("a row nobody reports")
+    (tmp_path / "claims.yaml").write_text(yaml.safe_dump(claims))
+    with pytest.raises(ResultsError) as err:
+        load_claims(tmp_path / "claims.yaml")
+    assert "convnextv2_swin_r3gan_2025: a paper with a chapter needs a headline" in str(err.value)
+    assert "a row nobody reports" in str(err.value)
+
+
+def test_a_selected_row_must_say_how_it_was_selected():
+    assert any("selected_on" in p for p in validate(payload(metrics={"best_row": "x", "acc": 0.9})))
+    assert validate(payload(metrics={"best_row": "x", "acc": 0.9}, selected_on="test")) == []
+    assert any("selected_on" in p for p in validate(payload(selected_on="by eye")))
+
+
+def test_no_verdict_rests_on_a_row_selected_on_test(tmp_path):
+    claims = load_claims()
+    reg = load_registry(claims=claims, profiles=("ci", "full"))
+    assert registry.verdicts_on_test_selection(claims, reg) == []
+    # the check can fail: a judged file marked as selected on test
+    (tmp_path / "ci").mkdir()
+    write_results(tmp_path / "ci" / "dg_headline.json", **fields(
+        kind="domain_generalization", chapter="06_domain_generalization", selected_on="test",
+        metrics={"lodo": {"mean_macro_f1": 0.6, "bccd_accuracy": 0.5}}))
+    bad = registry.verdicts_on_test_selection(claims, load_registry(tmp_path, claims=claims))
+    assert bad and all("selected_on: test" in line for line in bad)
+
+
 def test_committed_results_are_valid_and_filed_under_a_paper():
     claims = load_claims()
     reg = load_registry(claims=claims, profiles=("ci", "full"))
