@@ -244,6 +244,7 @@ def execute_chapter(name: str, dest: Path, profile: str, data_root: str | None =
         executed = nbformat.read(out, as_version=4)
         run.figures = count_figures(executed)
         hide_injected_parameters(executed)
+        drop_unshown_widget_state(executed)
         if run.ok:
             insert_run_box(executed, run, profile)
         nbformat.write(executed, out)
@@ -262,6 +263,29 @@ def hide_injected_parameters(nb) -> int:
             tags.append(HIDE_TAG)
             n += 1
     return n
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def drop_unshown_widget_state(nb) -> bool:
+    """Drop the saved ipywidgets state when no widget is shown on the page.
+
+    nbclient stores the state of every widget a chapter created in the notebook's
+    metadata, and myst-nb then loads require.js and the widget manager from CDNs on that
+    page, even when the widget's output is removed (the explorer's ``remove-output``
+    cell). A widget actually shown on the page keeps its state (and the CDN check reports
+    it). Returns whether the state was dropped."""
+    if "widgets" not in nb.metadata:
+        return False
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if {"remove-cell", "remove-output", "remove_cell", "remove_output"} & set(tags):
+            continue
+        if any(WIDGET_VIEW in out.get("data", {}) for out in cell.get("outputs", [])):
+            return False
+    del nb.metadata["widgets"]
+    return True
 
 
 def insert_run_box(nb, run: ChapterRun, profile: str) -> None:
@@ -296,11 +320,17 @@ def check_freshness(profile: str, since: float | None, root: Path | None = None,
     whose ``problems`` list one line per drifted metric."""
     from leukemia_core.registry import freshness
 
-    fresh = freshness(profile, root=root or ROOT, since=since, baseline=baseline)
+    from leukemia_core.registry import committed_text
+
+    root = root or ROOT
+    fresh = freshness(profile, root=root, since=since, baseline=baseline)
+    committed = baseline or (lambda p: committed_text(p, root))
+    # a committed result that no chapter rewrote: nothing in the book reproduces it
+    orphans = [f for f in fresh.skipped if committed(root / f) is not None]
     return {"profile": profile, "tolerance": fresh.tolerance,
             "checked": [{"file": r.file, "label": r.label, "metric": r.metric, "committed": r.committed,
                          "fresh": r.fresh, "status": r.status, "tolerance": r.tolerance} for r in fresh.rows],
-            "new": fresh.new, "skipped": fresh.skipped, "problems": fresh.problems()}
+            "new": fresh.new, "skipped": fresh.skipped, "orphans": orphans, "problems": fresh.problems()}
 
 
 def accept_drift_from_env() -> bool:
@@ -536,6 +566,8 @@ def build_book(profile: str = "ci", out: Path = ROOT, data_root: str | None = No
         f"results/{profile}/, {len(fresh['problems'])} drift(s), {len(fresh['new'])} new file(s)")
     if not accept_drift:
         problems += [f"results drift: {p}" for p in fresh["problems"]]
+    problems += [f"orphan result: {f} is committed but no chapter of this build wrote it (delete it, or "
+                 "make a chapter write it)" for f in fresh["orphans"]]
     report_md = src / f"{REPORT_PAGE}.md"
     write_report(report_md, runs, profile, None, problems, data_root, fresh, accept_drift)
     start = time.perf_counter()

@@ -110,6 +110,19 @@ def test_injected_parameters_cell_is_hidden_and_own_parameters_kept():
     assert build.hide_injected_parameters(nb) == 0  # idempotent
 
 
+def test_widget_state_is_dropped_unless_a_widget_is_shown():
+    view = {"output_type": "execute_result", "execution_count": 1, "metadata": {},
+            "data": {build.WIDGET_VIEW: {"model_id": "m"}, "text/plain": "App()"}}
+    state = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    nb = notebook_with([view])
+    nb.cells[0].metadata["tags"] = ["remove-output"]
+    nb.metadata["widgets"] = dict(state)
+    assert build.drop_unshown_widget_state(nb) and "widgets" not in nb.metadata
+    shown = notebook_with([view])
+    shown.metadata["widgets"] = dict(state)
+    assert not build.drop_unshown_widget_state(shown) and "widgets" in shown.metadata
+
+
 def test_toc_files_read_in_order():
     files = build.toc_files()
     assert files[0] == "notebooks/01_introduction"
