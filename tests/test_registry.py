@@ -217,8 +217,8 @@ def repo(tmp_path) -> Path:
     root = tmp_path / "repo"
     (root / "results" / "ci").mkdir(parents=True)
     shutil.copy(REPO / "results" / "claims.yaml", root / "results" / "claims.yaml")
-    committed = REPO / "results" / "ci" / "pbc_convnext_atto.json"
-    (root / "results" / "ci" / "pbc_convnext_atto.json").write_text(committed.read_text())
+    committed = REPO / "results" / "ci" / "baseline_convnext_atto.json"
+    (root / "results" / "ci" / "baseline_convnext_atto.json").write_text(committed.read_text())
     git(root, "init", "-q")
     git(root, "add", ".")
     git(root, "commit", "-q", "-m", "results")
@@ -233,7 +233,7 @@ def rewrite(path: Path, accuracy_change: float) -> float:
 
 
 def test_unchanged_and_in_tolerance_results_are_fresh(repo):
-    path = repo / "results" / "ci" / "pbc_convnext_atto.json"
+    path = repo / "results" / "ci" / "baseline_convnext_atto.json"
     fresh = freshness("ci", root=repo)
     assert fresh.drift == [] and {r.status for r in fresh.rows} == {"ok"}
     assert {r.metric for r in fresh.rows} == {"metrics/test/accuracy", "metrics/test/macro_f1"}
@@ -242,32 +242,32 @@ def test_unchanged_and_in_tolerance_results_are_fresh(repo):
 
 
 def test_a_deliberately_edited_result_is_drift(repo):
-    path = repo / "results" / "ci" / "pbc_convnext_atto.json"
+    path = repo / "results" / "ci" / "baseline_convnext_atto.json"
     real = json.loads(path.read_text())["metrics"]["test"]["accuracy"]
     rewrite(path, -0.10)  # someone edits the committed number...
     git(repo, "commit", "-q", "-am", "edited result")
     rewrite(path, +0.10)  # ...and the build reproduces the real one
     fresh = freshness("ci", root=repo)
     (row,) = fresh.drift
-    assert row.file == "results/ci/pbc_convnext_atto.json" and row.metric == "metrics/test/accuracy"
+    assert row.file == "results/ci/baseline_convnext_atto.json" and row.metric == "metrics/test/accuracy"
     assert row.fresh == pytest.approx(real) and row.delta == pytest.approx(0.10)
     (line,) = fresh.problems()
-    assert "pbc_convnext_atto.json" in line and "tolerance ±0.03" in line
+    assert "baseline_convnext_atto.json" in line and "tolerance ±0.03" in line
 
 
 def test_new_and_untouched_files_are_not_drift(repo, tmp_path):
-    new = repo / "results" / "ci" / "baseline_convnext_atto.json"
+    new = repo / "results" / "ci" / "new_result.json"
     new.write_text(json.dumps(payload()))
     fresh = freshness("ci", root=repo)
-    assert fresh.new == ["results/ci/baseline_convnext_atto.json"] and fresh.drift == []
+    assert fresh.new == ["results/ci/new_result.json"] and fresh.drift == []
     import time
     later = time.time() + 3600
     assert set(freshness("ci", root=repo, since=later).skipped) == {
-        "results/ci/pbc_convnext_atto.json", "results/ci/baseline_convnext_atto.json"}
+        "results/ci/new_result.json", "results/ci/baseline_convnext_atto.json"}
 
 
 def test_nan_and_missing_metrics(repo):
-    path = repo / "results" / "ci" / "pbc_convnext_atto.json"
+    path = repo / "results" / "ci" / "baseline_convnext_atto.json"
     data = json.loads(path.read_text())
     del data["metrics"]["test"]["macro_f1"]
     path.write_text(json.dumps(data))
@@ -283,7 +283,7 @@ def test_the_book_build_fails_on_drift(repo, monkeypatch):
                                    "  - caption: About\n    chapters:\n      - file: book/build_report\n")
     (repo / "_config.yml").write_text("title: t\n")
     (repo / "book").mkdir()
-    path = repo / "results" / "ci" / "pbc_convnext_atto.json"
+    path = repo / "results" / "ci" / "baseline_convnext_atto.json"
     produced = path.read_text()  # what the code produces
     rewrite(path, -0.10)
     git(repo, "add", ".")
@@ -303,7 +303,7 @@ def test_the_book_build_fails_on_drift(repo, monkeypatch):
     monkeypatch.delenv("ACCEPT_DRIFT", raising=False)
     result = build.build_book("ci", out=repo, log=lambda line: None)
     drift = [p for p in result.problems if p.startswith("results drift")]
-    assert len(drift) == 1 and "pbc_convnext_atto.json" in drift[0] and "accuracy" in drift[0]
+    assert len(drift) == 1 and "baseline_convnext_atto.json" in drift[0] and "accuracy" in drift[0]
     page = (repo / "_build" / "source" / "book" / "build_report.md").read_text()
     assert "Freshness of the committed results" in page and "the build fails" in page
     assert json.loads((repo / "_build" / "build_report.json").read_text())["freshness"]["problems"]
@@ -313,6 +313,16 @@ def test_the_book_build_fails_on_drift(repo, monkeypatch):
     accepted = build.build_book("ci", out=repo, log=lambda line: None, accept_drift=True)
     assert not any(p.startswith("results drift") for p in accepted.problems)
     assert accepted.report["freshness"]["problems"]
+    assert not any(p.startswith("orphan result") for p in accepted.problems)
+
+    # a committed result no chapter writes any more fails the build, drift accepted or not
+    (repo / "results" / "ci" / "old_experiment.json").write_text(produced)
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "a result nothing reproduces")
+    orphaned = build.build_book("ci", out=repo, log=lambda line: None, accept_drift=True)
+    assert [p for p in orphaned.problems if p.startswith("orphan result")] == [
+        "orphan result: results/ci/old_experiment.json is committed but no chapter of this build wrote it "
+        "(delete it, or make a chapter write it)"]
 
 
 # ------------------------------------------------------------------ CLI and benchmarks
@@ -321,7 +331,7 @@ def test_cli_results_lists_the_registry(capsys):
 
     assert main(["results"]) == 0
     out = capsys.readouterr().out
-    assert "ci/pbc_convnext_atto.json: paper pbc_baseline" in out
+    assert "ci/baseline_convnext_atto.json: paper pbc_baseline" in out
 
 
 def test_bench_gan_from_the_cli(tmp_path):
