@@ -206,3 +206,35 @@ display(Markdown(
 
 # %% [markdown]
 # To look at any image's CAM, open the {doc}`prediction explorer <10_explorer>`.
+
+# %% [markdown]
+# ## Results file
+#
+# The faithfulness table goes to `results/<profile>/explain_faithfulness.json`, so the
+# reproducibility report can show it and the build can check that it reproduces.
+
+# %%
+import hashlib
+
+from leukemia_core.config import get_profile
+from leukemia_core.data.splits import split_hash
+from leukemia_core.results import write_results
+
+faith = {name: t.reset_index().rename(columns={"index": "method"}).to_dict(orient="records")
+         for name, t in tables.items()}
+gain = {name: {m: float(t.loc[m, "gain over random"]) for m in explain.METHODS} for name, t in tables.items()}
+sampled = pd.concat([d.table.assign(model=name) for name, d in runs.items()])
+path = write_results(
+    REPO_ROOT / "results" / profile / "explain_faithfulness.json", overwrite=True, kind="explanation",
+    chapter="09_explain", paper="rong2022road", method="ROAD faithfulness of CAM methods vs random maps",
+    model=", ".join(RUNS.values()), dataset="pbc:test", pretrained=False, profile=profile,
+    profile_sizes=get_profile(profile).to_dict() | {"chapter": {"per_class": per_class,
+                                                                 "percentiles": list(percentiles)}},
+    seeds=[seed], config={"methods": list(explain.METHODS), "baselines": list(explain.BASELINES),
+                          "runs": RUNS, "per_class": per_class, "percentiles": list(percentiles)},
+    split_sha256=split_hash("pbc"),
+    data_sha256=hashlib.sha256("\n".join(sorted(sampled["relpath"])).encode()).hexdigest(),
+    metrics={"gain_over_random": gain, "table": faith,
+             "images": {name: int(t.attrs["images"]) for name, t in tables.items()}},
+    wall_time_s=float(sum(took.values())))
+print(path.relative_to(REPO_ROOT))
