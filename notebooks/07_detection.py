@@ -65,10 +65,12 @@ from IPython.display import Markdown, display
 from PIL import Image
 
 from leukemia_core.config import get_profile
+from leukemia_core.data import load_dataset
 from leukemia_core.dataroot import REPO_ROOT, data_root as resolve_root
 from leukemia_core.detection.cli import cmd_detect
 from leukemia_core.detection.data import (CLASSES, BoxDataset, attribute_table, attribute_values, bccd_boxes,
-                                          encode_attributes, link_sources, load_image, txl_boxes)
+                                          encode_attributes, link_sources, link_wbcatt, load_image,
+                                          txl_boxes)
 from leukemia_core.detection.model import WBCDetector, AttributeHead
 from leukemia_core.detection.sparse import OUTSIDE_WEIGHT, PSEUDO_CONF, PSEUDO_IOU, REGIMES, sparsify
 from leukemia_core.detection.train import (DetTrainConfig, attribute_metrics, attribute_predictions,
@@ -125,7 +127,7 @@ bccd = bccd_boxes(ROOT)
 excluded = pd.DataFrame(bccd.attrs["excluded_boxes"])
 display(excluded)
 display(Markdown(f"{len(excluded)} box(es) of the BCCD release excluded by the explicit list."))
-txl = link_sources(bccd, txl_boxes(ROOT))
+txl = link_wbcatt(link_sources(bccd, txl_boxes(ROOT)), load_dataset("wbcatt", ROOT, hashes=False))
 lap("read and check boxes")
 
 
@@ -146,13 +148,17 @@ display(overview)
 # cells into training, so **no TXL image copied from BCCD is used for training** (BCCD's
 # own training list covers that source). A TXL **test** image copied from a BCCD
 # *training* image would be scored on a cell the model has seen, so those are removed
-# from the TXL test set and counted.
+# from the TXL test set and counted. A third leak runs through PBC: TXL-PBC's PBC fields
+# are copies of PBC cells, and the attribute head below is validated and tested on
+# WBCAtt's PBC cells through the detector's features, so **no TXL image copied from a
+# WBCAtt validation or test cell (or a near duplicate of one) trains the detector**
+# (`leukemia_core.detection.data.link_wbcatt`).
 
 # %%
 bccd_train = bccd[bccd.split == "train"]
 if SIZES["bccd_train_cap"]:
     bccd_train = bccd_train.sample(SIZES["bccd_train_cap"], random_state=seed)
-txl_pool = txl[(txl.split == "train") & txl.bccd_split.isna()]
+txl_pool = txl[(txl.split == "train") & txl.bccd_split.isna() & ~txl.wbcatt_heldout]
 cap = SIZES["txl_train_per_domain"]
 txl_train = pd.concat([g if cap is None else g.sample(min(cap, len(g)), random_state=seed)
                        for _, g in txl_pool.groupby("domain")])
@@ -169,7 +175,9 @@ copied = txl[txl.bccd_split.notna()]
 display(Markdown(
     f"TXL-PBC copies {len(copied)} BCCD images ({copied.bccd_split.value_counts().to_dict()} by BCCD split). "
     f"Training: {len(bccd_train)} BCCD images + {len(txl_train)} TXL-PBC images "
-    f"({txl_train.domain.value_counts().to_dict()}). Test: {len(bccd_test)} BCCD test images; "
+    f"({txl_train.domain.value_counts().to_dict()}; "
+    f"{int((txl.wbcatt_heldout & (txl.split == 'train')).sum())} TXL training images left out as copies of "
+    f"WBCAtt validation/test cells). Test: {len(bccd_test)} BCCD test images; "
     f"{len(txl_test)} TXL-PBC test images ({int(contaminated.sum())} removed as copies of BCCD training images)."))
 eval_sets = {"BCCD test": BoxDataset(bccd_test, S), "TXL-PBC test": BoxDataset(txl_test, S)}
 txl_groups = txl_test["domain"].tolist()
@@ -321,11 +329,8 @@ bccd_m = full_metrics["BCCD test"]
 txl_m = full_metrics["TXL-PBC test"]["all"]
 ANCHOR = {a["id"]: a for a in load_claims()["papers"]["rehman2025lld"]["anchors"]}
 anchors = pd.DataFrame([
-    {"model": "YOLOv8n (public reports: TXL-PBC paper and BCCD studies)",
-     "data": "BCCD / TXL-PBC, 640 px, ~100 epochs, GPU",
-     "mAP@0.5": f"≥ {ANCHOR['yolov8n_bccd_txl']['value']:.3f} (lower end of the reported range)", "WBC AP@0.5": "–"},
-    {"model": "YOLOv7 (public report, WBC class)", "data": "BCCD-type smears, 640 px, GPU", "mAP@0.5": "–",
-     "WBC AP@0.5": f"{ANCHOR['yolov7_wbc']['value']:.3f}"},
+    *({"model": a["statement"].split(" on BCCD")[0].strip(), "data": f"BCCD; {a['source']}",
+       "mAP@0.5": f"{a['value']:.3f}", "WBC AP@0.5": "–"} for a in ANCHOR.values()),
     {"model": f"ours: FCOS + EfficientNet-Lite0 FPN, full labels ({profile})",
      "data": f"BCCD test list, shorter side {S}px, {SIZES['epochs']} epochs",
      "mAP@0.5": f"{bccd_m['map_50']:.3f}", "WBC AP@0.5": f"{bccd_m['AP50_WBC']:.3f}"},

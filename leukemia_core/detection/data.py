@@ -146,6 +146,26 @@ def link_sources(bccd: pd.DataFrame, txl: pd.DataFrame) -> pd.DataFrame:
     return txl
 
 
+def link_wbcatt(txl: pd.DataFrame, wbcatt: pd.DataFrame) -> pd.DataFrame:
+    """Add ``wbcatt_heldout``: the TXL image is a copy of a PBC cell that WBCAtt holds in
+    its validation or test split, or of a near-duplicate of one (PBC's committed clusters).
+
+    The attribute head is validated and tested on those cells through the detector's
+    features, so a detector trained on such an image would have seen them: the caller
+    keeps these images out of detector training."""
+    from ..data.near_duplicates import clusters
+    from ..data.splits import read_near_duplicates
+
+    held = set(wbcatt.loc[wbcatt["wbcatt_split"].isin(["val", "test"]), "relpath"])
+    pairs = read_near_duplicates("pbc")
+    cluster = clusters(sorted(set(pairs["a"]) | set(pairs["b"]) | held), pairs)
+    held_clusters = set(cluster[sorted(held)])
+    txl = txl.copy()
+    txl["wbcatt_heldout"] = [isinstance(p, str) and (p in held or cluster.get(p) in held_clusters)
+                             for p in txl["source_path"]]
+    return txl
+
+
 def load_image(path, short_side: int) -> tuple[torch.Tensor, float]:
     """RGB uint8 tensor resized so its shorter side is ``short_side``, and the scale used."""
     im = read_image(path)
