@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+REPO = Path(__file__).resolve().parent.parent
 CMD = [sys.executable, "-m", "leukemia_core.cli"]
 
 
@@ -53,7 +54,8 @@ def test_evaluate_and_predict(pbc_run, data_root, tmp_path):
     r = run("evaluate", "--checkpoint", pbc_run, "--dataset", "pbc", "--data-root", data_root,
             "--split", "val", "--out", tmp_path / "m.json")
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "m.json").read_text())["n"] == 1712
+    committed_val = (pd.read_csv(REPO / "splits" / "pbc.csv")["split"] == "val").sum()
+    assert json.loads((tmp_path / "m.json").read_text())["n"] == committed_val  # every val image, once
     folder = data_root / "pbc/PBC_dataset_normal_DIB/basophil"
     imgs = tmp_path / "imgs"
     imgs.mkdir()

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from leukemia_core.detection.data import (CLASSES, BoxDataset, check_box, read_voc_checked,
+from leukemia_core.data import load_dataset
+from leukemia_core.detection.data import (CLASSES, BoxDataset, check_box, link_wbcatt, read_voc_checked,
                                           read_yolo_checked)
 from leukemia_core.detection.model import WBCDetector
 from leukemia_core.detection.sparse import (centres_inside, location_weights, regime_targets, select_pseudo,
@@ -301,7 +302,13 @@ def test_real_boxes_load(data_root):
     n_txl = (attrs["source"] == "txl_pbc").sum()
     assert 0 < n_txl and n_txl + len(attrs.attrs["txl_without_wbc_box"]) <= 500
     assert attrs.groupby("source")["wbcatt_split"].value_counts().loc["pbc"].to_dict() == \
-        {"train": 6169, "test": 3099, "val": 1030}
+        {"train": 6169 - 4, "test": 3099, "val": 1030 - 2}  # WBCAtt copies across its splits dropped
+    # no detector training image is a copy of a WBCAtt validation/test cell
+    wb = load_dataset("wbcatt", data_root, hashes=False)
+    linked = link_wbcatt(txl, wb)
+    held = set(wb.loc[wb["wbcatt_split"] != "train", "relpath"])
+    assert linked.loc[linked["source_path"].isin(held), "wbcatt_heldout"].all()
+    assert linked["wbcatt_heldout"].sum() >= len(set(linked["source_path"].dropna()) & held) > 0
 
 
 def test_attribute_head_keeps_its_best_validation_epoch():

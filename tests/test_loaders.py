@@ -41,13 +41,19 @@ def test_pbc_classes_and_sublabels(pbc_table):
 
 def test_wbcatt_joins_onto_pbc(data_root):
     t = load_dataset("wbcatt", data_root)
-    assert len(t) == 6169 + 1030 + 3099
-    assert t["wbcatt_split"].value_counts().to_dict() == {"train": 6169, "test": 3099, "val": 1030}
+    dropped = t.attrs["cross_split_copies"]  # copies of one cell across WBCAtt's splits
+    assert len(dropped) == 6 and set(dropped["wbcatt_split"]) == {"train", "val"}
+    published = {"train": 6169, "test": 3099, "val": 1030}
+    assert len(t) + len(dropped) == sum(published.values())
+    kept = {s: n - int((dropped["wbcatt_split"] == s).sum()) for s, n in published.items()}
+    assert t["wbcatt_split"].value_counts().to_dict() == kept and kept["test"] == 3099
     assert set(t["label"]) == {"neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"}
     row = t.set_index("relpath").loc["PBC_dataset_normal_DIB/neutrophil/BNE_7323.jpg"]
     assert (row.cell_size, row.nucleus_shape, row.granule_colour) == ("big", "unsegmented-band", "pink")
     re = load_dataset("wbcatt", data_root, reannotated=True)
-    assert re["reannotated"].sum() == 1000
+    reannotated = set(pd.read_csv(data_root / "wbcatt" / "pbc_attr_reannotations.csv")["path"])
+    assert len(reannotated) == 1000
+    assert re["reannotated"].sum() == len(reannotated - set(dropped["relpath"]))
     changed = (re.set_index("relpath")["cell_size"] != t.set_index("relpath")["cell_size"]).sum()
     assert changed > 0
 
