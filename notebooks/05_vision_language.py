@@ -240,6 +240,8 @@ _, test_feat_in = embed_images(imagenet, test_ds)
 del imagenet
 tick("embedding test and probe images (two towers)")
 is_pbc, is_pbc_pr = np.array(test["dataset"] == "pbc"), np.array(probe["dataset"] == "pbc")
+# PBC cells with WBCAtt attributes (all of PBC's white cells but the copies WBCAtt drops across its splits)
+has_attr = is_pbc & np.array(test["attr_key"] != "")
 print(f"embedded {len(test_emb):,} test images and {len(probe):,} training images for the probes")
 
 # %% [markdown]
@@ -363,13 +365,13 @@ display(Markdown(
 # 1 − C(G − m, k) / C(G, k) for a query with m matches in a gallery of G items.
 
 # %%
-pbc_test = test[is_pbc]
+pbc_test = test[has_attr]
 keys = pbc_test["attr_key"].tolist()
 uniq = sorted(set(keys))
 sentences = [attribute_sentence(key_to_attributes(k), templates(heldout=True)[0]) for k in uniq]
 with torch.no_grad():
     sent_emb = model.encode_text(sentences).cpu()
-retrieval = retrieval_report(test_emb[is_pbc], keys, sent_emb, uniq)
+retrieval = retrieval_report(test_emb[has_attr], keys, sent_emb, uniq)
 display(retrieval.pivot(index="direction", columns="k", values=["recall", "random"]).style.format("{:.1%}"))
 r5 = retrieval.set_index(["direction", "k"]).loc[("image → text", 5)]
 display(Markdown(f"{len(keys):,} test cells carry {len(uniq)} distinct attribute tuples. Image → text "
@@ -400,7 +402,7 @@ most = max(top_share, key=lambda a: top_share[a].iloc[0])
 display(Markdown(f"The most unbalanced attribute among the {len(annotated):,} annotated training cells: "
                  f"{top_share[most].iloc[0]:.0%} of them "
                  f"have `{most}` = *{top_share[most].index[0]}*."))
-readout = attribute_readout(model, test_emb[is_pbc], pbc_test, train[np.array(train["dataset"] == "pbc")])
+readout = attribute_readout(model, test_emb[has_attr], pbc_test, annotated)
 readout["above floor"] = readout["accuracy"] > readout["majority_floor"]
 display(readout.set_index("attribute").style.format(
     "{:.1%}", subset=["accuracy", "majority_floor", "balanced_accuracy", "chance_balanced"]))

@@ -372,6 +372,15 @@ display(Markdown(
     + ("It is also the row with the highest held-out score." if top_test == best else
        f"The highest held-out score belongs to {top_test} ({per_fold.loc[top_test, 'mean']:.1%}); "
        "picking it by that score would be selection on test, so it is reported, not used.")))
+rho = val_mean.corr(per_fold["mean"].reindex(val_mean.index), method="spearman")
+display(Markdown(
+    f"How good a guide is the training domains' validation score? Across the {len(val_mean)} rows, its "
+    f"rank correlation with the held-out score is Spearman ρ = **{rho:+.2f}**: "
+    + ("it ranks the rows much as the new hospitals do." if rho >= 0.5 else
+       "it says little about which row will do best on a hospital it has not seen. Validation images "
+       "from the training hospitals share their stain, scale and optics; a held-out *training* domain "
+       "(leave one training domain out for validation, inside each fold) would be a closer proxy, and "
+       "is the next step for this chapter.")))
 
 # %%
 TARGETS = {"ci": 0.75, "smoke": 0.75, "full": 0.85}

@@ -138,6 +138,13 @@ fig.show()
 # reference; with different data and protocols it measures the distance, not a failure.
 
 # %%
+def selected_on(row):
+    """How the row behind a headline metric was chosen (its results file's ``selected_on``)."""
+    how = {res.data.get("selected_on") for res in row["results"].values() if res is not None} - {None}
+    return ("**test** (shown, never a verdict)" if "test" in how else
+            ", ".join(sorted(how)) if how else "fixed row")
+
+
 status_words = {"run": "results below", "no chapter yet": "**no chapter yet**: not yet run",
                 "not yet run": "chapter written, **not yet run** under this profile"}
 for key, paper in papers.items():
@@ -146,6 +153,11 @@ for key, paper in papers.items():
     display(Markdown(
         f"**{paper['title']}** (`{key}`)" + (f", chapter `{chapter}`" if chapter else "") + ". "
         + "; ".join(f"`{p}`: {status_words[s]}" for p, s in status.items()) + "."))
+    head = paper.get("headline") or {}
+    if head:
+        display(Markdown("*Headline, fixed before any result:* "
+                         + (f"the row **{head['row']}**" if head.get("row") else f"the rule: {head['rule'].strip()}")
+                         + (f" ({head['why']})" if head.get("why") else "") + "."))
     refs = [{"": kind[:-1], "statement": r["statement"],
              "value": pct(r.get("value"), r.get("approximate")) if r.get("value") is not None else "qualitative",
              "metric": r.get("metric", ""), "source": r["source"]}
@@ -161,6 +173,7 @@ for key, paper in papers.items():
             **{f"ours, {p}": pct(r[p]) for p in PROFILES},
             "Δ ci − reference": (f"{100 * (r['ci'] - r['reference_value']):+.1f} pts"
                                  if r["ci"] is not None and r["reference_value"] is not None else "–"),
+            "row selected on": selected_on(r),
         } for r in rows])
         display(table.style.hide(axis="index"))
         used = {res.path: res for r in rows for res in r["results"].values() if res is not None}
