@@ -241,6 +241,8 @@ for path in sorted((REPO_ROOT / "results" / "bench").glob("*.json")):
         row[f"R3GAN {r['image_size']} px b{r['batch']}: samples/s"] = round(r["generator_samples_per_s"])
     for r in b.get("classifiers", []):  # bench_classifier_train
         row[f"{r['model']} {r['image_size']} px: train images/s"] = round(r["train_images_per_s"])
+    for r in (b.get("predict") or {}).get("runs", []):  # bench_predict: streaming predict's memory
+        row[f"predict, {r['n_images']:,} images: peak RSS growth (MB)"] = r["peak_growth_mb"]
     rows.append(row)
 if rows:
     display(pd.DataFrame(rows).set_index("file").T)
