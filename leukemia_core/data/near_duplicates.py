@@ -128,22 +128,15 @@ def near_duplicate_pairs(table: pd.DataFrame, cfg: NearDupConfig = NearDupConfig
 
 def clusters(relpaths, pairs: pd.DataFrame) -> pd.Series:
     """Cluster id (the smallest relpath of its cluster) per relpath: connected components
-    of the ``pairs`` graph; a relpath in no pair is its own cluster."""
-    relpaths = list(relpaths)
-    parent = {r: r for r in relpaths}
+    of the ``pairs`` graph (the same union as the splits use); a relpath in no pair is its
+    own cluster."""
+    from .splits import duplicate_groups
 
-    def find(r):
-        while parent[r] != r:
-            parent[r] = parent[parent[r]]
-            r = parent[r]
-        return r
-
-    for a, b in zip(pairs["a"], pairs["b"]):
-        if a in parent and b in parent:
-            ra, rb = find(a), find(b)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-    return pd.Series({r: find(r) for r in relpaths}, name="cluster")
+    t = pd.DataFrame({"relpath": list(relpaths)})
+    t["sha256"] = t["relpath"]  # no content hashes here: only the pairs join records
+    group = duplicate_groups(t, None, pairs)
+    return pd.Series(t.groupby(group)["relpath"].transform("min").to_numpy(), index=t["relpath"],
+                     name="cluster")
 
 
 def crossing_clusters(split: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
