@@ -208,10 +208,11 @@ def notebook_title(nb) -> str:
 
 
 def execute_chapter(name: str, dest: Path, profile: str, data_root: str | None = None,
-                    seed: int = 0) -> ChapterRun:
+                    seed: int = 0, params: dict | None = None) -> ChapterRun:
     """Execute chapter ``name`` top to bottom in a fresh kernel into ``dest/<stem>.ipynb``.
 
-    The kernel's working directory is the repository root, like every ``make`` command."""
+    The kernel's working directory is the repository root, like every ``make`` command.
+    ``params`` overrides more of the chapter's parameters (the exercises' changes)."""
     name = chapter_name(name)
     run, src = ChapterRun(name), ROOT / f"{name}.py"
     if not src.exists():
@@ -224,9 +225,10 @@ def execute_chapter(name: str, dest: Path, profile: str, data_root: str | None =
         return run
     nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3 (ipykernel)",
                                  "language": "python"}
-    params = {"profile": profile, "seed": seed}
+    extra, params = dict(params or {}), {"profile": profile, "seed": seed}
     if data_root:
         params["data_root"] = str(data_root)
+    params.update(extra)
     dest.mkdir(parents=True, exist_ok=True)
     out = dest / f"{src.stem}.ipynb"
     start = time.perf_counter()

@@ -136,3 +136,36 @@ def tree_figure(taxonomy, counts: dict[str, int] | None = None, title: str = "")
     fig.update_layout(title=title, height=60 + 34 * len(taxonomy.leaves), margin=dict(l=10, r=10, t=40, b=10),
                       legend=dict(orientation="h"))
     return fig
+
+
+def source_markdown(*objects, title: str | None = None) -> str:
+    """The package source of ``objects`` (functions, classes, methods) as Markdown.
+
+    Each block is headed by the file and line range it comes from, so a reader of the book
+    sees the method's own code and the page cannot drift from the package: the text is read
+    from the installed source when the chapter runs."""
+    import inspect
+    import textwrap
+    from pathlib import Path
+
+    parts = [f"**{title}**\n"] if title else []
+    for obj in objects:
+        target = inspect.unwrap(obj)
+        lines, start = inspect.getsourcelines(target)
+        path = Path(inspect.getsourcefile(target)).resolve()
+        parts_of_path = path.parts
+        rel = "/".join(parts_of_path[parts_of_path.index("leukemia_core"):]) \
+            if "leukemia_core" in parts_of_path else path.name
+        qualname = getattr(target, "__qualname__", getattr(target, "__name__", repr(target)))
+        code = textwrap.dedent("".join(lines))
+        parts.append(f"From `{rel}`, lines {start}–{start + len(lines) - 1} (`{qualname}`):\n\n"
+                     f"```python\n{code.rstrip()}\n```\n")
+    return "\n".join(parts)
+
+
+def show_source(*objects, title: str | None = None):
+    """Display :func:`source_markdown` in a notebook (tag the cell ``remove-input`` so that
+    the page shows only the code it prints)."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(source_markdown(*objects, title=title)))

@@ -47,3 +47,30 @@ def data_root() -> Path:
 def pbc_table(data_root):
     from leukemia_core.data import load_dataset
     return load_dataset("pbc", data_root)
+
+
+def run_exercise(chapter: str, tmp_path: Path, **params):
+    """Execute ``notebooks/<chapter>.py`` under ``smoke`` with an exercise's parameter
+    changes, as a student would run it, and return the executed notebook.
+
+    Results and checkpoints go under ``tmp_path`` (pass the chapter's own results/artifacts
+    parameters there), never over the committed ``results/smoke``."""
+    import nbformat
+
+    build = load_module("book_build", "book/build.py")
+    run = build.execute_chapter(chapter, tmp_path / "executed", "smoke", params=params)
+    assert run.ok, f"{chapter} with {params} failed under smoke: {run.error}"
+    return nbformat.read(tmp_path / "executed" / f"{chapter}.ipynb", as_version=4)
+
+
+def notebook_text(nb) -> str:
+    """Every text/plain, text/markdown and stream output of an executed notebook, joined."""
+    out = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "stream":
+                out.append(o.get("text", ""))
+            for mime in ("text/markdown", "text/plain"):
+                if mime in o.get("data", {}):
+                    out.append(o["data"][mime])
+    return "\n".join(out)
