@@ -255,3 +255,60 @@ def test_injected_parameters_hidden_own_parameters_shown():
         assert 'profile = "smoke"' not in page_text(page), f"{name}: injected values shown"
         assert "tag_parameters" in page and 'profile = "ci"' in page_text(page), \
             f"{name}: the chapter's own parameters cell is missing"
+
+
+#: The method chapters: each teaches one published method (issue 23's textbook elements).
+METHOD_CHAPTERS = ["03_baseline", "04_hierarchy", "05_vision_language", "06_domain_generalization",
+                   "07_detection", "08_r3gan_hybrid", "09_explain"]
+
+
+def textbook_elements(page: str) -> dict:
+    """What a chapter page offers a student, counted from its HTML."""
+    return {
+        "objectives": len(re.findall(r'class="[^"]*\bobjectives\b[^"]*admonition', page)),
+        "equations": len(re.findall(r'<div class="math notranslate nohighlight"', page)),
+        "package code": len(re.findall(r"From <code[^>]*><span class=\"pre\">leukemia_core/", page)),
+        "diagram": len(re.findall(r'<(?:img|object)[^>]+class="graphviz', page)),
+        "exercises": len(re.findall(r'class="[^"]*\bexercise\b[^"]*admonition', page)),
+        "solutions": len(re.findall(r'class="[^"]*\bsolution\b[^"]*\bdropdown\b|class="[^"]*\bdropdown\b[^"]*\bsolution\b', page)),
+        "takeaways": len(re.findall(r'class="[^"]*\btakeaways\b[^"]*admonition', page)),
+    }
+
+
+def missing_textbook_elements(found: dict) -> list[str]:
+    need = {"objectives": (1, 1), "equations": (2, 99), "package code": (1, 99), "diagram": (1, 99),
+            "exercises": (3, 5), "takeaways": (1, 1)}
+    out = [f"{k}: {found[k]} (needs {lo}..{hi})" for k, (lo, hi) in need.items() if not lo <= found[k] <= hi]
+    if found["solutions"] != found["exercises"]:
+        out.append(f"{found['exercises']} exercises but {found['solutions']} collapsed solutions")
+    return out
+
+
+def test_textbook_elements_are_counted():
+    """The counter finds each element in HTML as Jupyter Book 1 writes it, and the check
+    names what a page lacks."""
+    page = ('<div class="tip objectives admonition"></div>'
+            '<div class="math notranslate nohighlight">a</div><div class="math notranslate nohighlight">b</div>'
+            '<p>From <code class="docutils literal notranslate"><span class="pre">leukemia_core/vl/loss.py</span></code></p>'
+            '<img src="../_images/graphviz-1.svg" class="graphviz" />'
+            + '<div class="exercise admonition" id="ex-a"></div>'
+            '<div class="solution dropdown admonition" id="s-a"></div>' * 3
+            + '<div class="important takeaways admonition"></div>')
+    assert missing_textbook_elements(textbook_elements(page)) == []
+    assert missing_textbook_elements(textbook_elements(page.replace("takeaways", "x"))) == ["takeaways: 0 (needs 1..1)"]
+    two = page.replace('<div class="solution dropdown admonition" id="s-a"></div>', "", 1)
+    assert missing_textbook_elements(textbook_elements(two)) == ["3 exercises but 2 collapsed solutions"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chapter", METHOD_CHAPTERS)
+def test_method_chapter_teaches(chapter):
+    """Issue 23: objectives, two or more equations, the method's code from the package, a
+    generated diagram, 3-5 exercises with collapsed solutions, and a takeaways box."""
+    book = smoke_book()
+    page = (book.html / "notebooks" / f"{chapter}.html").read_text()
+    missing = missing_textbook_elements(textbook_elements(page))
+    assert not missing, f"{chapter}: {missing}"
+    # The code shown is the package's source read at run time, not a copy in the notebook.
+    shown = re.findall(r"From <code[^>]*><span class=\"pre\">(leukemia_core/[^<]+)</span>", page)
+    assert all((REPO / p).is_file() for p in shown), shown

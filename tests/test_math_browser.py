@@ -56,3 +56,30 @@ def test_notation_page_typesets_offline(site, browser):
     page.screenshot(path=str(SCREENSHOTS / "notation.png"), full_page=True)
     assert (SCREENSHOTS / "notation.png").stat().st_size > 10_000
     page.close()
+
+
+@pytest.mark.parametrize("chapter", ["05_vision_language", "08_r3gan_hybrid"])
+def test_method_chapter_in_the_browser(site, browser, chapter):
+    """A student's view of a method chapter: its equations typeset by the local MathJax, its
+    generated diagram drawn, and an exercise's solution collapsed until clicked open."""
+    book, base = site
+    page, blocked, errors = open_offline(browser, f"{base}/notebooks/{chapter}.html")
+    found = typeset_math(page)
+    assert found["display"] >= 2 and found["errors"] == 0 and found["raw"] == 0, found
+    diagram = page.locator("object.graphviz, img.graphviz").first
+    diagram.scroll_into_view_if_needed()
+    box = diagram.bounding_box()
+    assert box and box["width"] > 100 and box["height"] > 40, f"diagram not drawn: {box}"
+    svg = diagram.evaluate("e => e.data || e.src")
+    assert page.request.get(svg).ok, f"the diagram's SVG {svg} is not served"
+    solution = page.locator("div.solution.dropdown").first
+    body = solution.locator("section").first
+    assert not body.is_visible(), "a solution is open before the student asks for it"
+    solution.locator("button.toggle-button").first.click()
+    body.wait_for(state="visible", timeout=5_000)
+    assert body.inner_text().strip(), "the opened solution is empty"
+    assert not blocked, f"{chapter} fetched other hosts: {blocked}"
+    assert not errors, f"JavaScript errors: {errors}"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{chapter}.png"), full_page=True)
+    page.close()
