@@ -36,8 +36,9 @@ from torch.optim.swa_utils import AveragedModel
 from torchvision.transforms import v2
 
 from .models import create_model
+from .models.pretrained import PRETRAINED_CFGS
 
-MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # EfficientNet-Lite0 pretraining
+MEAN, STD = PRETRAINED_CFGS["efficientnet_lite0"].mean, PRETRAINED_CFGS["efficientnet_lite0"].std
 
 # --------------------------------------------------------------------------- stain space
 #: Ruifrok & Johnston (2001) haematoxylin / eosin / DAB optical densities (rows), as in

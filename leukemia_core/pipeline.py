@@ -5,7 +5,6 @@ so a chapter and a command line give the same numbers for the same profile.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,66 +15,25 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from .config import Profile, get_profile
 from .data import load_dataset
+from .data.prepare import PreparedData, content_hash, prepare_records, subsample  # noqa: F401 (re-exported)
 from .data.splits import apply_split
-from .data.torch_dataset import ImageTableDataset
 from .dataroot import data_root
 from .engine.checkpoint import WEIGHTS
 from .engine.distributed import is_main_process
 from .engine.train import FitConfig, FitResult, evaluate, fit
-from .errors import UnknownNameError
 from .models import create_model, size_kwargs
+from .models.pretrained import pretrained_norm
 from .results import write_results
-from .transforms import CLAHE, build_transform, compute_norm_stats, static_transform
-
-PRETRAINED_NORM = {"efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
-
-
-def content_hash(table: pd.DataFrame) -> str:
-    """sha256 over the sorted (relpath, split, sha256) rows a run used: the data's fingerprint."""
-    cols = [c for c in ("relpath", "split", "sha256") if c in table]
-    rows = sorted("\t".join(map(str, r)) for r in table[cols].itertuples(index=False))
-    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
-
-
-def subsample(table: pd.DataFrame, cap: int | None, seed: int = 0) -> pd.DataFrame:
-    """At most ``cap`` records per label, chosen deterministically from ``seed``."""
-    if cap is None:
-        return table
-    parts = [g.sample(min(len(g), cap), random_state=seed) for _, g in table.groupby("label")]
-    return pd.concat(parts).sort_values("relpath").reset_index(drop=True)
-
-
-@dataclass
-class PreparedData:
-    table: pd.DataFrame  # records with a ``split`` column, after subsampling
-    classes: list[str]
-    mean: list[float]
-    std: list[float]
-    norm_source: str
-    clahe: CLAHE | None
-
-    def split(self, name: str) -> pd.DataFrame:
-        return self.table[self.table["split"] == name].reset_index(drop=True)
-
-    def dataset(self, name: str, image_size: int, train: bool | None = None,
-                preload: bool = False) -> ImageTableDataset:
-        """Torch dataset of one split; ``preload`` keeps CLAHE'd, resized images in memory."""
-        train = (name == "train") if train is None else train
-        if preload:
-            tf = build_transform(image_size, train, self.mean, self.std, None)
-            return ImageTableDataset(self.split(name), self.classes, tf,
-                                     preload=static_transform(image_size, self.clahe))
-        tf = build_transform(image_size, train, self.mean, self.std, self.clahe)
-        return ImageTableDataset(self.split(name), self.classes, tf)
-
+from .transforms import CLAHE, build_transform
 
 def prepare_data(dataset: str, profile: Profile, root=None, classes: list[str] | None = None,
                  seed: int = 0, clahe: CLAHE | None = None, model: str | None = None,
                  pretrained: bool = False) -> PreparedData:
-    """Load ``dataset`` with its committed split, subsample per the profile, and fix
-    the normalisation (training-split statistics, or the pretrained weights' own)."""
-    return prepare_table(apply_split(load_dataset(dataset, root)), profile, classes, seed, clahe,
-                         model, pretrained, name=dataset)
+    """Load ``dataset`` with its committed split, subsample per the profile, and fix the
+    normalisation: the pretrained weights' own (models/pretrained.py) when ``pretrained``,
+    else the training split's statistics."""
+    return prepare_records(apply_split(load_dataset(dataset, root)), profile, classes, seed, clahe,
+                           norm=pretrained_norm(model, pretrained), name=dataset)
 
 
 def prepare_table(table: pd.DataFrame, profile: Profile, classes: list[str] | None = None,
@@ -83,26 +41,8 @@ def prepare_table(table: pd.DataFrame, profile: Profile, classes: list[str] | No
                   pretrained: bool = False, name: str = "table") -> PreparedData:
     """:func:`prepare_data` for a record table that already has a ``split`` column
     (e.g. several datasets joined by :func:`leukemia_core.taxonomy.load_taxonomy_table`)."""
-    attrs = dict(table.attrs)
-    table = table[table["label"].notna()]
-    if classes is not None:
-        unknown = sorted(set(classes) - set(table["label"]))
-        if unknown:
-            raise UnknownNameError(f"classes {unknown} do not occur in '{name}'; "
-                                   f"its classes are {sorted(table['label'].unique())}")
-        table = table[table["label"].isin(classes)]
-    classes = list(classes) if classes is not None else sorted(table["label"].unique())
-    parts = [subsample(table[table["split"] == "train"], profile.max_train_per_class, seed)]
-    parts += [subsample(table[table["split"] == s], profile.max_eval_per_class, seed) for s in ("val", "test")]
-    table = pd.concat(parts, ignore_index=True)
-    table.attrs.update(attrs)
-    if pretrained and model in PRETRAINED_NORM:
-        (mean, std), source = PRETRAINED_NORM[model], f"{model} pretraining"
-    else:
-        mean, std = compute_norm_stats(table.loc[table["split"] == "train", "path"],
-                                       profile.image_size, seed=seed, clahe=clahe)
-        source = "training split"
-    return PreparedData(table, classes, list(mean), list(std), source, clahe)
+    return prepare_records(table, profile, classes, seed, clahe, norm=pretrained_norm(model, pretrained),
+                           name=name)
 
 
 def make_loader(ds, profile: Profile, train: bool, weighted_sampler: bool = False) -> DataLoader:

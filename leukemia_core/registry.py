@@ -25,25 +25,10 @@ from pathlib import Path
 import yaml
 
 from .dataroot import REPO_ROOT
-from .errors import LeukemiaError
+# The results schema lives with the writer (results.py); the registry reads it.
+from .results import (OPTIONAL, REQUIRED, SCHEMA, SELECTED_ON, SELECTION_KEYS, ResultsError,  # noqa: F401
+                      check, validate, write_results)
 
-SCHEMA = "leukemia-core/results/v1"
-#: Field -> accepted types. ``split_sha256`` / ``data_sha256`` fingerprint the split
-#: files and the exact records a run used; ``hardware`` comes from ``results.hardware()``.
-REQUIRED: dict[str, tuple[type, ...]] = {
-    "schema": (str,), "kind": (str,), "profile": (str,), "seeds": (list,), "config": (dict,),
-    "metrics": (dict,), "split_sha256": (str,), "data_sha256": (str,), "git_sha": (str,),
-    "hardware": (dict,), "created": (str,), "wall_time_s": (int, float),
-}
-#: Optional fields that, when present, must have these types.
-OPTIONAL: dict[str, tuple[type, ...]] = {"paper": (str,), "chapter": (str,), "method": (str,),
-                                         "model": (str,), "dataset": (str,), "selected_on": (str,)}
-#: How a row that was picked among others was picked. ``test``: by held-out/test scores
-#: (shown, labelled, never a verdict); ``validation``: by a rule on validation data;
-#: ``pre-registered``: named before any result existed.
-SELECTED_ON = ("pre-registered", "validation", "test")
-#: Metric keys that name a row picked among others: a file holding one must say how.
-SELECTION_KEYS = ("best_row", "best_method", "best_cross_domain_method", "headline_method")
 CLAIMS_FILE = REPO_ROOT / "results" / "claims.yaml"
 RESULTS_DIR = REPO_ROOT / "results"
 #: Folders of ``results/`` that hold run results (``bench/`` holds benchmark files).
@@ -52,50 +37,6 @@ PROFILE_DIRS = ("smoke", "ci", "full")
 DEFAULT_FRESHNESS_METRICS = ("metrics/test/accuracy", "metrics/test/macro_f1")
 REASONS = ("private_data", "no_cml_cll", "no_public_code", "contradictory_code",
            "not_in_mirror", "not_implemented")
-
-
-class ResultsError(LeukemiaError):
-    """A results file or the claims file does not follow its schema."""
-
-
-# --------------------------------------------------------------------------- schema
-def validate(payload: dict) -> list[str]:
-    """Problems of one results payload against the schema (empty: valid)."""
-    if not isinstance(payload, dict):
-        return ["not a JSON object"]
-    problems = []
-    for key, types in REQUIRED.items():
-        if key not in payload:
-            problems.append(f"missing field '{key}'")
-        elif isinstance(payload[key], bool) or not isinstance(payload[key], types):
-            problems.append(f"field '{key}' is {type(payload[key]).__name__}, expected "
-                            + " or ".join(t.__name__ for t in types))
-        elif types == (str,) and not payload[key].strip():
-            problems.append(f"field '{key}' is empty")
-    for key, types in OPTIONAL.items():
-        if payload.get(key) is not None and not isinstance(payload[key], types):
-            problems.append(f"field '{key}' is {type(payload[key]).__name__}, expected str")
-    if payload.get("schema") not in (None, SCHEMA) and isinstance(payload.get("schema"), str):
-        problems.append(f"schema '{payload['schema']}' is not '{SCHEMA}'")
-    if isinstance(payload.get("seeds"), list) and not all(isinstance(s, int) for s in payload["seeds"]):
-        problems.append("field 'seeds' must list integers")
-    if isinstance(payload.get("metrics"), dict) and not payload["metrics"]:
-        problems.append("field 'metrics' is empty")
-    if payload.get("selected_on") is not None and payload["selected_on"] not in SELECTED_ON:
-        problems.append(f"field 'selected_on' is '{payload['selected_on']}', expected one of {SELECTED_ON}")
-    picked = [k for k in SELECTION_KEYS if isinstance(payload.get("metrics"), dict) and k in payload["metrics"]]
-    if picked and payload.get("selected_on") is None:
-        problems.append(f"metrics name a selected row ({', '.join(picked)}) but 'selected_on' says not how "
-                        f"it was selected (one of {SELECTED_ON})")
-    return problems
-
-
-def check(payload: dict, where: str = "results") -> dict:
-    """``payload`` if it is valid, else :class:`ResultsError` listing every problem."""
-    problems = validate(payload)
-    if problems:
-        raise ResultsError(f"{where} does not follow {SCHEMA}: " + "; ".join(problems))
-    return payload
 
 
 def metric(data: dict, path: str):
@@ -294,7 +235,6 @@ def combine_seed_results(paths, dest: str | Path, overwrite: bool = True, **extr
     One seed: that file, with ``extra`` fields (e.g. ``chapter``, ``paper``) added. Several:
     ``metrics.test`` holds the mean of each scalar test metric, ``metrics.test_std`` their
     standard deviation and ``metrics.per_seed`` every seed's metrics."""
-    from .results import write_results
 
     paths = [Path(p) for p in paths]
     runs = [json.loads(p.read_text()) for p in paths]

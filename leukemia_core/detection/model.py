@@ -18,7 +18,10 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, generaliz
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ..models import create_model
+from ..models.pretrained import PRETRAINED_CFGS
 from .data import CLASSES
+
+LITE0 = PRETRAINED_CFGS["efficientnet_lite0"]  # the backbone's pretrained preprocessing
 
 #: EfficientNet-Lite0 stages whose outputs feed the FPN (strides 8, 16, 32).
 STAGES = {"p3": 2, "p4": 4, "p5": 6}
@@ -150,7 +153,7 @@ class WBCDetector(nn.Module):
         backbone = LiteFPN(fpn_channels, pretrained=pretrained)
         head = WeightedFCOSHead(fpn_channels, 1, len(CLASSES), num_convs=head_convs)
         self.fcos = FCOS(backbone, num_classes=len(CLASSES), min_size=short_side, max_size=short_side * 3,
-                         image_mean=[0.5] * 3, image_std=[0.5] * 3, head=head, score_thresh=score_thresh,
+                         image_mean=list(LITE0.mean), image_std=list(LITE0.std), head=head, score_thresh=score_thresh,
                          detections_per_img=detections_per_img, topk_candidates=500)
         self.attr_head = (AttributeHead(fpn_channels, self.config["attributes"], hidden=attr_hidden)
                           if attributes else None)

@@ -65,11 +65,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
-def _to_device(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
+def to_device(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
@@ -84,8 +84,8 @@ def predict_logits(model, loader, device=None, amp: bool = True, progress: bool 
         model.to(memory_format=torch.channels_last)
     logits, targets = [], []
     for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        with _autocast(device, amp):
-            logits.append(model(_to_device(x, device, channels_last)).float().cpu())
+        with autocast(device, amp):
+            logits.append(model(to_device(x, device, channels_last)).float().cpu())
         targets.append(torch.as_tensor(y))
     return torch.cat(logits), torch.cat(targets)
 
@@ -185,8 +185,8 @@ def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=not (config.progress and main))
         for step, (x, y) in enumerate(bar):
-            x, y = _to_device(x, device, config.channels_last), y.to(device, non_blocking=True)
-            with _autocast(device, config.amp):
+            x, y = to_device(x, device, config.channels_last), y.to(device, non_blocking=True)
+            with autocast(device, config.amp):
                 logits = net(x)
                 loss = task.loss(logits, y)
             optimizer.zero_grad(set_to_none=True)

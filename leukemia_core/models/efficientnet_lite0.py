@@ -18,17 +18,15 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from .pretrained import PRETRAINED_CFGS
 
 ARCH = "tf_efficientnet_lite0"
 
-# Preprocessing taken from timm's pretrained_cfg for tf_efficientnet_lite0 (the
-# wheel documents none); it equals the TF Lite recipe (x*255 - 127) / 128 up to
-# rounding. Resize the short side to 224 / CROP_PCT (256), then centre-crop 224.
-INPUT_SIZE = (3, 224, 224)
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.5, 0.5, 0.5)
-INTERPOLATION = "bicubic"
-CROP_PCT = 0.875
+# Preprocessing: the book's one table (models/pretrained.py). Resize the short side to
+# 224 / crop_pct (256), then centre-crop 224.
+CFG = PRETRAINED_CFGS["efficientnet_lite0"]
+INPUT_SIZE, MEAN, STD = CFG.input_size, CFG.mean, CFG.std
+INTERPOLATION, CROP_PCT = CFG.interpolation, CFG.crop_pct
 
 
 def weights_path() -> Path:

@@ -16,7 +16,8 @@ import torch
 
 from ..config import Profile
 from ..data import ATTRIBUTES, load_dataset
-from ..pipeline import PreparedData, prepare_table
+from ..data.prepare import PreparedData, prepare_records
+from ..models.pretrained import pretrained_norm
 from ..taxonomy import Taxonomy, load_taxonomy_table
 from .texts import (TextClass, attribute_keys, attribute_sentence, attribute_values, class_texts,
                     node_to_text_class, templates, value_sentences)
@@ -62,12 +63,12 @@ def load_vl_table(root=None, taxonomy: str | Taxonomy = "leukemia") -> pd.DataFr
 
 def prepare_vl(table: pd.DataFrame, profile: Profile, train_cap: int | None, eval_cap: int | None = None,
                seed: int = 0, image_model: str = "efficientnet_lite0", pretrained: bool = True) -> PreparedData:
-    """:func:`leukemia_core.pipeline.prepare_table` with one class per *source*: at most
+    """:func:`leukemia_core.data.prepare.prepare_records` with one class per *source*: at most
     ``train_cap`` training and ``eval_cap`` val/test images per source; normalisation of
     the pretrained weights. ``data.classes`` are sources; the other columns ride along."""
     t = table.assign(label=table["source"])
-    return prepare_table(t, profile.replace(max_train_per_class=train_cap, max_eval_per_class=eval_cap),
-                         seed=seed, model=image_model, pretrained=pretrained, name="vision-language table")
+    return prepare_records(t, profile.replace(max_train_per_class=train_cap, max_eval_per_class=eval_cap),
+                           seed=seed, norm=pretrained_norm(image_model, pretrained), name="vision-language table")
 
 
 class IndexedDataset(torch.utils.data.Dataset):

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..data import ATTRIBUTES
 from ..engine.metrics import classification_metrics
-from ..engine.train import _autocast, _to_device
+from ..engine.train import autocast, to_device
 from .model import VisionLanguageModel
 from .texts import value_sentences
 
@@ -26,8 +26,8 @@ def embed_images(model: VisionLanguageModel, ds, batch_size: int = 128, features
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
     embs, feats = [], []
     for x, _ in tqdm(loader, desc="embed", leave=False, disable=not progress):
-        with _autocast(device, True):
-            f = model.image_features(_to_device(x, device, channels_last))
+        with autocast(device, True):
+            f = model.image_features(to_device(x, device, channels_last))
             embs.append(torch.nn.functional.normalize(model.image_proj(f).float(), dim=-1).cpu())
         feats.append(f.float().cpu())
     return torch.cat(embs), (torch.cat(feats) if features else None)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from ..engine.checkpoint import read_meta
-from ..engine.train import _autocast, _to_device, default_device, seed_everything
+from ..engine.train import autocast, to_device, default_device, seed_everything
 from ..errors import CheckpointError
 from .data import IndexedDataset, TextBank, class_balanced_weights
 from .losses import multi_positive_info_nce, positives_from_keys
@@ -191,8 +191,8 @@ def fit_vl(model: VisionLanguageModel, train_ds, bank: TextBank, config: VLFitCo
         sums = {"loss": 0.0, "class_loss": 0.0, "attribute_loss": 0.0, "clause_loss": 0.0}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not config.progress)
         for step, (x, rows) in enumerate(bar):
-            x = _to_device(x, device, config.channels_last)
-            with _autocast(device, config.amp):
+            x = to_device(x, device, config.channels_last)
+            with autocast(device, config.amp):
                 losses = contrastive_step_loss(model, bank, x, rows, gen, config.attribute_weight,
                                                config.clause_weight)
             optimizer.zero_grad(set_to_none=True)
