@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 LEUKEMIA_DATA ?= $(if $(wildcard ../shared/datasets),$(abspath ../shared/datasets),)
 export LEUKEMIA_DATA
 
-.PHONY: venv test book notebook lock clean explore explore-checkpoint
+.PHONY: venv test test-fast book notebook lock clean explore explore-checkpoint
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest tests
+
+# The development tier: every test not marked slow (no training beyond a few steps, no
+# book, no browser), a few minutes on 2 cores. `make test` (and CI) still runs everything.
+test-fast: venv
+	$(PY) -m pytest -m "not slow" tests
 
 # The book: execute every chapter of _toc.yml with papermill under PROFILE (smoke, ci,
 # full), then build the HTML with Jupyter Book 1 into _build/html (open index.html).

@@ -38,6 +38,7 @@ def pbc_run(data_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoint_predictions_and_results(pbc_run, data_root):
     res = json.loads((pbc_run / "results.json").read_text())
     for key in ("metrics", "profile", "config", "git_sha", "data_root", "split_sha256", "data_sha256",
@@ -50,6 +51,7 @@ def test_train_writes_checkpoint_predictions_and_results(pbc_run, data_root):
     assert len(preds) == 8 * 4 and set(preds["label"]) == set(preds.columns.str.removeprefix("prob_")) & set(preds["label"])
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict(pbc_run, data_root, tmp_path):
     r = run("evaluate", "--checkpoint", pbc_run, "--dataset", "pbc", "--data-root", data_root,
             "--split", "val", "--out", tmp_path / "m.json")
@@ -78,11 +80,13 @@ def test_evaluate_and_predict(pbc_run, data_root, tmp_path):
                         "--overwrite")
 
 
+@pytest.mark.slow
 def test_checkpoint_for_another_class_set(pbc_run, data_root):
     _assert_clean_error(run("evaluate", "--checkpoint", pbc_run, "--dataset", "matek", "--data-root", data_root),
                         "myeloblast", "trained on classes")
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2(tmp_path, data_root):
     _assert_clean_error(run("train", "--dataset", "nope", "--profile", "smoke"), "unknown dataset 'nope'")
     _assert_clean_error(run("train", "--dataset", "pbc", "--profile", "smoke", "--classes", "neutrophil,dragon",
@@ -102,6 +106,7 @@ def test_bad_input_exits_2(tmp_path, data_root):
                         "unknown model")
 
 
+@pytest.mark.slow
 def test_data_check_exits_nonzero_on_corruption(data_root, tmp_path):
     import shutil
     shutil.copytree(data_root / "zheng_wbc", tmp_path / "zheng_wbc")
@@ -113,6 +118,7 @@ def test_data_check_exits_nonzero_on_corruption(data_root, tmp_path):
     assert bad.returncode == 1 and "007.bmp" in bad.stdout + bad.stderr
 
 
+@pytest.mark.slow
 def test_splits_check_reports_unchanged(data_root):
     r = run("data", "splits", "zheng", "--check", "--data-root", data_root)
     assert r.returncode == 0 and "zheng: unchanged" in r.stdout

@@ -238,6 +238,7 @@ def test_evaluate_cli_errors(monkeypatch, tmp_path, capsys):
     _clean_error(capsys, "--adapt-bn", "--images")
 
 
+@pytest.mark.slow
 def test_bench_predict_tiny_through_cli(capsys):
     """The memory benchmark's plumbing at n = 1 (one fresh process; the real run uses 2000
     and 20000 images: `leukemia-core bench predict`)."""

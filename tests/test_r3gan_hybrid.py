@@ -53,6 +53,7 @@ def test_residual_blocks_start_as_identity_and_shapes():
         Generator(3, image_size=48)
 
 
+@pytest.mark.slow
 def test_class_conditional_r3gan_learns_two_colours():
     """Class 0 is red squares, class 1 blue: a trained generator must draw the right colour."""
     torch.manual_seed(0)

@@ -79,7 +79,8 @@ def test_near_duplicates_find_shifted_copies_not_other_cells(tmp_path):
     assert pairs[["a", "b"]].values.tolist() == [["c03.jpg", "copy.jpg"]], pairs
 
 
-@pytest.mark.parametrize("name", sorted(SPLIT_SPECS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("pbc", "aria") else n
+                                  for n in sorted(SPLIT_SPECS)])
 def test_committed_split_is_reproducible_and_leak_free(data_root, name):
     table = load_dataset(name, data_root)
     regenerated, excluded, pairs = compute_split(name, table)
