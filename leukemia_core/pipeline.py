@@ -24,7 +24,7 @@ from .engine.train import FitConfig, FitResult, evaluate, fit
 from .models import create_model, size_kwargs
 from .models.pretrained import pretrained_norm
 from .results import write_results
-from .transforms import CLAHE, build_transform
+from .transforms import CLAHE, eval_transform_from, preprocess_dict
 
 def prepare_data(dataset: str, profile: Profile, root=None, classes: list[str] | None = None,
                  seed: int = 0, clahe: CLAHE | None = None, model: str | None = None,
@@ -108,9 +108,9 @@ def train_classifier(dataset: str = "pbc", model: str | None = None, profile: st
     torch.manual_seed(seed)
     net = create_model(model_name, num_classes=len(data.classes), pretrained=pretrained,
                        **size_kwargs(model_name, prof.image_size))
-    meta = {"model": model_name, "pretrained": pretrained, "dataset": dataset,
-            "image_size": prof.image_size, "mean": data.mean, "std": data.std,
-            "clahe": repr(clahe) if clahe else None, "profile": prof.name}
+    meta = {"kind": "classifier", "model": model_name, "pretrained": pretrained, "dataset": dataset,
+            "image_size": prof.image_size, "profile": prof.name,
+            "preprocess": preprocess_dict(prof.image_size, data.mean, data.std, clahe)}
     fit_result = fit(net, loaders["train"], loaders["val"], data.classes, config, out_dir=out_dir,
                      resume=resume, meta=meta)
     test = evaluate(net, loaders["test"], data.classes)
@@ -140,16 +140,17 @@ def train_classifier(dataset: str = "pbc", model: str | None = None, profile: st
 
 
 def load_classifier(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a classifier from a ``model.safetensors`` written by :func:`fit`
-    (a run folder is accepted too); returns ``(model, meta)`` with ``meta['classes']``."""
+    """Rebuild a classifier from a ``model.safetensors`` written by :func:`fit` (a run
+    folder is accepted too); returns ``(model, meta)`` with ``meta['classes']``.
+    :func:`leukemia_core.checkpoints.load_checkpoint` loads every kind of checkpoint."""
     from .engine.checkpoint import load_weights, read_meta
     from .errors import CheckpointError
 
     path = Path(checkpoint)
     if path.is_dir():
         path = path / WEIGHTS
-    meta = read_meta(path)
-    missing = {"model", "classes", "image_size", "mean", "std"} - set(meta)
+    meta = upgrade_classifier_meta(read_meta(path))
+    missing = {"model", "classes", "image_size", "preprocess"} - set(meta)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks metadata {sorted(missing)}; "
                               "it was not written by leukemia-core fit()")
@@ -159,11 +160,21 @@ def load_classifier(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
     return net.eval(), meta
 
 
-def eval_transform(meta: dict):
-    """The evaluation transform a checkpoint was trained with."""
+def upgrade_classifier_meta(meta: dict) -> dict:
+    """Metadata of a classifier checkpoint in today's form: checkpoints written before the
+    structured ``preprocess`` field (mean, std and CLAHE as a repr string) are read too."""
+    if "preprocess" in meta or not {"image_size", "mean", "std"} <= set(meta):
+        return meta
+    import re
+
     clahe = None
-    if meta.get("clahe"):
-        import re
+    if meta.get("clahe"):  # the old repr: "CLAHE(clip_limit=2.0, tile_grid=(8, 8))"
         clip, tx, ty = map(float, re.findall(r"[\d.]+", meta["clahe"]))
         clahe = CLAHE(clip, (int(tx), int(ty)))
-    return build_transform(meta["image_size"], False, meta["mean"], meta["std"], clahe)
+    return {"kind": "classifier", **meta,
+            "preprocess": preprocess_dict(meta["image_size"], meta["mean"], meta["std"], clahe)}
+
+
+def eval_transform(meta: dict):
+    """The evaluation transform a classifier checkpoint was trained with."""
+    return eval_transform_from(upgrade_classifier_meta(meta)["preprocess"])

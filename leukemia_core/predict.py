@@ -33,40 +33,56 @@ from .errors import DatasetError, LeukemiaError
 
 
 def save_dg_checkpoint(path, model, classes: list[str], image_size: int, scale_norm, recipe) -> Path:
-    """Write ``model.backbone`` as safetensors with what :func:`predict_folder` needs."""
+    """Write ``model.backbone`` as safetensors with what :func:`predict_folder` needs: the
+    one checkpoint format (:mod:`leukemia_core.checkpoints`), kind ``dg_classifier``."""
     from dataclasses import asdict
 
     from . import dg
+    from .transforms import preprocess_dict
 
-    meta = {"model": "efficientnet_lite0", "classes": list(classes), "image_size": image_size,
-            "mean": list(dg.MEAN), "std": list(dg.STD),
-            "dg": {"norm": recipe.norm, "scale_norm": asdict(scale_norm) if scale_norm else None,
-                   "stain_norm": recipe.stain_norm, "recipe": recipe.to_dict()}}
+    meta = {"kind": "dg_classifier", "model": "efficientnet_lite0", "classes": list(classes),
+            "image_size": image_size,
+            "preprocess": preprocess_dict(image_size, dg.MEAN, dg.STD, None,
+                                          scale_norm=asdict(scale_norm) if scale_norm else None,
+                                          stain_norm=bool(recipe.stain_norm)),
+            "dg": {"norm": recipe.norm, "recipe": recipe.to_dict()}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_weights(path, model.backbone, meta)
 
 
-def load_predictor(checkpoint):
-    """``(model, meta, preprocess)``: ``preprocess(PIL image) -> (3 x S x S float tensor, ok)``."""
+def load_dg_checkpoint(path):
+    """``(model, meta, preprocess)`` of a checkpoint written by :func:`save_dg_checkpoint`
+    (also one written before the structured ``preprocess`` field)."""
     from . import dg
 
-    path = Path(checkpoint)
-    path = path / WEIGHTS if path.is_dir() else path
+    path = Path(path)
     meta = read_meta(path)
-    if "dg" not in meta:  # a leukemia-core train checkpoint
-        from .pipeline import eval_transform, load_classifier
-        net, meta = load_classifier(path)
-        tf = eval_transform(meta)
-        return net, meta, lambda im: (tf(im), True)
+    if "preprocess" not in meta:  # the earlier layout kept these under "dg"
+        meta["preprocess"] = {"image_size": meta["image_size"], "mean": meta["mean"], "std": meta["std"],
+                              "clahe": None, "scale_norm": meta["dg"].get("scale_norm"),
+                              "stain_norm": bool(meta["dg"].get("stain_norm", False))}
     net = dg.build_backbone(meta["dg"]["norm"], len(meta["classes"]), pretrained=False)
     load_weights(path, net)
-    sn = dg.ScaleNorm(**meta["dg"]["scale_norm"]) if meta["dg"]["scale_norm"] else None
+    pre = meta["preprocess"]
+    sn = dg.ScaleNorm(**pre["scale_norm"]) if pre.get("scale_norm") else None
 
     def prep(im):
-        arr, ok = dg.preprocess(np.asarray(im), meta["image_size"], sn, meta["dg"].get("stain_norm", False))
+        arr, ok = dg.preprocess(np.asarray(im), pre["image_size"], sn, pre.get("stain_norm", False))
         return dg.normalize(torch.from_numpy(arr).permute(2, 0, 1)[None])[0], ok
     return net.eval(), meta, prep
+
+
+def load_predictor(checkpoint):
+    """``(model, meta, preprocess)``: ``preprocess(PIL image) -> (3 x S x S float tensor, ok)``.
+    Any image classifier checkpoint (:func:`leukemia_core.checkpoints.load_checkpoint`)."""
+    from .checkpoints import load_checkpoint
+
+    net, meta, prep = load_checkpoint(checkpoint)
+    if meta["kind"] not in ("classifier", "dg_classifier"):
+        raise LeukemiaError(f"{checkpoint} is a {meta['kind']} checkpoint; predict and evaluate need an image "
+                            "classifier (leukemia-core train, or the domain-generalization chapter's)")
+    return net, meta, prep
 
 
 # --------------------------------------------------------------------------- streaming

@@ -26,6 +26,13 @@ class CLAHE:
     def __repr__(self):
         return f"CLAHE(clip_limit={self.clip_limit}, tile_grid={self.tile_grid})"
 
+    def to_dict(self) -> dict:
+        return {"clip_limit": self.clip_limit, "tile_grid": list(self.tile_grid)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "CLAHE | None":
+        return None if not d else cls(d["clip_limit"], tuple(d["tile_grid"]))
+
 
 def static_transform(image_size: int, clahe: CLAHE | None = None) -> v2.Compose:
     """The deterministic part on PIL images (CLAHE, then resize); cacheable."""
@@ -75,3 +82,16 @@ def compute_norm_stats(paths, image_size: int, max_images: int = 2000, seed: int
     mean = total / n
     std = (total_sq / n - mean ** 2).sqrt()
     return [round(float(v), 5) for v in mean], [round(float(v), 5) for v in std]
+
+
+def preprocess_dict(image_size: int, mean, std, clahe: CLAHE | None = None, **extra) -> dict:
+    """A checkpoint's preprocessing as structured data (stored in its metadata under
+    ``preprocess``): what :func:`eval_transform_from` rebuilds at prediction time."""
+    return {"image_size": int(image_size), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "clahe": clahe.to_dict() if clahe is not None else None, **extra}
+
+
+def eval_transform_from(preprocess: dict) -> v2.Compose:
+    """The evaluation transform of a :func:`preprocess_dict`."""
+    return build_transform(preprocess["image_size"], False, preprocess["mean"], preprocess["std"],
+                           CLAHE.from_dict(preprocess.get("clahe")))

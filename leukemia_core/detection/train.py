@@ -6,14 +6,16 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from torchmetrics.detection import MeanAveragePrecision
 
+from ..errors import CheckpointError
 from .data import CLASSES, collate
 from .model import WBCDetector
 from .sparse import OUTSIDE_WEIGHT, PSEUDO_CONF, PSEUDO_IOU, location_weights, regime_targets
@@ -237,28 +239,28 @@ def attribute_metrics(pred: np.ndarray, true: np.ndarray, train_true: np.ndarray
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_detector(model: WBCDetector, path, attribute_values: dict | None = None) -> None:
-    """Weights as safetensors; config (and attribute value names) in its metadata."""
-    import json
-    meta = {"config": json.dumps(model.config), "attribute_values": json.dumps(attribute_values or {})}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    """Weights as safetensors in the one checkpoint format (kind ``detector``): the model's
+    config and the attribute value names in its metadata."""
+    from ..engine.checkpoint import save_weights
+
+    save_weights(Path(path), model, {"kind": "detector", "config": dict(model.config),
+                                     "attribute_values": dict(attribute_values or {})})
 
 
 def load_detector(path) -> tuple[WBCDetector, dict]:
-    """A detector saved by :func:`save_detector` and its attribute value names."""
-    import json
+    """A detector saved by :func:`save_detector` (also the earlier layout, with the config
+    as its own metadata key) and its attribute value names."""
+    from ..engine.checkpoint import read_checkpoint_meta
 
-    from safetensors import safe_open
-
-    from ..errors import CheckpointError
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        cfg = json.loads(meta["config"])
-        state = load_file(str(path))
-    except Exception as exc:  # missing, not safetensors, or not ours
-        raise CheckpointError(f"{path} is not a detector checkpoint written by save_detector: {exc}") from exc
+    meta = read_checkpoint_meta(path)
+    if meta["kind"] != "detector":
+        raise CheckpointError(f"{path} is a {meta['kind']} checkpoint, not a detector written by save_detector")
+    cfg = meta["config"]
     model = WBCDetector(attributes=cfg["attributes"], short_side=cfg["short_side"], fpn_channels=cfg["fpn_channels"],
                         head_convs=cfg["head_convs"], pretrained=False, score_thresh=cfg["score_thresh"],
                         detections_per_img=cfg["detections_per_img"], attr_hidden=cfg.get("attr_hidden", 256))
-    model.load_state_dict(state)
-    return model.eval(), json.loads(meta.get("attribute_values", "{}"))
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit the detector its metadata describes: {exc}") from exc
+    return model.eval(), dict(meta.get("attribute_values") or {})

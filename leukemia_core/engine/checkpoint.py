@@ -16,6 +16,8 @@ from ..errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
 STATE = "train_state.safetensors"
+#: What a checkpoint holds, in its metadata's ``kind``; leukemia_core.checkpoints rebuilds each.
+KINDS = ("classifier", "dg_classifier", "vision_language", "detector", "r3gan_generator")
 
 
 def save_weights(path: Path, model: torch.nn.Module, meta: dict | None = None) -> Path:
@@ -77,3 +79,47 @@ def load_train_state(path: Path, optimizer, scheduler) -> dict:
     if scheduler is not None and meta["scheduler"] is not None:
         scheduler.load_state_dict(meta["scheduler"])
     return meta["info"]
+
+
+# --------------------------------------------------------------------------- the one format
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint file, or the ``model.safetensors`` of a run folder."""
+    path = Path(path)
+    return path / WEIGHTS if path.is_dir() else path
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    """The metadata of any leukemia-core checkpoint, with its ``kind`` filled in (also for
+    checkpoints written before the field existed, recognised by their metadata)."""
+    path = checkpoint_file(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as exc:  # not a safetensors file, truncated, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}; it must be a safetensors file "
+                              "written by leukemia-core (retrain it, or fetch it again)") from exc
+    if "meta" in raw:
+        meta = json.loads(raw["meta"])
+    elif "config" in raw:  # a detector written before the one format
+        meta = {"kind": "detector", "config": json.loads(raw["config"]),
+                "attribute_values": json.loads(raw.get("attribute_values", "{}"))}
+    else:
+        meta = {}
+    meta.setdefault("kind", _legacy_kind(meta))
+    if meta["kind"] not in KINDS:
+        raise CheckpointError(
+            f"{path} is not a checkpoint leukemia-core can rebuild (kind {meta['kind']!r}; known: "
+            f"{', '.join(KINDS)}). Write it with leukemia-core (e.g. `leukemia-core train ... --out DIR`).")
+    return meta
+
+
+def _legacy_kind(meta: dict) -> str | None:
+    if "dg" in meta:
+        return "dg_classifier"
+    if "vl_config" in meta:
+        return "vision_language"
+    if {"model", "classes"} <= set(meta):
+        return "classifier"
+    return None

