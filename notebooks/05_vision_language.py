@@ -203,7 +203,7 @@ display(Markdown(f"One {cell['text_class']} of PBC, its sentence in every templa
 #   u [label="sentence features u\n384-d (cached)", shape=plain];
 #   tproj [label="text_proj\nLinear 384 → m"];
 #   t [label="L2 normalise\nt ∈ ℝ^m, ‖t‖ = 1", shape=ellipse];
-#   sim [label="similarities\ns_ij = λ z_iᵀ t_j\nB × T, λ = 1/τ learned"];
+#   sim [label="similarities\ns_ij = z_iᵀ t_j / τ\nB × T, τ learned"];
 #   pos [label="positives P_ij\nsame class /\nsame attribute tuple", shape=note];
 #   loss [label="multi-positive\nsymmetric InfoNCE\n(+ clause loss)"];
 #   x -> img -> h -> iproj -> z -> sim;
@@ -213,21 +213,21 @@ display(Markdown(f"One {cell['text_class']} of PBC, its sentence in every templa
 # ```
 #
 # Written out, an image $x_i$ and a sentence $w_j$ become unit vectors of the shared space,
-# with $g_\phi$ the image tower, $e_{j\ell}$ MiniLM's last hidden state for token $\ell$ of
-# the sentence and $m_{j\ell}$ its attention mask (1 for a real token, 0 for padding):
+# with $g_\phi$ the image tower and $e_{j1}, \dots, e_{jL_j}$ MiniLM's last hidden states
+# for the $L_j$ tokens of the sentence (padding excluded by the attention mask):
 #
 # $$
 # z_i = \frac{W_I h_i + c_I}{\lVert W_I h_i + c_I \rVert_2}, \quad h_i = g_\phi(x_i) \in \mathbb{R}^{1280};
 # \qquad
 # t_j = \frac{W_T u_j + c_T}{\lVert W_T u_j + c_T \rVert_2}, \quad
-# u_j = \frac{\sum_\ell m_{j\ell}\, e_{j\ell}}{\sum_\ell m_{j\ell}} \in \mathbb{R}^{384} .
+# u_j = \frac{1}{L_j} \sum_{\ell=1}^{L_j} e_{j\ell} \in \mathbb{R}^{384} .
 # $$ (eq-vl-towers)
 #
 # Only $\phi$, the projections $(W_I, c_I)$ and $(W_T, c_T)$ and the temperature are
-# trained here. The similarity of image $i$ and text $j$ is $s_{ij} = \lambda\, z_i^\top t_j$,
-# a cosine scaled by the inverse {term}`temperature` $\lambda = 1/\tau = \exp(\min(\theta,
-# \log 100))$, where the learned $\theta$ (`logit_scale`) starts at $\log(1/0.07)$ and the
-# clamp keeps $\tau$ from falling below one hundredth.
+# trained here. The similarity of image $i$ and text $j$ is $s_{ij} = z_i^\top t_j / \tau$,
+# a cosine divided by the {term}`temperature` $\tau = \exp(-\min(\theta, \log 100))$: the
+# model learns $\theta$ (`logit_scale`; `model.scale` is $1/\tau$), which starts at
+# $\log(1/0.07)$, and the clamp keeps $\tau$ from falling below one hundredth.
 #
 # **Several images share one sentence.** With class sentences every image of a class in a
 # batch matches every paraphrase of that class, so CLIP's loss (one positive per row) would
@@ -263,8 +263,8 @@ show_source(VisionLanguageModel.encode_image, VisionLanguageModel.encode_text, V
 # attributes must agree). Single-attribute clauses add a third term: for each
 # attribute, a cross-entropy over the sentences of its values (image→text) and
 # multi-positive InfoNCE over the images with that value (text→image). With one clause
-# sentence $t_{rv}$ drawn per value $v \in V_r$ of attribute $r$, $s_{i,rv} = \lambda\,
-# z_i^\top t_{rv}$, $a_{ir}$ the value of image $i$, $n_{rv}$ the number of batch images with
+# sentence $t_{rv}$ drawn per value $v \in V_r$ of attribute $r$, $s_{i,rv} =
+# z_i^\top t_{rv} / \tau$, $a_{ir}$ the value of image $i$, $n_{rv}$ the number of batch images with
 # that value and $\mathcal{S}$ the (attribute, value) pairs with $n_{rv} \ge 1$,
 #
 # $$
@@ -378,7 +378,7 @@ print(f"embedded {len(test_emb):,} test images and {len(probe):,} training image
 # \hat y = \arg\max_{k} \; z^\top \bar t_k .
 # $$ (eq-vl-zero-shot)
 #
-# The temperature plays no part: scaling every similarity by $\lambda > 0$ leaves the
+# The temperature plays no part: dividing every similarity by $\tau > 0$ leaves the
 # $\arg\max$ unchanged.
 
 # %% tags=["remove-input"]
@@ -714,13 +714,13 @@ display(Markdown(f"PBC test, {len(y_te):,} images; probes trained on {len(y_tr):
 # $F^{k}$ the $k$-th feature map ($U \times V$) of that block,
 #
 # $$
-# \sigma(x) = \cos\bigl(z(x), \bar t_c\bigr), \qquad
-# \alpha_k = \frac{1}{UV} \sum_{u,v} \frac{\partial \sigma}{\partial F^{k}_{uv}}, \qquad
+# \operatorname{sim}_c(x) = \cos\bigl(z(x), \bar t_c\bigr), \qquad
+# \alpha_k = \frac{1}{UV} \sum_{u,v} \frac{\partial \operatorname{sim}_c(x)}{\partial F^{k}_{uv}}, \qquad
 # A^{c} = \operatorname{ReLU}\Bigl( \sum_k \alpha_k F^{k} \Bigr),
 # $$ (eq-vl-simcam)
 #
 # upsampled to the image and scaled to $[0, 1]$ per image. `SimilarityTarget` is the
-# $\sigma$ that replaces the class logit:
+# $\operatorname{sim}_c$ that replaces the class logit:
 
 # %% tags=["remove-input"]
 show_source(SimilarityTarget)
@@ -899,24 +899,25 @@ print(f"results: {results_file}")
 #
 # ::::{exercise}
 # :label: ex-vl-temperature
-# The inverse temperature $\lambda$ is learnt (`temperature` in the training table above)
-# and clamped at 100. Which numbers of this chapter would change if you multiplied $\lambda$
+# The temperature $\tau$ is learnt (`temperature` in the training table above) and kept at
+# or above one hundredth. Which numbers of this chapter would change if you divided $\tau$
 # by ten after training: the zero-shot accuracies, the retrieval recalls, the attribute
-# read-out, the training loss? Why does training need $\lambda$ at all, and what would go
-# wrong with $\lambda = 1$?
+# read-out, the training loss? Why does training need $\tau$ at all, and what would go
+# wrong with $\tau = 1$?
 # ::::
 #
 # ::::{solution} ex-vl-temperature
 # :class: dropdown
 # None of the evaluations change: zero-shot classification ({eq}`eq-vl-zero-shot`), the
 # read-out and the rankings behind {eq}`eq-vl-recall` all take an argmax or a sort of
-# cosines, and multiplying every cosine by the same $\lambda > 0$ changes neither. Only the
-# loss {eq}`eq-vl-clip-loss` (and its gradients) depends on $\lambda$. Cosines lie in
-# $[-1, 1]$, so with $\lambda = 1$ the softmax over $T$ texts can put at most a probability
-# of about $e / (e + (T - 1)e^{-1})$ on a positive, far from 1 for a batch of dozens: the
+# cosines, and dividing every cosine by the same $\tau > 0$ changes neither. Only the
+# loss {eq}`eq-vl-clip-loss` (and its gradients) depends on $\tau$. Cosines lie in
+# $[-1, 1]$, so with $\tau = 1$ the softmax over $T$ texts can put at most a probability
+# of $e / (e + (T - 1)e^{-1})$ on a single positive (its cosine at 1, every other at −1),
+# far from 1 for a batch of dozens: the
 # loss stays high however well the model ranks, and its gradients keep pushing all pairs
-# around instead of concentrating on the hard negatives. A large $\lambda$ (small $\tau$)
-# sharpens the softmax; too large and the gradients come from the hardest negative alone and
+# around instead of concentrating on the hard negatives. A small $\tau$ sharpens the
+# softmax; too small and the gradients come from the hardest negative alone and
 # training becomes unstable, which is why CLIP clamps it.
 # ::::
 #
