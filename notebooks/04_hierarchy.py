@@ -29,8 +29,30 @@
 # data that exists, and then asks the question the paper does not: **what is the
 # model actually recognising?** Each disease class here comes from a different
 # hospital than the normal cells, so a classifier can learn the hospital and look
-# like it learnt the disease. The chapter's conclusions rest on the shortcut analysis
-# at the end, not on the headline accuracy.
+# like it learnt the disease ({term}`shortcut learning`). The chapter's conclusions rest
+# on the shortcut analysis at the end, not on the headline accuracy.
+#
+# :::{admonition} Learning objectives
+# :class: tip objectives
+# After this chapter you can
+# - write down the masked per-level {term}`cross-entropy` with per-level weights that trains
+#   a multi-level model, and say which parameters each level's loss reaches;
+# - turn per-level outputs into a root-to-leaf prediction by
+#   {term}`path-probability decoding`, greedy top-down decoding or an independent argmax
+#   per level, and explain why only the first two are always consistent with the tree;
+# - compute {term}`hierarchical F1`, {term}`mistake severity` and
+#   {term}`path consistency` of a set of predictions, and say what each adds to leaf
+#   accuracy;
+# - compare a flat, a base hierarchical and a multi-level model trained on equal terms,
+#   and a CNN with a ViT at an equal budget;
+# - use a background-only probe and within-source contrasts to tell a model that
+#   recognises a disease from one that recognises a hospital.
+#
+# **Prerequisites:** chapters {doc}`02_data` (the datasets and their committed splits)
+# and {doc}`03_baseline` (the training engine, {term}`fine-tuning <fine-tuning>`,
+# {term}`macro-F1`), the {term}`profile` mechanism, and the vocabulary of trees (parent,
+# child, leaf, depth).
+# :::
 
 # %% tags=["parameters"]
 profile = "ci"  # smoke | ci | full
@@ -51,12 +73,13 @@ from IPython.display import Markdown, display
 from leukemia_core.config import get_profile
 from leukemia_core.dataroot import REPO_ROOT
 from leukemia_core.engine.train import FitConfig, fit, predict_logits
-from leukemia_core.hierarchy import (LevelCodec, LevelData, compose_levels, hierarchical_metrics,
-                                     leaf_paths, train_hierarchical)
+from leukemia_core.hierarchy import (HierarchicalTask, LevelCodec, LevelData, MultiLevelNet, compose_levels,
+                                     hierarchical_metrics, leaf_paths, train_hierarchical)
 from leukemia_core.masking import MaskCells
 from leukemia_core.models import size_kwargs
 from leukemia_core.pipeline import content_hash, make_loader, prepare_table, subsample
-from leukemia_core.plots import confusion_matrix_figure, image_grid, tree_figure, use_offline_plotly
+from leukemia_core.plots import (confusion_matrix_figure, image_grid, show_source, tree_figure,
+                                 use_offline_plotly)
 from leukemia_core.results import write_results
 from leukemia_core.taxonomy import Taxonomy, load_taxonomy_table
 from leukemia_core.transforms import build_transform, static_transform
@@ -164,6 +187,109 @@ display(Markdown(f"Every test leaf has {per_leaf['test'].min()} images." if per_
 # model selection on validation macro-F1), the same epochs and the same images. The
 # CNN-versus-ViT question, where no pretrained weights exist for either side, follows
 # in its own section, from scratch and at equal budget.
+#
+# ```{graphviz}
+# :caption: The multi-level model and its decoder. One backbone feeds one linear head per level of the tree (the sizes are those of the bundled leukemia tree, whose levels hold only nodes with images). In training, LevelCodec turns each leaf label into one target per level and HierarchicalTask sums the masked per-level losses; at test time the decoder reads each head as probabilities among siblings and picks the leaf with the most probable path. The base hierarchical model replaces the shared backbone by one network per level (MultiLevelNet with a single head, trained on the images whose label reaches that level) and concatenates their outputs (compose_levels) before the same decoder.
+# digraph multilevel {
+#   rankdir=LR; node [shape=box, style=rounded, fontname="Helvetica", fontsize=11];
+#   edge [fontname="Helvetica", fontsize=9];
+#   x [label="image x\n3 × H × W"];
+#   backbone [label="backbone g_φ\nefficientnet_lite0 (ImageNet),\nclassifier removed"];
+#   drop [label="features h = g_φ(x)\n1280-d, dropout (rate 0)"];
+#   subgraph cluster_heads { label="MultiLevelNet.heads: one nn.Linear per level"; fontname="Helvetica"; fontsize=10;
+#     h1 [label="head 1: K₁ = 3\nnormal, reactive, leukemia"];
+#     h2 [label="head 2: K₂ = 7\n5 leukocytes, hematogone, acute"];
+#     h3 [label="head 3: K₃ = 2\nAML, ALL"];
+#     h4 [label="head 4: K₄ = 3\nthree B-ALL stages"];
+#   }
+#   cat [label="torch.cat\nlogits, 15 = ΣK_ℓ"];
+#   tree [label="taxonomy YAML\nTaxonomy, LevelCodec:\nlevel targets y^(ℓ) (−1 below a leaf),\nsibling groups, leaf paths", shape=note];
+#   loss [label="HierarchicalTask.loss\nΣ_ℓ w_ℓ · masked cross-entropy_ℓ"];
+#   cond [label="conditional_log_probs\nlog-softmax within siblings:\nlog p(node | parent, x)"];
+#   path [label="path_log_probs\nsum along each of the\n10 data leaves' paths"];
+#   pred [label="argmax leaf → its\nroot-to-leaf path"];
+#   x -> backbone -> drop;
+#   drop -> h1; drop -> h2; drop -> h3; drop -> h4;
+#   h1 -> cat; h2 -> cat; h3 -> cat; h4 -> cat;
+#   cat -> loss [label="training"];
+#   cat -> cond [label="test"];
+#   cond -> path -> pred;
+#   tree -> loss [style=dashed]; tree -> cond [style=dashed];
+# }
+# ```
+#
+# ### The loss, level by level
+#
+# Write $h = g_\phi(x)$ for the backbone's features and
+# $f^{(\ell)}_\theta(x) = W_\ell h + b_\ell \in \mathbb{R}^{K_\ell}$ for head $\ell$'s logits,
+# so $\theta = (\phi, W_1, b_1, \dots, W_L, b_L)$. In a mini-batch $B$, let
+# $B_\ell \subseteq B$ be the images whose label reaches level $\ell$ (a neutrophil, at
+# depth 2, is in $B_1$ and $B_2$ only). `HierarchicalTask` minimises
+#
+# $$
+# \mathcal{L}(\theta; B) = \sum_{\ell=1}^{L} w_\ell \, \mathcal{L}_\ell, \qquad
+# \mathcal{L}_\ell = -\frac{1}{|B_\ell|} \sum_{i \in B_\ell}
+#   \log \operatorname{softmax}\big(f^{(\ell)}_\theta(x_i)\big)_{y_i^{(\ell)}} ,
+# $$ (eq-hi-loss)
+#
+# with $\mathcal{L}_\ell = 0$ for a batch in which no image reaches level $\ell$. The
+# softmax runs over all $K_\ell$ nodes of the level, and each level's cross-entropy is a
+# mean over its own $B_\ell$, so a deep level whose images are few in the batch still
+# weighs $w_\ell$. The chapter uses the default $w_\ell = 1$ for every level. Because head
+# $\ell$'s parameters appear in $\mathcal{L}_\ell$ only, the gradients split as
+#
+# $$
+# \nabla_{W_\ell, b_\ell} \mathcal{L} = w_\ell \, \nabla_{W_\ell, b_\ell} \mathcal{L}_\ell ,
+# \qquad
+# \nabla_{\phi} \mathcal{L} = \sum_{\ell=1}^{L} w_\ell \, \nabla_{\phi} \mathcal{L}_\ell :
+# $$ (eq-hi-grad)
+#
+# this is the "loss control" of the multi-level model. Each head learns from its own
+# level alone, and the weights $w_\ell$ decide how much each level pulls on the shared
+# backbone. The base hierarchical model trains $L$ separate networks instead; network
+# $\ell$ minimises $\mathcal{L}_\ell$ alone, on the training images that reach level
+# $\ell$, and is selected on that level's validation macro-F1. The flat model minimises
+# the plain cross-entropy over the leaves with images. The model and its loss, as the
+# package defines them:
+
+# %% tags=["remove-input"]
+show_source(MultiLevelNet, HierarchicalTask.level_losses, HierarchicalTask.loss)
+
+# %% [markdown]
+# ### From level outputs to one prediction
+#
+# The heads give one score vector per level; a diagnosis is one leaf, reached by one
+# path from the root. For a node $v$ at level $\ell$ whose parent is $u$ (the root when
+# $\ell = 1$), let $\operatorname{ch}(u)$ be $u$'s children that have images. The decoder
+# reads head $\ell$ as a distribution among siblings,
+#
+# $$
+# p_\theta(v \mid u, x) = \frac{\exp f^{(\ell)}_{\theta, v}(x)}
+#   {\sum_{s \in \operatorname{ch}(u)} \exp f^{(\ell)}_{\theta, s}(x)} ,
+# $$ (eq-hi-cond)
+#
+# which is the level's full softmax of {eq}`eq-hi-loss` conditioned on the sibling set.
+# A leaf $c$ with path $(c^{(1)}, \dots, c^{(\operatorname{depth}(c))} = c)$ from the root
+# $c^{(0)}$ gets the product of the conditionals along its path, and
+# {term}`path-probability decoding` predicts the most probable of the leaves with images
+# $\mathcal{C}$:
+#
+# $$
+# \log p_\theta(c \mid x) = \sum_{\ell=1}^{\operatorname{depth}(c)}
+#   \log p_\theta\big(c^{(\ell)} \mid c^{(\ell-1)}, x\big), \qquad
+# \hat{y} = \arg\max_{c \in \mathcal{C}} \log p_\theta(c \mid x) .
+# $$ (eq-hi-path)
+#
+# Leaves sit at different depths (a neutrophil at depth 2, an ALL stage at depth 4), and a
+# shallow leaf simply has fewer factors. The two other decoders are greedy:
+# **top-down** picks $v_\ell = \arg\max_{s \in \operatorname{ch}(v_{\ell-1})} f^{(\ell)}_{\theta, s}(x)$
+# level by level from the root, and **independent** takes each level's argmax over all
+# $K_\ell$ nodes, whatever was chosen above (stopping at the first leaf), so its levels
+# need not form a path. The flat model's prediction is its argmax leaf, with that leaf's
+# path. Path-probability decoding in the package:
+
+# %% tags=["remove-input"]
+show_source(LevelCodec.conditional_log_probs, LevelCodec.path_log_probs)
 
 # %%
 def fit_config(s, epochs=None, profile=None):
@@ -214,16 +340,50 @@ if len(seeds) > 1:
             .style.format(fmt))
 
 # %% [markdown]
-# Reading the table:
+# Reading the table. Write $A_i$ for the nodes on test image $i$'s true path (its leaf
+# and the leaf's ancestors, $\operatorname{anc}(y_i)$ without the root) and $\hat{A}_i$
+# for the nodes on the predicted path, over $N$ test images.
 #
-# - **Path consistency** is the share of predictions that form a valid root-to-leaf
-#   path. The flat model and the two hierarchical decoders are consistent by
-#   construction; taking each level's argmax independently is not.
-# - **Mistake severity** is the mean tree distance between the true and the predicted
-#   leaf over the errors: 2 for confusing siblings (two ALL stages), 4 for
-#   normal ↔ reactive, up to 6 for a normal cell called ALL.
-# - **Hierarchical F1** counts the ancestors a prediction gets right
-#   {cite:p}`kiritchenko2006hierarchical`.
+# - **{term}`Hierarchical F1 <hierarchical F1>`** counts the ancestors a prediction gets
+#   right {cite:p}`kiritchenko2006hierarchical`. The package sums over the test set before
+#   dividing (a micro-average):
+#
+#   $$
+#   hP = \frac{\sum_{i} |A_i \cap \hat{A}_i|}{\sum_{i} |\hat{A}_i|}, \qquad
+#   hR = \frac{\sum_{i} |A_i \cap \hat{A}_i|}{\sum_{i} |A_i|}, \qquad
+#   hF_1 = \frac{2 \, hP \, hR}{hP + hR} .
+#   $$ (eq-hi-hf1)
+#
+# - **{term}`Mistake severity <mistake severity>`** is the mean tree distance between the
+#   true and the predicted leaf over the set $E$ of wrong predictions, the number of edges
+#   from one to the other through their lowest common ancestor:
+#
+#   $$
+#   \operatorname{dist}(y, \hat{y}) = \operatorname{depth}(y) + \operatorname{depth}(\hat{y})
+#     - 2 \operatorname{depth}\big(\operatorname{lca}(y, \hat{y})\big), \qquad
+#   \text{severity} = \frac{1}{|E|} \sum_{i \in E} \operatorname{dist}(y_i, \hat{y}_i) .
+#   $$ (eq-hi-severity)
+#
+#   It is 2 for confusing siblings (two ALL stages), 4 for normal ↔ reactive, up to 6 for
+#   a normal cell called ALL. Being an average over errors only, it says how bad the
+#   mistakes are, not how many there are: a model with fewer but worse errors scores
+#   higher (worse).
+# - **{term}`Path consistency <path consistency>`** is the share of predictions that form
+#   a valid root-to-leaf path,
+#
+#   $$
+#   \text{consistency} = \frac{1}{N} \sum_{i=1}^{N}
+#     \mathbb{1}\big[\hat{A}_i \text{ is a root-to-leaf path of the tree}\big] .
+#   $$ (eq-hi-consistency)
+#
+#   The flat model and the two hierarchical decoders are consistent by construction;
+#   taking each level's argmax independently is not. An inconsistent prediction counts
+#   as wrong at the leaf, and its severity is measured from the last node it names.
+#
+# The metrics in the package:
+
+# %% tags=["remove-input"]
+show_source(hierarchical_metrics)
 
 # %%
 flat_m = mean.loc[("flat", "argmax leaf")]
@@ -609,5 +769,164 @@ for (kind, backbone), part in all_scores.groupby(["model", "backbone"], sort=Fal
                               "background_source_accuracy": probe_source,
                               "within_source": {f"{a} / {b}": v for (a, b), v in contrasts.to_dict("index").items()}}},
         wall_time_s=float(part["train min"].mean() * 60)))
-print("\n".join(str(p.relative_to(REPO_ROOT)) for p in written))
+print("\n".join(str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p) for p in written))
 print(f"chapter wall time {time.perf_counter() - CHAPTER_START:.0f} s")
+
+# %% [markdown]
+# ## Exercises
+#
+# ::::{exercise}
+# :label: ex-hi-taxonomy
+# The tree is a parameter of the chapter. Save this YAML as `flat_leukemia.yaml` in the
+# repository root: it is the book's tree without the acute/chronic level (and without CML
+# and CLL, which have no images anyway).
+#
+# ```yaml
+# name: flat_leukemia
+# root:
+#   name: cell
+#   children:
+#     - name: normal
+#       children:
+#         - {name: neutrophil, sources: ["pbc:neutrophil", "matek:neutrophil"]}
+#         - {name: lymphocyte, sources: ["pbc:lymphocyte"]}
+#         - {name: monocyte, sources: ["pbc:monocyte"]}
+#         - {name: eosinophil, sources: ["pbc:eosinophil"]}
+#         - {name: basophil, sources: ["pbc:basophil"]}
+#     - name: reactive
+#       children:
+#         - {name: hematogone, sources: ["aria:benign"]}
+#     - name: leukemia
+#       children:
+#         - {name: AML, sources: ["matek:myeloblast"]}
+#         - name: ALL
+#           children:
+#             - {name: early_pre_b, sources: ["aria:early_pre_b"]}
+#             - {name: pre_b, sources: ["aria:pre_b"]}
+#             - {name: pro_b, sources: ["aria:pro_b"]}
+# ```
+#
+# Set `taxonomy = "flat_leukemia.yaml"` and `results_dir = "_build/exercises"` in the
+# parameters cell (the second keeps the book's results untouched) and re-run the chapter.
+# Before you run it, predict: how many heads does the multi-level model get, and how
+# many networks does the base hierarchical model train? Which columns of the results
+# table disappear? Which mistakes become less severe under {eq}`eq-hi-severity`, and
+# which stay as severe? Which of the flat model's scores can change at all?
+# ::::
+#
+# ::::{solution} ex-hi-taxonomy
+# :class: dropdown
+# The tree is now three levels deep, so the multi-level model has three heads (the
+# levels printed under the tree figure: 3, 8 and 3 nodes), the base hierarchical model
+# trains three networks, the "level 4 acc" column is gone and each results JSON lists
+# three levels under `config.levels`. AML and ALL are now siblings at level 2, so the
+# AML-versus-ALL decision moves from head 3 to head 2, whose training softmax
+# ({eq}`eq-hi-loss`) also contains the five leukocytes and the hematogones. In the
+# distances, a normal cell called an ALL stage drops from 6 to 5 and a neutrophil called
+# AML from 5 to 4, while AML called an ALL stage stays at 3 (the common ancestor moves
+# up one level, and so does AML), siblings stay at 2 and normal ↔ reactive at 4. The flat
+# model sees the same ten leaves, images and seed, so its leaf accuracy and leaf
+# macro-F1 should match the default run; its level accuracies, hierarchical F1 and
+# mistake severity are recomputed on the new tree and can change. Compare the two runs'
+# tables to check each prediction.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-hi-decoders
+# (a) Show from {eq}`eq-hi-cond` that the path probabilities of {eq}`eq-hi-path` sum to one
+# over the leaves with images. (b) In the book's tree, the level-2 head has an output for
+# `acute` and one for `hematogone`. What do these two outputs contribute to
+# path-probability decoding, and what to training? (c) Give level-1 and conditional
+# probabilities for one image for which top-down decoding and path-probability decoding
+# predict different leaves.
+# ::::
+#
+# ::::{solution} ex-hi-decoders
+# :class: dropdown
+# (a) Within every sibling group the conditionals sum to one. Summing the product over
+# the leaves below a node, from the deepest level up, therefore gives that node's own
+# path probability, and at the root the sum is one: the leaves with images get a proper
+# distribution, however many levels each leaf's path has. (b) Nothing to decoding:
+# `acute` is the only child of `leukemia` with images (`chronic` has none) and
+# `hematogone` the only child of `reactive`, so their conditional is one whatever the
+# logit. In training they still take part in the level-2 softmax of {eq}`eq-hi-loss`, where
+# they compete with the five leukocytes; only the independent decoder reads them. (c) For
+# instance p(normal) = 0.4 with p(neutrophil | normal) = 0.9, and p(leukemia) = 0.6 with
+# p(ALL | acute) = 0.6 and p(pre_b | ALL) = 0.5. Top-down follows the larger level-1
+# score into the leukemia subtree and ends at pre_b with path probability
+# 0.6 × 0.6 × 0.5, while the neutrophil path has 0.4 × 0.9, which is larger. Top-down
+# commits to the most probable subtree even when that subtree's probability is spread
+# over many leaves.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-hi-severity
+# For single test images of the book's tree, compute $hP$, $hR$ and $hF_1$ of
+# {eq}`eq-hi-hf1` and the distance of {eq}`eq-hi-severity` when (a) a neutrophil is called a
+# monocyte, (b) a neutrophil is called pre_b, (c) an AML myeloblast is called pro_b,
+# (d) a hematogone is called pre_b. Then explain how a model can have a higher leaf
+# accuracy *and* a higher (worse) mistake severity than another.
+# ::::
+#
+# ::::{solution} ex-hi-severity
+# :class: dropdown
+# (a) $A = \{$normal, neutrophil$\}$, $\hat{A} = \{$normal, monocyte$\}$: $hP = hR = hF_1 = 1/2$,
+# distance 2. (b) The paths share no node: $hF_1 = 0$, distance $2 + 4 = 6$. (c) They share
+# leukemia and acute: $hP = 2/4$, $hR = 2/3$, $hF_1 = 4/7$, distance $3 + 4 - 2 \cdot 2 = 3$.
+# (d) No shared node, distance 6, as severe as (b): the tree puts benign and malignant
+# in different top-level branches, even though both come from the same Aria fields. Mistake
+# severity averages over the errors only, so a model that fixes many mild sibling
+# confusions but keeps a few cross-branch errors has fewer, but on average worse, mistakes.
+# Read it next to leaf accuracy and hierarchical F1, never alone.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-hi-weights
+# The chapter trains the multi-level model with $w_\ell = 1$ at every level. (a) Using
+# {eq}`eq-hi-grad` and the AdamW update of chapter {doc}`03_baseline`, what changes for
+# head 4 and what for the backbone if you set $w_4 = 10$? (b) Does
+# $w = (10, 10, 10, 10)$ train a different model than $w = (1, 1, 1, 1)$? (c) How would
+# you try a weighting without touching the chapter's results?
+# ::::
+#
+# ::::{solution} ex-hi-weights
+# :class: dropdown
+# (a) Head 4's gradient is multiplied by 10 at every step. AdamW divides each
+# parameter's step by the running root-mean-square of its gradient, so a constant factor
+# cancels (up to the small $\epsilon$) and head 4 moves almost exactly as before. The
+# backbone's gradient is the weighted *sum*, so there level 4 now pulls ten times harder
+# than the other levels, relative to them: the shared features are pushed towards
+# separating the three B-ALL stages, which only the Aria ALL images in $B_4$ carry.
+# (b) Essentially no: every gradient is scaled by the same factor, which AdamW cancels,
+# and the decoupled weight decay does not depend on the loss. With Adam, loss control is a
+# matter of the *ratios* of the weights, and it acts through the backbone. (Under plain
+# SGD the overall scale would act like a larger learning rate.) (c) Build the model with
+# `build_hierarchical_model("multilevel", ...)` from `leukemia_core.hierarchy`, pair it
+# with `HierarchicalTask(codec, level_weights=[1, 1, 1, 10])`, train it with the engine's
+# `fit(..., task=task)` as `train_hierarchical` does, and score it with `leaf_paths` and
+# `hierarchical_metrics` in a scratch notebook, writing nothing under `results/`.
+# ::::
+
+# %% tags=["remove-input"] mystnb={"markdown_format": "myst"}
+n_leaves = len(codec.leaves)
+weak = {k: v for k, v in {"flat": flat_m, "base hierarchical": base_m, "multi-level": ml_m}.items()
+        if v["leaf macro-F1"] < 2 / n_leaves}
+weak_txt = (f"- **Near chance:** {', '.join(weak)} reach{'es' if len(weak) == 1 else ''} less than twice the "
+            f"{1 / n_leaves:.0%} leaf macro-F1 of guessing uniformly among {n_leaves} leaves. Under `{P.name}` "
+            f"({P.image_size} px, {epochs_txt(SIZES['epochs'])}) such a model has learnt almost nothing, and "
+            "comparisons involving it are not evidence either way.\n" if weak else "")
+display(Markdown(f""":::{{admonition}} Takeaways
+:class: important takeaways
+{weak_txt}- **Flat or hierarchical.** Leaf accuracy under `{P.name}`: {order}. {verdict}
+- **Decoding.** Path-probability decoding is path-consistent by construction
+  ({ml_m['path consistency']:.0%} here); the independent per-level argmax is
+  {indep.min():.1%}–{indep.max():.1%} consistent. Mistake severity (flat / base hierarchical /
+  multi-level): {flat_m['mistake severity']:.2f} / {base_m['mistake severity']:.2f} /
+  {ml_m['mistake severity']:.2f} edges per error.
+- **Hospital or disease.** With the cells painted out, a model names the source hospital
+  {probe_source:.1%} of the time (always guessing the largest source:
+  {shortcut.loc[2, 'majority class']:.1%}). {background_verdict} {within_verdict}
+- **CNN or ViT.** From scratch at equal budget, {standing}.
+- **The tree is data.** Taxonomy `{tax.name}` has {tax.depth} levels and {n_leaves} leaves with images;
+  another tree is another YAML file, with no change to the code.
+:::"""))
