@@ -45,6 +45,27 @@
 #   schedule: its rows say what a from-scratch hybrid reaches on that budget, not what it
 #   can reach.
 
+# %% [markdown]
+# :::{admonition} Learning objectives
+# :class: tip objectives
+# After this chapter you can
+# - impose a published class imbalance on a training split only, and say why validation
+#   and test must stay real and naturally balanced;
+# - write the R3GAN objective (the {term}`RpGAN` loss with {term}`R1 <R1 regularisation>`
+#   and {term}`R2 <R2 regularisation>` penalties) and point to each of its terms in the
+#   training step;
+# - judge a generator's samples with {term}`FID`, {term}`KID`, k-NN precision and recall,
+#   {term}`TSTR` and nearest neighbours, and recognise an undertrained or collapsed GAN
+#   from these numbers;
+# - explain how the ConvNeXtV2–Swin hybrid fuses its two branches, and read an ablation
+#   table whose strongest row is chosen on validation only.
+#
+# **Prerequisites:** {doc}`02_data` (the committed splits and the class imbalance of PBC),
+# {doc}`03_baseline` (fine-tuning EfficientNet-Lite0, {term}`macro-F1`), and the idea of a
+# GAN: a generator $G_\psi$ that maps noise $u$ to images and a discriminator $D_\omega$
+# that scores them.
+# :::
+
 # %% tags=["parameters"]
 profile = "ci"  # smoke | ci | full
 data_root = None  # None: LEUKEMIA_DATA, else data/ in the repository
@@ -53,6 +74,8 @@ seeds = None  # None: the profile's seeds (one under ci, three under full)
 imbalance_seed = 0  # which Raabin-like subsample of the training split (fixed: part of the protocol)
 artifacts = "_build/artifacts"  # GAN checkpoint and the imbalanced training list: <artifacts>/<profile>/r3gan_hybrid/
 results_dir = "results"  # results JSON: <results_dir>/<profile>/r3gan_*.json
+gan_steps = None  # None: the profile's R3GAN training steps (SIZES below); an int overrides them
+synthetic_per_class = None  # None: the profile's count each minority class is topped up to; an int overrides it
 
 # %%
 import re
@@ -74,12 +97,13 @@ from leukemia_core.engine.train import FitConfig, evaluate, fit
 from leukemia_core.gan import quality
 from leukemia_core.gan.balance import evaluation_rows, top_up_counts, training_set
 from leukemia_core.gan.provenance import generate, is_synthetic
-from leukemia_core.gan.r3gan import R3GANConfig
+from leukemia_core.gan.r3gan import R3GANConfig, R3GANTrainer, rpgan_losses, zero_centred_penalty
 from leukemia_core.gan.train import train_r3gan
 from leukemia_core.imbalance import RAABIN_RATIOS, imbalanced_train
 from leukemia_core.models import create_model, size_kwargs
+from leukemia_core.models.hybrid import ConvNeXtV2SwinHybrid, swin_kwargs
 from leukemia_core.pipeline import content_hash, make_loader, prepare_table, subsample
-from leukemia_core.plots import confusion_matrix_figure, image_grid, use_offline_plotly
+from leukemia_core.plots import confusion_matrix_figure, image_grid, show_source, use_offline_plotly
 from leukemia_core.registry import load_claims
 from leukemia_core.results import write_results
 from leukemia_core.transforms import CLAHE, static_transform
@@ -101,6 +125,8 @@ SIZES = {
                  gan_size=64, gan_steps=20000, gan_batch=64, gan_net=dict(base=32, max_width=256),
                  gan_lr=2e-4, synthetic_per_class=2000, quality_real_cap=None),
 }[profile]
+SIZES |= {k: int(v) for k, v in (("gan_steps", gan_steps), ("synthetic_per_class", synthetic_per_class))
+          if v is not None}  # the exercises' overrides; none by default
 P = get_profile(profile, batch_size=SIZES["batch_size"])
 if seeds is None:
     seeds = [seed] if len(P.seeds) == 1 else list(P.seeds)
@@ -126,6 +152,33 @@ display(Markdown("The paper's claims: " + "; ".join(
 # (lymphocytes run out first), chosen by a fixed seed; the kept list and its SHA-256 are
 # written beside the chapter's artefacts and into every results file. Validation and test
 # are PBC's committed splits of the five classes, untouched.
+#
+# The whole protocol, with the package function that does each step. The GAN learns from
+# the real images without CLAHE; a row that uses CLAHE applies it afterwards to every
+# image it sees, real, generated, validation and test alike.
+#
+# ```{graphviz}
+# :caption: The chapter's protocol. Only the training split is made imbalanced and only it receives generated images; validation and test are real PBC images at their natural balance, and `evaluation_rows` raises on any synthetic row. The GAN's samples are judged in the features of the baseline classifier, against the validation split.
+# digraph r3g_pipeline {
+#   rankdir=TB; node [shape=box, style=rounded, fontname="Helvetica", fontsize=11];
+#   edge [fontname="Helvetica", fontsize=9];
+#   pbc [label="PBC, 5 WBC classes\ncommitted splits"];
+#   imb [label="imbalanced_train\n(RAABIN_RATIOS,\ntraining split only)"];
+#   valtest [label="validation / test\nreal, natural balance"];
+#   gan [label="train_r3gan\nclass-conditional R3GAN\nmonocyte, eosinophil, basophil\n(gan_size px)"];
+#   gen [label="generate\nsynthetic:// provenance\ntop-up to synthetic_per_class"];
+#   ts [label="training_set\nreal + generated"];
+#   ev [label="evaluation_rows\n(raises on synthetic)"];
+#   clahe [label="CLAHE on L of LAB\n(CLAHE rows only)"];
+#   clf [label="fit: Lite0, hybrid\nor one branch\nselect on val macro-F1"];
+#   test [label="test metrics\n(ablation table)"];
+#   q [label="GAN quality in the\nbaseline's features:\nFID, KID, P/R, TSTR, NN"];
+#   pbc -> imb; pbc -> valtest;
+#   imb -> gan [label="minority classes"]; gan -> gen; imb -> ts; gen -> ts [label="R3GAN rows"];
+#   valtest -> ev; ts -> clahe; ev -> clahe; clahe -> clf; clf -> test;
+#   gen -> q; valtest -> q [label="validation"]; clf -> q [label="baseline's features", style=dashed];
+# }
+# ```
 
 # %%
 full_table = apply_split(load_dataset("pbc", data_root))
@@ -146,15 +199,36 @@ display(Markdown(
     f"Training images kept: **{counts['train'].sum():,}** of {counts['committed train'].sum():,} "
     f"(basophils: **{counts.loc['basophil', 'train']}**); list SHA-256 "
     f"`{protocol['train_relpaths_sha256'][:16]}…` (seed {protocol['seed']}), saved to "
-    f"`{(OUT / 'imbalanced_train.csv').relative_to(REPO_ROOT)}`."))
+    f"`{(OUT / 'imbalanced_train.csv').relative_to(REPO_ROOT) if OUT.is_relative_to(REPO_ROOT) else OUT / 'imbalanced_train.csv'}`."))
 
 # %% [markdown]
 # ## CLAHE
 #
-# Contrast-limited adaptive histogram equalisation (`leukemia_core.transforms.CLAHE`:
-# clip limit 2, 8x8 tiles) on the lightness channel of LAB, before resizing. It spreads
-# each tile's lightness histogram, with the clip limit capping how far noise is
-# amplified: chromatin and granules gain contrast, the pale background brightens.
+# {term}`Contrast-limited adaptive histogram equalisation <CLAHE>`
+# (`leukemia_core.transforms.CLAHE`: clip limit $c = 2$, 8x8 tiles) on the lightness
+# channel of LAB, before resizing. It spreads each tile's lightness histogram, with the
+# clip limit capping how far noise is amplified: chromatin and granules gain contrast,
+# the pale background brightens.
+#
+# In OpenCV's implementation, which the class calls, each tile $t$ of $n_t$ pixels with
+# lightness histogram $h_t(v)$, $v = 0, \dots, 255$, is clipped at $\kappa_t$ counts per
+# bin, the clipped excess is spread evenly over the 256 bins, and the cumulative sum is
+# the tile's lookup table $T_t$:
+#
+# $$
+# \kappa_t = \max\!\Big(1, \frac{c\, n_t}{256}\Big), \qquad
+# \tilde h_t(v) = \min\big(h_t(v), \kappa_t\big) + \frac{1}{256} \sum_{v'} \max\big(h_t(v') - \kappa_t, 0\big), \qquad
+# T_t(v) = \frac{255}{n_t} \sum_{v' \le v} \tilde h_t(v') .
+# $$ (eq-r3g-clahe)
+#
+# A pixel's new lightness interpolates bilinearly between the $T_t$ of the four nearest
+# tile centres. Without the clip ($c \to \infty$) this is plain per-tile histogram
+# equalisation, whose slope $T_t'(v) \propto h_t(v)$ is steepest, and so amplifies noise
+# most, in flat regions where one lightness dominates; the clip caps that slope at roughly
+# $255\, \kappa_t / n_t \approx c$ times the identity's (plus the small redistributed share).
+
+# %% tags=["remove-input"]
+show_source(CLAHE.__call__)
 
 # %%
 clahe = CLAHE(2.0, (8, 8))
@@ -283,6 +357,44 @@ run_row("+ oversampling", sampler=True);
 # second on this CPU, and a 32-px one for a few hundred steps learns the colours and the
 # layout of a cell, not its texture (the samples below). The `full` profile trains a 64-px
 # GAN for 20,000 steps; only then is the R3GAN row a test of the paper's idea.
+#
+# The objective, as `R3GANTrainer.step` computes it. A batch holds $B$ real training
+# images $x_i$ with their classes $y_i$; the generator $G_\psi$ turns noise
+# $u_i \sim \mathcal{N}(0, I)$ and the *same* class into a fake $\tilde x_i = G_\psi(u_i, y_i)$,
+# so each real image is paired with a fake of its class. The discriminator is a projection
+# discriminator, $D_\omega(x, y) = w^\top h_\omega(x) + e_y^\top h_\omega(x)$ with
+# $h_\omega(x)$ its last feature map, flattened, and $e_y$ a learned class embedding.
+# With $\operatorname{softplus}(t) = \log(1 + e^{t})$, the discriminator minimises the
+# {term}`relativistic pairing loss <RpGAN>` plus the two zero-centred gradient penalties:
+#
+# $$
+# \mathcal{L}_D = \frac{1}{B} \sum_{i=1}^{B} \operatorname{softplus}\big(D_\omega(\tilde x_i, y_i) - D_\omega(x_i, y_i)\big)
+# + \frac{\gamma}{2} \big(R_1 + R_2\big),
+# $$ (eq-r3g-loss-d)
+#
+# $$
+# R_1 = \frac{1}{B} \sum_{i=1}^{B} \big\lVert \nabla_{x} D_\omega(x_i, y_i) \big\rVert_2^2, \qquad
+# R_2 = \frac{1}{B} \sum_{i=1}^{B} \big\lVert \nabla_{\tilde x} D_\omega(\tilde x_i, y_i) \big\rVert_2^2 ,
+# $$ (eq-r3g-penalties)
+#
+# with the fakes held fixed ($\psi$ receives no gradient from $\mathcal{L}_D$). The
+# generator then draws fresh noise $u'_i$ and minimises the same pairing with the roles
+# swapped, against the same real images:
+#
+# $$
+# \mathcal{L}_G = \frac{1}{B} \sum_{i=1}^{B} \operatorname{softplus}\big(D_\omega(x_i, y_i) - D_\omega(G_\psi(u'_i, y_i), y_i)\big) .
+# $$ (eq-r3g-loss-g)
+#
+# $R_1$ is {term}`R1 regularisation` on the real images and $R_2$ {term}`R2 regularisation`
+# on the fakes; both push the discriminator to be flat where the data and the samples are,
+# which is what lets this pair of losses converge without the StyleGAN tricks. After every
+# step the sampling generator's weights move towards the trained ones,
+# $\bar\psi \leftarrow \beta \bar\psi + (1 - \beta) \psi$ with $\beta$ the `ema_decay` of
+# `train_r3gan` (the {term}`EMA generator`). The loss curve below plots $\mathcal{L}_D$
+# without the penalty term (`loss_d`), $\mathcal{L}_G$ (`loss_g`), $R_1$ and $R_2$.
+
+# %% tags=["remove-input"]
+show_source(rpgan_losses, zero_centred_penalty, R3GANTrainer.step)
 
 # %%
 lite_data, lite_ds = prepared(SIZES["image_size"], False, "efficientnet_lite0")
@@ -347,6 +459,36 @@ image_grid([im for i in range(len(MINORITY)) for im in list(real_show[i]) + list
             for j in range(len(real_show[i]) + len(fake_show[i]))], ncols=k, size=1.1)
 display(synth_records.head(3))
 
+# %% tags=["remove-input"] mystnb={"markdown_format": "myst"}
+# How different the samples of a class are from one another: the per-pixel standard deviation across
+# images (0-255), averaged over pixels, for the generated images and for the real ones the GAN learnt from.
+def spread_of(ims):
+    return float(ims.std(0).mean()) if len(ims) > 1 else np.nan
+
+
+spread = pd.DataFrame({c: {"real": spread_of(gan_images[train_labels == c]),
+                           "generated": spread_of(synth_images[(synth_records["label"] == c).to_numpy()])}
+                       for c in MINORITY}).T
+ratio = (spread["generated"] / spread["real"]).dropna()
+steps_txt = f"{SIZES['gan_steps']} steps of {SIZES['gan_batch']} images at {SIZES['gan_size']} px"
+spread_txt = ", ".join(f"{c} {v:.2f}" for c, v in ratio.items())
+if len(ratio) and ratio.max() < 0.5:
+    verdict = (f"**These samples are not cells yet.** Within each class the generated images are nearly "
+               f"identical to one another: their pixel-wise spread is only a small fraction of the real images' "
+               f"(generated / real: {spread_txt}). What the gallery shows, the same blurred picture over and over "
+               f"within a class, is an undertrained generator ({steps_txt}) that has found one average cell, "
+               "roughly its colours and layout without its texture, and maps almost every noise vector to it: "
+               "{term}`mode collapse`. "
+               "The next section measures it; the R3GAN rows of the ablation then add these images to training.")
+elif len(ratio) and ratio.max() < 0.8:
+    verdict = (f"The generated images vary less than the real ones (spread generated / real: {spread_txt}, "
+               f"{steps_txt}): partial {{term}}`mode collapse`. The next section says whether they look like cells.")
+else:
+    verdict = (f"The generated images vary about as much as the real ones (spread generated / real: "
+               f"{spread_txt or 'not measurable'}, {steps_txt}): no sign of {{term}}`mode collapse` in pixel space. "
+               "Whether they look like real cells is measured in the next section.")
+display(Markdown(verdict))
+
 # %% [markdown]
 # ### Sample quality, measured in stated features
 #
@@ -358,17 +500,53 @@ display(synth_records.head(3))
 # both upsampled to the classifier's size the same way. The reference real set is the
 # **validation** split (never seen by the GAN); the test split is kept for the final table.
 #
-# - **KID** (unbiased; torchmetrics) and FID (biased for a few hundred images), with the
-#   same numbers for *real training vs real validation* images as the floor two real samples reach;
+# - **{term}`KID`** (unbiased; torchmetrics) and **{term}`FID`** (biased for a few hundred
+#   images), with the same numbers for *real training vs real validation* images as the
+#   floor two real samples reach;
 # - **precision / recall** of k-NN manifolds (k = 3): the share of samples that look real,
 #   and the share of real images the samples cover. With a few hundred real images in 1280
-#   dimensions the real k-NN balls are wide, so precision saturates easily (blurry "average"
-#   cells fall inside them); recall and KID are the telling numbers;
-# - **train on synthetic, test on real**: a logistic regression on the features of the
-#   generated images, scored on real validation images of the three classes, beside the same
-#   model trained on the real training images;
+#   dimensions the real k-NN balls are wide, so blurry "average" cells can fall inside them
+#   and precision can look good while recall stays low; recall and KID are the telling
+#   numbers;
+# - **{term}`train on synthetic, test on real <TSTR>`**: a logistic regression on the
+#   features of the generated images, scored on real validation images of the three
+#   classes, beside the same model trained on the real training images (TRTR);
 # - **memorisation**: each sample's nearest real training image of its class and the
 #   distance, against the nearest-training distance of real validation images.
+#
+# Write $z = g_\phi(x)$ for the 1280 features of image $x$, $z_1, \dots, z_n$ for the real
+# validation images of a class and $\tilde z_1, \dots, \tilde z_{n'}$ for the generated ones.
+# FID fits a Gaussian to each set (means $\bar z$, $\bar{\tilde z}$, covariances $\Sigma$,
+# $\tilde \Sigma$) and takes the Fréchet distance between the two Gaussians:
+#
+# $$
+# \operatorname{FID} = \big\lVert \bar z - \bar{\tilde z} \big\rVert_2^2
+# + \operatorname{tr}\Big(\Sigma + \tilde\Sigma - 2 \big(\Sigma \tilde\Sigma\big)^{1/2}\Big) .
+# $$ (eq-r3g-fid)
+#
+# KID is the squared maximum mean discrepancy with the cubic kernel
+# $k(a, b) = (a^\top b / 1280 + 1)^3$, estimated without bias on random subsets of
+# $s = \min(n, n')$ images of each set (at most 1000; 50 subsets, averaged):
+#
+# $$
+# \operatorname{KID} = \frac{1}{s(s-1)} \sum_{i \neq j} \big[k(z_i, z_j) + k(\tilde z_i, \tilde z_j)\big]
+# - \frac{2}{s^2} \sum_{i, j} k(z_i, \tilde z_j) .
+# $$ (eq-r3g-kid)
+#
+# With $\rho_k(z_i)$ the distance from $z_i$ to its $k$-th nearest other real point, and
+# $\tilde\rho_k(\tilde z_j)$ the same among the generated points ($k = 3$), precision is the
+# share of samples inside some real point's ball and recall the share of real points inside
+# some sample's ball:
+#
+# $$
+# \operatorname{precision} = \frac{1}{n'} \sum_{j=1}^{n'} \mathbb{1}\Big[\exists\, i :
+# \lVert \tilde z_j - z_i \rVert_2 \le \rho_k(z_i)\Big], \qquad
+# \operatorname{recall} = \frac{1}{n} \sum_{i=1}^{n} \mathbb{1}\Big[\exists\, j :
+# \lVert z_i - \tilde z_j \rVert_2 \le \tilde\rho_k(\tilde z_j)\Big] .
+# $$ (eq-r3g-precision-recall)
+
+# %% tags=["remove-input"]
+show_source(quality.knn_precision_recall)
 
 # %%
 base_run = ROWS[BASELINE][0]
@@ -405,6 +583,56 @@ display(Markdown(
     "image than a real validation image is would suggest copying. Ratio generated / real validation: "
     + ", ".join(f"{c} **{v:.2f}**" for c, v in
                 (q["NN distance, generated"] / q["NN distance, real val"]).dropna().items()) + "."))
+
+# %% tags=["remove-input"] mystnb={"markdown_format": "myst"}
+# The verdict on the generator, from the table above: what the gallery's samples are, in numbers.
+chance = 1 / len(MINORITY)
+GAN_OK = None  # whether the samples pass the checks; None where they cannot be measured
+if "recall" in q and q["recall"].notna().any():
+    rec, prec = q["recall"].mean(), q["precision"].mean()
+    fid_x = q["FID"] / q["FID real train vs val"]
+    kid_txt = ", ".join(f"{c} {r['KID']:.3f} (real floor {r['KID real train vs val']:.3f})"
+                        for c, r in q.dropna(subset=["KID"]).iterrows())
+    nn_x = (q["NN distance, generated"] / q["NN distance, real val"]).dropna()
+    useful = tstr >= chance + 0.5 * (trtr - chance)  # at least halfway from chance to the real-data score
+    good = rec >= 0.3 and fid_x.max() <= 2 and useful
+    GAN_OK = bool(good)
+    gan_txt = (f"{SIZES['gan_steps']} steps of {SIZES['gan_batch']} images ({SIZES['gan_steps'] * SIZES['gan_batch']:,} "
+               f"draws from {len(gan_images)} real images) at {SIZES['gan_size']} px")
+    if good:
+        text = (f"**The samples pass these checks.** Mean recall {rec:.2f} and precision {prec:.2f}; FID at most "
+                f"{fid_x.max():.1f} times the real-vs-real floor; a classifier trained on samples alone reaches "
+                f"{tstr:.1%} on real validation cells against {trtr:.1%} trained on real ones ({chance:.1%} by chance). "
+                f"With {gan_txt}, the R3GAN rows below test the paper's idea: do realistic extra minority cells help?")
+    else:
+        text = (f"**The generator has not learned the minority cells, and the numbers say so.** "
+                f"Mean recall is {rec:.2f}: "
+                + ("no real validation cell lies inside the k-NN ball of any sample, so the samples cover none"
+                   if rec == 0 else "few real validation cells lie inside any sample's k-NN ball, so the samples "
+                   "cover little")
+                + " of the real variety"
+                + (". These are the near-identical images of the gallery ({term}`mode collapse`), whose k-NN balls "
+                   "shrink to almost nothing" if len(ratio) and ratio.max() < 0.5 else "")
+                + f". Mean precision is {prec:.2f}: " +
+                ("the samples do not even fall among real cells in the classifier's features; they are blurs, "
+                 "not cells. " if prec < 0.3 else "single samples can land among real cells (blurred average cells "
+                 "fall inside the wide real balls), which is why precision alone would flatter this generator. ") +
+                f"FID is {fid_x.min():.1f} to {fid_x.max():.1f} times the floor two real samples reach; KID "
+                f"{kid_txt}. Trained on the samples alone, a classifier labels {tstr:.1%} of real validation cells "
+                f"correctly, against {trtr:.1%} when trained on real cells and {chance:.1%} by chance: the samples "
+                + ("carry no usable class information" + (" (TSTR is below chance). " if tstr < chance else ". ")
+                   if tstr < chance + 0.1 else
+                   "carry little of the class information. ") +
+                f"Why: the GAN trained for {gan_txt}, with networks at most {SIZES['gan_net']['max_width']} "
+                "channels wide; R3GAN's authors train for millions of images. The R3GAN rows below therefore "
+                "measure what adding such samples does to a classifier, not whether realistic synthetic cells "
+                "would help.")
+    if len(nn_x):
+        text += (" No sign of copying: samples lie farther from their nearest training image than real "
+                 "validation cells do." if nn_x.min() > 1 else
+                 " Some samples lie closer to a training image than real validation cells do: check the "
+                 "memorisation gallery below for copies.")
+    display(Markdown(text))
 
 # %%
 fake_idx = np.arange(len(synth_images))
@@ -445,6 +673,57 @@ run_row("+ CLAHE", sampler=True, synthetic=True, use_clahe=True);
 # it is what the paper describes. The branches alone use the same head. All three train
 # from scratch with the oversampling recipe; the last row adds CLAHE and the R3GAN images
 # (the paper's full method).
+#
+# ```{graphviz}
+# :caption: The ConvNeXtV2–Swin hybrid (`ConvNeXtV2SwinHybrid`), widths of the `atto` variant that `smoke` and `ci` train (the `tiny` variant of `full`: 768 + 768). A branch-alone row keeps one branch and the same head.
+# digraph r3g_hybrid {
+#   rankdir=LR; node [shape=box, style=rounded, fontname="Helvetica", fontsize=11];
+#   edge [fontname="Helvetica", fontsize=9];
+#   x [label="image x\n3 × s × s\n(s = hybrid_size)"];
+#   cnn [label="ConvNeXtV2 branch\ntimm convnextv2_atto, num_classes=0\nconv stages with GRN\nglobal average pool"];
+#   swin [label="Swin branch\ntimm Swin, embed 48, depths 2-2-2-2\nimg_size s, window from swin_kwargs(s)\nglobal average pool"];
+#   cat [label="concatenate\nh(x), 704"];
+#   head [label="head\nLayerNorm → Linear 704→256\n→ GELU → Dropout → Linear 256→K"];
+#   out [label="logits f_θ(x)\nK = 5"];
+#   x -> cnn; x -> swin;
+#   cnn -> cat [label="320"]; swin -> cat [label="384"];
+#   cat -> head -> out;
+# }
+# ```
+#
+# Writing $g_{\text{cnn}}$ and $g_{\text{swin}}$ for the two branches' pooled features
+# (widths $m_{\text{cnn}}$, $m_{\text{swin}}$), the fusion and the head are
+#
+# $$
+# h(x) = \big[\, g_{\text{cnn}}(x) \,;\, g_{\text{swin}}(x) \,\big] \in \mathbb{R}^{m_{\text{cnn}} + m_{\text{swin}}},
+# \qquad
+# f_\theta(x) = W_2 \operatorname{Dropout}\Big(\operatorname{GELU}\big(W_1 \operatorname{LN}(h(x)) + c_1\big)\Big) + c_2 ,
+# $$ (eq-r3g-fusion)
+#
+# with $W_1 \in \mathbb{R}^{256 \times (m_{\text{cnn}} + m_{\text{swin}})}$ and
+# $W_2 \in \mathbb{R}^{K \times 256}$; a branch alone uses $h(x) = g_{\text{cnn}}(x)$ or
+# $g_{\text{swin}}(x)$. The LayerNorm puts the two branches' features on one scale before
+# they are mixed. Everything trains with cross-entropy on $f_\theta$, as every classifier in
+# the book.
+
+# %% tags=["remove-input"]
+show_source(ConvNeXtV2SwinHybrid.__init__, ConvNeXtV2SwinHybrid.forward_features, ConvNeXtV2SwinHybrid.forward)
+
+# %% tags=["remove-input"]
+sw = swin_kwargs(SIZES["hybrid_size"])
+grids = [SIZES["hybrid_size"] // 4 // 2 ** i for i in range(4)]
+display(Markdown(
+    f"At {SIZES['hybrid_size']} px the Swin branch's four stages see token grids of "
+    + ", ".join(f"{g}×{g}" for g in grids) + f", and `swin_kwargs` picks a window of **{sw['window_size']}** "
+    "(the largest, at most 7, that divides every stage's grid). "
+    + ("**Each attention window therefore holds a single token**: the softmax over one score is 1, so "
+       "self-attention only projects each token by itself and mixes nothing across space, and the window "
+       "shift is zero. At this size the 'Swin' branch is a stack of per-token MLPs joined by patch merging; "
+       "its rows say what that network learns, not what shifted-window attention adds, which needs larger "
+       f"inputs (the window grows with the image size, to {swin_kwargs(224)['window_size']} at 224 px)."
+       if sw["window_size"] == 1 else
+       f"Attention mixes the {sw['window_size'] ** 2} tokens of each window, and shifted windows connect "
+       "neighbouring ones.")))
 
 # %%
 HV = SIZES["hybrid_variant"]
@@ -526,6 +805,32 @@ long = pd.DataFrame([{"row": n, "metric": m, "value": mean_std(n, m)[0]} for n i
 fig = px.bar(long, x="metric", y="value", color="row", barmode="group", title="ablation, test split")
 fig.update_layout(yaxis_range=[max(0, long["value"].min() - 0.05), 1], height=400).show()
 
+# %% tags=["remove-input"]
+hy_baso = mean_std("hybrid", "basophil recall")[0]
+baso_gen, baso_real = n_new["basophil"], int(counts.loc["basophil", "train"])
+lite_dbaso = delta["basophil recall"]
+if h_baso < hy_baso - 0.1:
+    display(Markdown(
+        f"**The paper's method hurts the from-scratch hybrid on basophils**: recall {h_baso:.1%} with CLAHE and "
+        f"R3GAN images against {hy_baso:.1%} without. Of its {baso_real + baso_gen} basophil training images, "
+        f"{baso_gen} ({baso_gen / (baso_real + baso_gen):.0%}) are generated, and the sampler draws basophils as "
+        f"often as any other class, so {'most' if baso_gen > baso_real else 'many'} basophils this network "
+        "learns from are the GAN's samples, which the quality section found "
+        + ("unlike real cells" if GAN_OK is False else "close to real cells" if GAN_OK else "impossible to judge")
+        + ". A network trained from scratch learns 'basophil' from them; "
+        f"the ImageNet-initialised Lite0 {'moves less' if abs(lite_dbaso) < abs(h_baso - hy_baso) else 'moves as much'} "
+        f"(basophil recall {lite_dbaso:+.1%} when the same images are added). The row also adds CLAHE, and no hybrid + CLAHE row exists, so these rows alone cannot "
+        "separate the two changes."))
+elif h_baso > hy_baso + 0.1:
+    display(Markdown(
+        f"CLAHE and the R3GAN images raise the from-scratch hybrid's basophil recall from {hy_baso:.1%} to "
+        f"{h_baso:.1%}, with {baso_gen} generated basophils beside {baso_real} real ones in training."))
+else:
+    display(Markdown(
+        f"CLAHE and the R3GAN images leave the from-scratch hybrid's basophil recall about where it was "
+        f"({hy_baso:.1%} without, {h_baso:.1%} with), though {baso_gen} of its "
+        f"{baso_real + baso_gen} basophil training images are generated."))
+
 # %% [markdown]
 # ### Where the headline row and the validation-best row err
 
@@ -605,3 +910,147 @@ written.append(write_results(
     wall_time_s=gan.wall_s))
 print("\n".join(str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p) for p in written))
 print(f"chapter wall time {(time.perf_counter() - CHAPTER_START) / 60:.1f} min")
+
+# %% [markdown]
+# ## Exercises
+#
+# ::::{exercise}
+# :label: ex-r3g-gan-steps
+# The gallery's samples come from a GAN trained briefly. Re-run the chapter with a longer
+# GAN schedule, `gan_steps = 1000` in the parameters cell (five times the `ci` default;
+# keep `profile = "ci"`), and then once more adding `synthetic_per_class = 600`. Before
+# running, predict: which of the quality numbers (the sample spread next to the gallery,
+# recall, FID against its real floor, KID, TSTR against TRTR) should move first, and
+# what will happen to the R3GAN rows of the ablation if the samples stay poor while
+# there are more of them?
+# ::::
+#
+# ::::{solution} ex-r3g-gan-steps
+# :class: dropdown
+# The GAN's wall time grows in proportion to the steps (the training images/s printed
+# after training stays the same), so check that first. Then read the numbers in order of
+# sensitivity. The spread sentence next to the gallery and the k-NN recall react first:
+# a generator that escapes its single "average cell" produces samples that differ from
+# one another, so the generated k-NN balls grow and start to cover real cells. FID and KID
+# fall towards their real-vs-real floors more slowly, because they also need the texture
+# (chromatin, granules) that a small, briefly trained network does not yet draw. TSTR is
+# the most demanding: it rises towards TRTR only once the *classes* differ in the samples,
+# not just their colours. The verdict under the quality table changes its wording by
+# itself if the numbers cross its thresholds. With `synthetic_per_class = 600` the basophil
+# top-up grows (the table of generated counts shows it), so if the samples are still
+# poor, a larger share of every class-balanced batch is blurs and the R3GAN rows, the
+# from-scratch hybrid's above all, should get worse rather than better; if the samples
+# have become good, more of them should help the rare classes' recall. Keep the target
+# above every minority class's real count, or that class receives no generated images.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-r3g-collapse-pr
+# Suppose the generator has collapsed completely: it maps every noise vector $u$ of a
+# class to the same image, so all $\tilde z_j$ are equal. Using
+# {eq}`eq-r3g-precision-recall`, what are recall and precision? And what does
+# {eq}`eq-r3g-fid` reduce to when $\tilde\Sigma = 0$?
+# ::::
+#
+# ::::{solution} ex-r3g-collapse-pr
+# :class: dropdown
+# With all generated features equal, the distance from any $\tilde z_j$ to its $k$-th
+# nearest other generated point is $0$, so every ball $\tilde\rho_k(\tilde z_j)$ has radius
+# $0$ and a real point is covered only if it coincides exactly with the one sample:
+# recall is $0$. Precision is all or nothing: the single point either lies inside some
+# real point's ball (precision $1$) or not (precision $0$), the same for every sample.
+# With $\tilde\Sigma = 0$ the trace term is $\operatorname{tr}\Sigma$, so FID becomes
+# $\lVert \bar z - \tilde z \rVert^2 + \operatorname{tr}\Sigma$: even a sample placed
+# exactly at the real mean scores the whole real variance. A nearly collapsed generator,
+# like the one in the gallery, behaves almost like this: recall near zero whatever the
+# precision, and an FID dominated by the missing variance. That is why the chapter reads
+# recall and the spread of the samples, not precision alone.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-r3g-kid-floor
+# In the quality table the *real training vs real validation* KID can come out slightly
+# negative, while the real-vs-real FID is far above zero although both sets are real
+# cells of the same class. Explain both from {eq}`eq-r3g-fid` and {eq}`eq-r3g-kid`. Why
+# does the chapter compare each FID with this floor rather than with zero?
+# ::::
+#
+# ::::{solution} ex-r3g-kid-floor
+# :class: dropdown
+# The KID estimator leaves out the $i = j$ terms of the within-set sums, which makes it
+# unbiased: its expectation is the true squared MMD, zero for two samples of one
+# distribution. A single estimate scatters around that expectation, so it can fall below
+# zero. FID plugs the sample means and covariances of a few hundred images into a formula
+# that is not linear in them: with fewer images than the 1280 feature dimensions, the
+# covariances are rank-deficient and noisy, and the trace term is biased upwards by an
+# amount that shrinks only like one over the sample size. Two real samples therefore
+# already have a large FID at these sizes (and the training and validation cells are
+# different cells, which adds a little genuine difference). An FID is meaningful only next
+# to the floor computed with the same feature extractor and the same numbers of images,
+# which is what the table prints.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-r3g-rpgan-balance
+# On the plot of the R3GAN losses, where would `loss_d` and `loss_g` sit if the
+# discriminator could not tell real from fake at all, $D_\omega(x_i, y_i) = D_\omega(\tilde x_i, y_i)$?
+# What does it mean if `loss_d` falls towards $0$ while `loss_g` keeps growing, and how do
+# $R_1$ and $R_2$ in {eq}`eq-r3g-penalties` push against that?
+# ::::
+#
+# ::::{solution} ex-r3g-rpgan-balance
+# :class: dropdown
+# With equal scores both softplus arguments in {eq}`eq-r3g-loss-d` and {eq}`eq-r3g-loss-g`
+# are $0$, and $\operatorname{softplus}(0) = \log 2$: the two curves meet at $\log 2$,
+# the balance point. `loss_d` near $0$ means $D_\omega(x_i) - D_\omega(\tilde x_i)$ is large
+# for almost every pair: the discriminator separates real from fake easily and the
+# generator's loss, $\operatorname{softplus}$ of that large gap, keeps growing. A
+# discriminator can only open a large gap by changing steeply between real and fake
+# images; $R_1$ and $R_2$ charge for steep gradients at both, so with $\gamma > 0$ the
+# discriminator stays smooth around the data and the samples, and the generator keeps a
+# useful gradient. A curve near $\log 2$ does not prove good samples, though: a weak
+# discriminator is also easily matched, which is why the chapter measures the samples.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-r3g-swin-window
+# Compute the window that `swin_kwargs` chooses for the hybrid under `ci`, and say what
+# the Swin branch's self-attention computes with it. Predict how the table of the hybrid
+# against each branch alone could change if the hybrid trained at 64 px instead (the
+# window `swin_kwargs(64)` returns), all else equal.
+# ::::
+#
+# ::::{solution} ex-r3g-swin-window
+# :class: dropdown
+# Under `ci` the hybrid trains at 32 px: patch size 4 gives an 8×8 token grid and three
+# patch merges end on 1×1, so the only window that divides every stage's grid is 1 (the
+# sentence under the hybrid's code prints it). A window of one token makes the softmax
+# over a single score equal 1: attention returns each token's own value projection, and
+# the shift is zero. The branch is then a stack of per-token MLPs with patch merging, the
+# only place where neighbouring positions meet. At 64 px `swin_kwargs` returns a window of
+# 2, so attention mixes 2×2 neighbourhoods at every stage; one would expect the Swin
+# branch alone to gain the most from the larger input, and the hybrid to profit only if
+# the two branches then see different things. Whether it does is what the re-run shows;
+# note that one seed and two epochs leave a wide margin of noise between rows.
+# ::::
+
+# %% tags=["remove-input"] mystnb={"markdown_format": "myst"}
+branch_f1 = {n: mean_std(n, "macro-F1")[0] for n in ("hybrid", "ConvNeXtV2 branch alone", "Swin branch alone")}
+beats_branches = branch_f1["hybrid"] > max(branch_f1["ConvNeXtV2 branch alone"], branch_f1["Swin branch alone"])
+collapsed = bool(len(ratio)) and ratio.max() < 0.5
+gan_line = {True: "the samples pass the chapter's checks",
+            False: "the samples fail the chapter's checks"
+                   + (", nearly identical blurs of one average cell per class" if collapsed else "")
+                   + " (see the verdict under the quality table)",
+            None: "the samples could not be judged at this size"}[GAN_OK]
+if GAN_OK is not None:
+    gan_line = (f"mean recall {q['recall'].mean():.2f}, FID {(q['FID'] / q['FID real train vs val']).min():.1f} "
+                f"times the real floor or more, TSTR {tstr:.1%} against TRTR {trtr:.1%}: " + gan_line)
+display(Markdown(f""":::{{admonition}} Takeaways
+:class: important takeaways
+- Raabin-WBC's imbalance is imposed on the training split only ({counts['train'].sum():,} images, {counts.loc['basophil', 'train']} basophils); validation and test are real PBC cells at their natural balance, and no generated image reaches them (`evaluation_rows` raises on one).
+- The pre-registered headline, **{HEADLINE}**, reaches test macro-F1 {h_f1:.1%} and basophil recall {h_baso:.1%}: the chapter's targets are **{'met' if met else 'not met'}**. The row with the best validation macro-F1 is **{best}** (test macro-F1 {b_f1:.1%}).
+- R3GAN under the `{P.name}` profile ({SIZES['gan_steps']} steps at {SIZES['gan_size']} px): {gan_line}. Adding its images to the Lite0 oversampling recipe changes test macro-F1 by {delta['macro-F1']:+.1%}.
+- Trained from scratch at {SIZES['hybrid_size']} px, the hybrid {'beats' if beats_branches else 'does not beat'} both of its branches alone on test macro-F1 ({branch_f1['hybrid']:.1%} against {branch_f1['ConvNeXtV2 branch alone']:.1%} and {branch_f1['Swin branch alone']:.1%}); the fine-tuned ImageNet Lite0 with the same recipe reaches {mean_std('+ oversampling', 'macro-F1')[0]:.1%}.
+- A GAN's samples are judged by several numbers at once: recall and the samples' spread reveal collapse, FID and KID only against a real-vs-real floor in the same features, TSTR against TRTR.
+:::"""))
