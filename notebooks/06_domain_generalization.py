@@ -33,6 +33,28 @@
 # adaptation. An **in-domain ceiling** per domain (the same recipe trained on that
 # domain's own training split) tells how much of the gap is the domain shift and how much
 # is simply a small model on small data.
+#
+# :::{admonition} Learning objectives
+# :class: tip objectives
+# After this chapter you can
+# - set up {term}`leave-one-domain-out <leave-one-domain-out>` evaluation over hospitals,
+#   with the epoch and the headline row chosen on the training hospitals' validation
+#   splits only, and say why a recipe designed on held-out scores cannot be the headline;
+# - write down and implement the remedies for each shift: class-balanced sampling and the
+#   class-balanced {term}`focal loss` (effective number of samples), the supervised
+#   contrastive loss ({term}`SupCon`), {term}`stain normalisation` and stain augmentation,
+#   nucleus-based scale normalisation, {term}`SWA`, and {term}`TTA-BN` / {term}`AdaBN`;
+# - explain why {term}`batch normalization` ties a network to its training hospitals, and
+#   what {term}`GroupNorm <group normalization>` and re-estimating the statistics on the
+#   target images change;
+# - judge a {term}`domain generalization` result by {term}`macro-F1` against the in-domain
+#   ceiling, chance and seed noise, and score a checkpoint on your own hospital's folder.
+#
+# **Prerequisites:** chapters {doc}`02_data` (the datasets, the committed
+# {term}`stratified splits <stratified split>` and the near-duplicate check) and
+# {doc}`03_baseline` (fine-tuning EfficientNet-Lite0, model selection by validation
+# macro-F1); the batch-normalization formula of the {doc}`notation <../book/notation>`.
+# :::
 
 # %% tags=["parameters"]
 profile = "ci"  # smoke | ci | full
@@ -40,6 +62,8 @@ data_root = None  # None: LEUKEMIA_DATA, else data/ in the repository
 seed = 0
 seeds = None  # None: the profile's seeds (one under ci, three under full)
 results_dir = "results"  # results JSON: <results_dir>/<profile>/dg_*.json
+artifacts = "_build/artifacts"  # checkpoints: <artifacts>/<profile>/dg_*/ (relative: from the repository root)
+supcon_weight = 0.5  # weight of the supervised contrastive term (rows SupCon and combined)
 
 # %%
 import hashlib
@@ -61,7 +85,7 @@ from leukemia_core.data.torch_dataset import read_image
 from leukemia_core.dataroot import REPO_ROOT
 from leukemia_core.domains import CLASSES, DOMAINS, SHARED, class_counts, load_domains
 from leukemia_core.pipeline import content_hash, subsample
-from leukemia_core.plots import image_grid, use_offline_plotly
+from leukemia_core.plots import image_grid, show_source, use_offline_plotly
 from leukemia_core.predict import predict_folder, save_dg_checkpoint
 from leukemia_core.registry import load_claims
 from leukemia_core.results import write_results
@@ -198,6 +222,63 @@ image_grid(before[::2] + after[::2] + [dg.reinhard(im) for im in after[::2]], [t
 # class under `ci`), and for the small domains BCCD and Zheng **all their images**, since
 # nothing of them was used in that fold. Matek neutrophils (test split) are a probe every
 # fold's model is tested on: neutrophil recall in a hospital no fold trained on.
+#
+# ```{graphviz}
+# :caption: The leave-one-domain-out protocol, run for each held-out domain and seed. Only the training domains' validation splits choose anything (the epoch inside train_dg, the headline row across folds); the held-out domain is scored once, and its unlabelled images enter only the TTA-BN rows.
+# digraph lodo {
+#   rankdir=LR; node [shape=box, style=rounded, fontname="Helvetica", fontsize=11];
+#   edge [fontname="Helvetica", fontsize=9];
+#   subgraph cluster_fold {
+#     label="for each held-out domain d in {pbc, bccd, zheng}, each seed, each recipe";
+#     fontname="Helvetica"; fontsize=10; style=dashed;
+#     train [label="training domains d' ≠ d\ntrain splits, joined\n(per-class caps of the profile)"];
+#     val [label="training domains d' ≠ d\nvalidation splits, joined"];
+#     fit [label="train_dg(recipe)\nEfficientNet-Lite0 (ImageNet)\n+ projection head (DGNet)\nK = 5 logits"];
+#     epoch [label="keep the best epoch:\nmax validation macro-F1\n(4 shared classes)"];
+#     variants [label="rows: as trained;\n+ SWA (ERM-BN);\n+ TTA-BN (ERM-BN, combined)"];
+#     held [label="held-out domain d\npbc: test split\nbccd, zheng: all images"];
+#     score [label="score once:\nmacro-F1, accuracy,\nper-class recall"];
+#   }
+#   matek [label="Matek neutrophils\n(test split): probe"];
+#   head [label="headline row: max mean\nvalidation macro-F1 over folds\n(not the combined rows)"];
+#   table [label="LODO table: mean over folds\nresults/<profile>/dg_*.json", shape=note];
+#   train -> fit; fit -> epoch [label="each epoch"]; val -> epoch;
+#   epoch -> variants; held -> variants [label="unlabelled images\n(TTA-BN only)", style=dashed];
+#   variants -> score; held -> score [label="labels"]; matek -> score;
+#   score -> table; val -> head [label="scored as the row is used"]; head -> table [label="marks"];
+# }
+# ```
+#
+# In symbols: for each held-out domain $d \in \mathcal{D} = \{\text{PBC}, \text{BCCD},
+# \text{Zheng}\}$, the weights $\theta_e$ after epoch $e$ are trained on
+# $\bigcup_{d' \neq d} S^{d'}_{\text{train}}$, the epoch is chosen on the joined validation
+# splits, and the chosen model $f_{\theta^{(-d)}}$ is scored on the held-out sample
+# $S^{d}_{\text{held}}$ (PBC's test split, or all of BCCD's or Zheng's images). The number the
+# setting asks for is the mean over held-out domains (and over seeds, when there are several):
+#
+# $$
+# e^\star = \arg\max_{e} \ \text{macro-F1}\Big(f_{\theta_e};\ \bigcup_{d' \neq d} S^{d'}_{\text{val}}\Big),
+# \qquad
+# \overline{F}_{1} = \frac{1}{|\mathcal{D}|} \sum_{d \in \mathcal{D}}
+#   \text{macro-F1}\big(f_{\theta^{(-d)}};\ S^{d}_{\text{held}}\big),
+# \quad \theta^{(-d)} = \theta_{e^\star} .
+# $$ (eq-dg-lodo)
+#
+# The models predict $K = 5$ classes (the four shared ones and basophil), but
+# {term}`macro-F1` is averaged over the shared classes $\mathcal{K}_S$ that occur in the sample
+# scored, with precision $P_k$ and recall $R_k$ as in the notation:
+#
+# $$
+# \text{macro-F1}(f; S) = \frac{1}{|\mathcal{K}_S|} \sum_{k \in \mathcal{K}_S} \frac{2 P_k R_k}{P_k + R_k},
+# \qquad \mathcal{K}_S = \{k \in \text{shared} : k \text{ occurs among the labels of } S\} .
+# $$ (eq-dg-macro-f1)
+#
+# A neutrophil predicted as basophil still costs the neutrophil's recall; basophil's own
+# F1 is not in the mean, and a class that is never predicted correctly scores
+# $F_1^{(k)} = 0$. The function (used for the epoch, the headline rule and the table alike):
+
+# %% tags=["remove-input"]
+show_source(dg.macro_f1)
 
 # %%
 def arrays(rows: pd.DataFrame, scale: bool, stain_norm: bool) -> dg.Arrays:
@@ -275,6 +356,92 @@ def join(keys, scale):
 # validation domain separately (as it would be on a new hospital). The held-out domain is
 # touched once, to score that row. Every verdict below (targets, gain over ERM, the
 # in-domain ceiling, the anchors) uses it.
+#
+# ### The pieces, in equations
+#
+# **Imbalance.** The *CB sampling* row draws each batch, with replacement, so that every
+# (domain, class) cell of the training set carries the same total probability (function
+# `dg.sample_weights` below):
+#
+# $$
+# \Pr(\text{draw } i) \ \propto\ \frac{1}{\big|\{\, j : d_j = d_i,\ y_j = y_i \,\}\big|} .
+# $$ (eq-dg-sampler)
+#
+# Its loss is the class-balanced {term}`focal loss` (Lin et al. 2017, with the weights of
+# Cui et al. 2019). The *effective number* $E_{N}$ of $N$ samples of a class grows like $N$
+# for small $N$ and saturates at $1/(1-\beta)$; class $k$ is weighted by its inverse,
+# rescaled so that the weights average 1 over the $K_{+}$ classes that have training images
+# ($N_k$: the fold's training images of class $k$, pooled over its training domains, and
+# counted before the sampler):
+#
+# $$
+# E_{N} = \frac{1 - \beta^{N}}{1 - \beta}, \qquad
+# w_k = \frac{K_{+} \, E_{N_k}^{-1}}{\sum_{j : N_j > 0} E_{N_j}^{-1}} \ \ (N_k > 0),
+# \qquad w_k = 0 \ \ (N_k = 0) ,
+# $$ (eq-dg-cb-weights)
+#
+# with $\beta$ = `Recipe.cb_beta` (the table's β) and $N$ clamped to at least 1. The focal factor $(1 - p)^{\gamma}$, $\gamma = 2$, shrinks the loss of
+# images the model already classifies confidently; over a batch $B$,
+#
+# $$
+# \mathcal{L}_{\text{CB-focal}}(\theta; B) = -\frac{1}{|B|} \sum_{i \in B}
+#   w_{y_i} \big(1 - p_\theta(y_i \mid x_i)\big)^{\gamma} \log p_\theta(y_i \mid x_i) .
+# $$ (eq-dg-focal)
+#
+# With $\gamma = 0$ and all $w_k = 1$ it is the cross-entropy of every other row.
+#
+# **Domain-specific features.** `DGNet` puts a projection head (two linear layers) on the
+# backbone's pooled features; its output, normalised to $\lVert z_i \rVert_2 = 1$, enters
+# the supervised contrastive loss ({term}`SupCon`, Khosla et al. 2020) with one view per
+# image. With $s_{ij} = z_i^{\top} z_j / \tau$, the positives of anchor $i$ are the other
+# images of its class in the batch, $P(i) = \{p \neq i : y_p = y_i\}$, whatever their
+# domain, and $A$ is the set of anchors that have at least one:
+#
+# $$
+# \mathcal{L}_{\text{SupCon}} = \frac{1}{|A|} \sum_{i \in A} \frac{-1}{|P(i)|} \sum_{p \in P(i)}
+#   \log \frac{e^{s_{ip}}}{\sum_{a \neq i} e^{s_{ia}}},
+# \qquad
+# \mathcal{L} = \mathcal{L}_{\text{CE}} + \lambda \, \mathcal{L}_{\text{SupCon}} ,
+# $$ (eq-dg-supcon)
+#
+# with $\tau = 0.1$ and $\lambda$ = `supcon_weight` (parameters cell). The batches mix the
+# training domains, so a class's positives come from several hospitals; `supcon_loss` can
+# restrict them to other domains (`cross_domain=True`), which `train_dg` does not use.
+
+# %% tags=["remove-input"]
+show_source(dg.sample_weights, dg.class_balanced_weights, dg.focal_loss, dg.DGNet.forward, dg.supcon_loss)
+
+# %% [markdown]
+# **Feature statistics.** {term}`TTA-BN` ({term}`AdaBN`) keeps every weight and replaces the
+# running mean and variance of each {term}`batch normalization` layer by those of the
+# target images. `dg.adapt_bn` passes the target images through a copy of the model in
+# training mode, in $M$ batches $B_1, \dots, B_M$ of at most 128, with the running
+# averages reset and `momentum=None`, so each layer ends with the plain average over
+# batches of its channel's batch mean and (unbiased) batch variance, taken over images and
+# positions:
+#
+# $$
+# \mu \leftarrow \frac{1}{M} \sum_{m=1}^{M} \mu(B_m), \qquad
+# \sigma^2 \leftarrow \frac{1}{M} \sum_{m=1}^{M} \sigma^2(B_m) ,
+# $$ (eq-dg-adabn)
+#
+# and then predicts with $\operatorname{BN}(h) = \gamma (h - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta$
+# as in the notation. A TTA-BN row adapts once per held-out domain, on all of its
+# images; for the headline rule it adapts on each training domain's validation images
+# separately (`dg.predict_per_domain`). *Domain-wise BN* in training (the combined row)
+# sorts each batch by domain and passes each domain's share through the network on its
+# own, so BatchNorm normalises every hospital with its own batch statistics there too.
+#
+# {term}`SWA` averages the weights $\theta_e$ after each epoch $e$ from the second on (the
+# single epoch's weights under a one-epoch profile such as `smoke`), and then re-estimates the average's
+# BatchNorm statistics on the training images by the same rule {eq}`eq-dg-adabn`:
+#
+# $$
+# \theta_{\text{SWA}} = \frac{1}{E - 1} \sum_{e=2}^{E} \theta_e .
+# $$ (eq-dg-swa)
+
+# %% tags=["remove-input"]
+show_source(dg._reestimate_bn, dg.adapt_bn)
 
 # %%
 ERM = dg.Recipe("ERM-BN", swa=True)
@@ -283,8 +450,8 @@ RECIPES = [
     dg.Recipe("ERM-GN", norm="gn"),
     dg.Recipe("CB sampling + CB focal", sampler="balanced", loss="cb_focal"),
     dg.Recipe("stain aug + scale norm", stain=True, scale_norm=True, stain_norm=True),
-    dg.Recipe("SupCon", supcon=0.5),
-    dg.Recipe("combined", scale_norm=True, stain_norm=True, supcon=0.5, domain_bn=True),
+    dg.Recipe("SupCon", supcon=supcon_weight),
+    dg.Recipe("combined", scale_norm=True, stain_norm=True, supcon=supcon_weight, domain_bn=True),
 ]
 LABELS = [CLASSES.index(c) for c in SHARED]
 #: rows whose recipe was designed by sweeps that saw held-out scores: shown, never the headline
@@ -341,7 +508,15 @@ scores = pd.DataFrame(rows)
 # Macro-F1 over the four shared classes on each held-out domain, and its mean over the
 # three folds (the number the paper's setting asks for). The last column is the
 # validation macro-F1 on the *training* domains (mean over folds): what the headline rule
-# sees. The headline row is marked in green.
+# sees. The headline row is marked in green. Written out, with $\mathcal{M}$ the rows and
+# $\mathcal{M}_{\text{test}}$ the two combined rows (designed on held-out scores), the rule
+# is the validation analogue of {eq}`eq-dg-lodo`:
+#
+# $$
+# m^\star = \arg\max_{m \in \mathcal{M} \setminus \mathcal{M}_{\text{test}}} \
+#   \frac{1}{|\mathcal{D}|} \sum_{d \in \mathcal{D}}
+#   \text{macro-F1}\Big(f^{m}_{\theta^{(-d)}};\ \bigcup_{d' \neq d} S^{d'}_{\text{val}}\Big) .
+# $$ (eq-dg-headline)
 
 # %%
 order = list(dict.fromkeys(scores["method"]))
@@ -451,6 +626,37 @@ bullets = [
     "by points.",
 ]
 display(Markdown("\n".join(f"- {b}" for b in bullets)))
+
+# %% [markdown]
+# Is the headline row better than guessing? The reference is a classifier that draws its
+# prediction uniformly at random among the model's classes, scored by the same
+# {eq}`eq-dg-macro-f1` on the same held-out images (no model involved).
+
+# %%
+guess = np.random.default_rng(0)
+chance = float(np.mean([dg.macro_f1(cache[(h, "heldout"), PREP[0]].y,
+                                    torch.from_numpy(guess.integers(0, len(CLASSES), len(parts[h, "heldout"]))),
+                                    LABELS) for h in DOMAINS]))
+near_chance = best_f1 < chance + 0.10
+vs_chance = ("below random guessing" if best_f1 < chance else "close to random guessing" if near_chance
+             else "above random guessing")
+display(Markdown(
+    f"Random guessing among the {len(CLASSES)} classes: mean held-out macro-F1 **{chance:.1%}**. The headline "
+    f"row {best}: **{best_f1:.1%}** on the held-out hospitals, {val_mean[best]:.1%} on the training hospitals' "
+    "validation images. " + (
+        f"**On new hospitals the headline row is {vs_chance}: it fails there.** " + (
+            "Its validation score shows that it has learned the classes in the hospitals it saw; on a hospital "
+            "with another stain, scale and framing its features fall where one class wins most votes."
+            if val_mean[best] >= 0.5 else
+            "Its validation score is low as well: at this profile's sizes the model has hardly learned the "
+            "classes, so the shift is not the only cause.") +
+        " Its most-predicted class per held-out domain: " + ", ".join(f"{h}: {c} ({v:.0%} of predictions)"
+                                        for h, (c, v) in ((h, top_class(best, h)) for h in DOMAINS)) +
+        f". The best held-out row of the table, {top_test} ({per_fold.loc[top_test, 'mean']:.1%}"
+        + (", selected on test" if top_test in DESIGNED_ON_HELDOUT else "") +
+        "), shows how much of that the remedies recover at these sizes."
+        if near_chance else
+        "It is clearly above guessing; the distance between its two scores is what the shift costs.")))
 
 # %% [markdown]
 # ## How far could it go? The in-domain ceiling
@@ -569,12 +775,16 @@ display(anchors)
 # folder of BCCD crops and Matek images of different sizes.
 
 # %%
+def shown(path: Path):
+    """A path as the reader types it: relative to the repository when it lies inside."""
+    return path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+
+
 with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
     recipe = RECIPES[-1]
-    # kept under _build/artifacts so `leukemia-core predict` can use it after the build
-    ckpt = save_dg_checkpoint(REPO_ROOT / "_build" / "artifacts" / P.name / "dg_combined_without_bccd"
-                              / "model.safetensors",
+    # kept under <artifacts> (default _build/artifacts) so `leukemia-core predict` can use it after the build
+    ckpt = save_dg_checkpoint(REPO_ROOT / artifacts / P.name / "dg_combined_without_bccd" / "model.safetensors",
                               trained[recipe.name, "bccd", seeds[0]].model, CLASSES, S,
                               SCALE if recipe.scale_norm else None, recipe)
     folder = tmp / "unseen"
@@ -587,7 +797,7 @@ with tempfile.TemporaryDirectory() as tmp:
     preds.insert(1, "true", demo["label"].tolist())
     display(preds.round(3))
     display(Markdown(f"From the command line: `leukemia-core predict --images FOLDER --checkpoint "
-                     f"{ckpt.parent.relative_to(REPO_ROOT)} --out predictions.csv [--adapt-bn]`. `--adapt-bn` re-estimates "
+                     f"{shown(ckpt.parent)} --out predictions.csv [--adapt-bn]`. `--adapt-bn` re-estimates "
                      "the BatchNorm statistics on the folder (TTA-BN): use it for a folder of many "
                      "cells from one new hospital, not for a handful of images."))
 
@@ -621,7 +831,7 @@ with tempfile.TemporaryDirectory() as tmp:
                     for adapt in (False, True)}
 m = hospital[True]
 display(Markdown(
-    f"`leukemia-core evaluate --images my_hospital/ --checkpoint {ckpt.parent.relative_to(REPO_ROOT)} "
+    f"`leukemia-core evaluate --images my_hospital/ --checkpoint {shown(ckpt.parent)} "
     f"--out eval/ --adapt-bn` on {m['n_images']} BCCD crops: class mapping "
     + ", ".join(f"'{k}' → {v}" for k, v in m["mapping"].items())
     + f"; macro-F1 over the shared classes **{hospital[False]['macro_f1']:.1%}** as it is, "
@@ -694,3 +904,140 @@ written.append(write_results(
     **common))
 display(Markdown(f"Wrote {len(written)} results files to `{out / P.name}`; chapter time "
                  f"{wall / 60:.1f} min."))
+
+# %% [markdown]
+# ## Exercises
+#
+# ::::{exercise}
+# :label: ex-dg-supcon-off
+# Set `supcon_weight = 0.0` in the parameters cell and re-run the chapter (under `smoke`
+# with `results_dir` and `artifacts` pointing to a scratch folder, it takes minutes).
+# Before you run it: which rows of the leave-one-domain-out table should change, and what
+# should the SupCon row become? After it: compare `dg_supcon.json` with `dg_erm_bn.json`
+# (per fold: held-out macro-F1, accuracy, validation macro-F1), and look at which row the
+# headline rule {eq}`eq-dg-headline` picks.
+# ::::
+#
+# ::::{solution} ex-dg-supcon-off
+# :class: dropdown
+# With $\lambda = 0$, {eq}`eq-dg-supcon` is the plain cross-entropy, and the SupCon recipe
+# differs from ERM-BN in nothing else: the same seed for the weights of the head and for
+# the sampler's generator, the same images and augmentations, the same projection head
+# (which receives no gradient in either), the same epoch rule. So the SupCon row must
+# reproduce ERM-BN's row fold by fold (ERM-BN's SWA and TTA-BN rows are variants of the
+# same trained model and are not affected). The two combined rows change, since they lose
+# their contrastive term. If SupCon was the headline, it now ties with ERM-BN on
+# validation, and `idxmax` breaks the tie in favour of the row listed first, ERM-BN.
+# This is the control that makes every "piece minus ERM-BN" difference of the chapter
+# mean something: two rows that differ only in the piece. On a CPU the match is exact;
+# on a GPU, non-deterministic kernels can make the two runs differ slightly, and
+# differences between rows of that size are noise.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-dg-cb
+# (a) From {eq}`eq-dg-cb-weights`, show that $E_N \approx N$ when $N (1 - \beta)$ is small and
+# that $E_N$ tends to $1/(1-\beta)$ as $N$ grows. What do the weights $w_k$ become in the
+# limits $\beta \to 0$ and $\beta \to 1$? (b) The CB row uses the sampler {eq}`eq-dg-sampler`
+# *and* the weights, and the weights are computed from the training counts $N_k$ *before*
+# sampling. Take a fold with two domains, a common class with many images in both and a
+# rare class with a few images in one domain only. In expectation, what share of the
+# drawn images does each class get, and how does the weight change the rare class's share
+# of the loss? Is the rare class corrected once, or twice?
+# ::::
+#
+# ::::{solution} ex-dg-cb
+# :class: dropdown
+# (a) $1 - \beta^{N} = 1 - e^{N \log \beta} \approx -N \log \beta \approx N (1 - \beta)$ for
+# small $N(1-\beta)$, so $E_N \approx N$; as $N \to \infty$, $\beta^N \to 0$ and
+# $E_N \to 1/(1-\beta)$. With $\beta \to 0$, $E_N = 1$ for every $N \ge 1$: all weights equal
+# 1 (no reweighting). With $\beta \to 1$, $E_N \to N$ for every finite $N$: the weights become
+# inverse class frequencies, rescaled to mean 1. In between, classes beyond a few hundred
+# images are treated almost alike, which is the point of the effective number. (b) The
+# sampler gives each (domain, class) cell the same probability: with three non-empty cells
+# (common class in two domains, rare class in one), the common class gets two thirds of the
+# draws and the rare class one third, far more than its share of the images. The weights,
+# computed from the unsampled counts, then multiply the rare class's loss by a further
+# factor $E_{N_{\text{common}}} / E_{N_{\text{rare}}}$, so its share of the loss grows beyond
+# its share of the draws: corrected twice. The balanced sampler alone (or the weights
+# alone) is the standard form; using both pushes the model towards predicting the rare
+# classes. Look for it in the recall table (rare classes' recall up, neutrophil's down) and
+# in the CB row's accuracy on the neutrophil-dominated BCCD and Zheng.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-dg-adabn
+# (a) Why does `leukemia-core predict --adapt-bn` warn against a folder of a handful of
+# images, and what goes wrong if a folder mixes two hospitals? (b) {eq}`eq-dg-adabn`
+# averages the *per-batch* variances. Show that when the target images come in several
+# batches, this is not the variance of all target images pooled, and say which one is
+# smaller. (c) Why does the headline rule score a TTA-BN row with its statistics
+# re-estimated on each training domain's validation images separately
+# (`dg.predict_per_domain`), not on all validation images at once?
+# ::::
+#
+# ::::{solution} ex-dg-adabn
+# :class: dropdown
+# (a) With few images, $\mu$ and $\sigma^2$ are noisy estimates and depend on which cells
+# happen to be in the folder (a folder of neutrophils has other statistics than a mixed
+# one), so the adapted network sees shifted features; with two hospitals, the statistics
+# are a mixture that matches neither, and the normalisation removes neither shift. (b) By
+# the law of total variance, the pooled variance is the mean of the within-batch variances
+# plus the variance of the batch means. {eq}`eq-dg-adabn` keeps only the first term, so it
+# is the smaller one whenever the batch means differ (the order of the images matters:
+# a folder sorted by class gives batches with different means). With one batch the two
+# agree, up to the unbiased correction. (c) On a new hospital, TTA-BN adapts to that
+# hospital alone. Adapting on the joined validation images would normalise with a mixture
+# of the training hospitals, which is what the running statistics already are; scoring
+# the row as it will be used keeps the rule honest about the row.
+# ::::
+#
+# ::::{exercise}
+# :label: ex-dg-selection
+# The combined recipe's rows are excluded from the headline rule, and the chapter reports
+# the rank correlation between validation and held-out scores across rows. (a) If the
+# chapter reported the row with the highest *held-out* score, which quantity would that
+# number estimate, and why is it biased upwards even when every row is equally good?
+# (b) Design a validation score closer to a new hospital, using only the training domains
+# of each fold, and count how many more trainings it costs per seed with this chapter's
+# folds and recipes.
+# ::::
+#
+# ::::{solution} ex-dg-selection
+# :class: dropdown
+# (a) The maximum over rows of noisy estimates: even if all rows had the same expected
+# held-out score, the largest of several noisy scores exceeds that expectation (the
+# winner's curse), and the more rows are compared, the larger the bias. It estimates
+# neither the chosen row's performance on a new hospital nor anything fixed in advance;
+# this is selection on test, the same leak that makes the combined recipe's number
+# optimistic. (b) Leave one *training* domain out inside each fold: with two training
+# domains per fold, train on one, validate on the other, and swap, then average the two
+# validation scores. Each fold's recipe needs two extra trainings (one per inner
+# held-out domain): per seed, 3 folds × 6 recipes × 2 inner runs on top of the table's
+# 3 × 6, three times the training in all. Each inner model also sees a single training
+# domain, less data than the fold's model: the price of a validation score that has met a
+# shift.
+# ::::
+
+# %% tags=["remove-input"] mystnb={"markdown_format": "myst"}
+vs_erm = f"{erm_f1:.3f} for ERM-BN and " if best != "ERM-BN" else ""
+display(Markdown(f""":::{{admonition}} Takeaways
+:class: important takeaways
+- **Judge a hospital model on hospitals it has not seen.** Chosen by validation only, the headline
+  row is {best}: its mean held-out macro-F1 is {best_f1:.3f}, against {vs_erm}{chance:.3f} for random
+  guessing ({vs_chance}), while the same row scores {val_mean[best]:.3f} on the training hospitals'
+  validation images.
+- **Validation on the training hospitals {'ranks the rows reasonably' if rho >= 0.5 else 'is a poor guide'}**:
+  Spearman ρ = {rho:+.2f} between the validation and held-out scores of the {len(val_mean)} rows.
+- **{'Feature statistics carry much of the shift' if tta_gain > piece_gain[largest] else
+     'A training-time piece does more than the feature statistics'}.** Re-estimating BatchNorm's $\\mu, \\sigma^2$ on the new
+  hospital's unlabelled images changes ERM-BN by {100 * tta_gain:+.1f} points; the largest single
+  training-time piece, {largest}, by {100 * piece_gain[largest]:+.1f}.
+- **{'Most of the gap is the shift, not the small model' if ceiling.loc['mean', 'share of ceiling'] < 0.5
+     else 'Much of the in-domain performance survives the move'}.** The headline recipe reaches {ceiling.loc['mean', 'in-domain macro-F1']:.3f}
+  macro-F1 inside each hospital; its leave-one-domain-out models keep
+  {ceiling.loc['mean', 'share of ceiling']:.0%} of that on the same test images.
+- **A number chosen on test is not a result.** The combined recipe with TTA-BN reaches
+  {f1['combined + TTA-BN']:.3f}, but its pieces were picked on held-out scores; the profile's target
+  of {TARGETS[profile]:.2f} for the headline row is {'met' if gap >= 0 else 'missed'}.
+:::"""))
