@@ -540,9 +540,11 @@ def write_progress(build: Path, profile: str, started: float, runs: dict[str, Ch
 
 
 def build_book(profile: str = "ci", out: Path = ROOT, data_root: str | None = None,
-               seed: int = 0, log=print, accept_drift: bool | None = None) -> BookBuild:
+               seed: int = 0, log=print, accept_drift: bool | None = None,
+               params: dict[str, dict] | None = None) -> BookBuild:
     """Execute every chapter, check the results' freshness, write the report page,
-    build and check the HTML."""
+    build and check the HTML. ``params`` maps a chapter's stem to parameter overrides
+    (the tests' smoke book runs each chapter with its exercise's change)."""
     use_venv_kernel()
     accept_drift = accept_drift_from_env() if accept_drift is None else accept_drift
     build = Path(out).resolve() / "_build"
@@ -557,7 +559,8 @@ def build_book(profile: str = "ci", out: Path = ROOT, data_root: str | None = No
     write_progress(build, profile, started, runs)
     for name in toc_chapters():
         log(f"[book] executing {name} under profile {profile} ...")
-        run = runs[name] = execute_chapter(name, src / "notebooks", profile, data_root, seed)
+        run = runs[name] = execute_chapter(name, src / "notebooks", profile, data_root, seed,
+                                           params=(params or {}).get(Path(name).name))
         log(f"[book] {name}: {'ok' if run.ok else 'FAILED: ' + run.error} "
             f"({fmt_time(run.wall_s)}, peak {run.peak_rss_mb:.0f} MB, figures {run.figures})")
         if not run.ok:

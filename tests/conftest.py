@@ -49,18 +49,20 @@ def pbc_table(data_root):
     return load_dataset("pbc", data_root)
 
 
-def run_exercise(chapter: str, tmp_path: Path, **params):
-    """Execute ``notebooks/<chapter>.py`` under ``smoke`` with an exercise's parameter
-    changes, as a student would run it, and return the executed notebook.
-
-    Results and checkpoints go under ``tmp_path`` (pass the chapter's own results/artifacts
-    parameters there), never over the committed ``results/smoke``."""
+def run_exercise(chapter: str):
+    """The tests' smoke book's run of ``chapter``, which executed it with its exercise's
+    parameter change (tests/exercises.py): ``(executed notebook, results folder,
+    artifacts folder)``. Skips, like the book, without the dataset mirror."""
     import nbformat
 
-    build = load_module("book_build", "book/build.py")
-    run = build.execute_chapter(chapter, tmp_path / "executed", "smoke", params=params)
-    assert run.ok, f"{chapter} with {params} failed under smoke: {run.error}"
-    return nbformat.read(tmp_path / "executed" / f"{chapter}.ipynb", as_version=4)
+    from exercises import EXERCISES
+
+    assert chapter in EXERCISES, f"{chapter} has no exercise in tests/exercises.py"
+    book = load_module("test_book", "tests/test_book.py").smoke_book()
+    run = book.runs[f"notebooks/{chapter}"]
+    assert run.ok, f"{chapter} with its exercise's change failed under smoke: {run.error}"
+    nb = nbformat.read(book.html.parent / "source" / "notebooks" / f"{chapter}.ipynb", as_version=4)
+    return nb, REPO / "results" / "smoke", REPO / "_build" / "artifacts" / "smoke"
 
 
 def notebook_text(nb) -> str:

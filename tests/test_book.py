@@ -21,7 +21,9 @@ build = load_module("book_build", "book/build.py")
 
 
 def smoke_book():
-    """The smoke book, built once per test session into a temporary folder."""
+    """The smoke book, built once per test session into a temporary folder. Every method
+    chapter runs with its exercise's parameter change (tests/exercises.py), which the
+    exercise tests check; the ci book runs the defaults."""
     from leukemia_core.dataroot import resolve_data_root
 
     if not (resolve_data_root()[0] / "pbc").is_dir():
@@ -30,7 +32,10 @@ def smoke_book():
     if not hasattr(build, "smoke_result"):
         out = Path(tempfile.mkdtemp(prefix="book-smoke-"))
         atexit.register(shutil.rmtree, out, ignore_errors=True)
-        build.smoke_result = build.build_book("smoke", out=out, log=lambda line: None)
+        from exercises import exercise_params  # each method chapter runs its exercise's change
+
+        build.smoke_result = build.build_book("smoke", out=out, log=lambda line: None,
+                                              params=exercise_params(out / "exercises"))
     return build.smoke_result
 
 

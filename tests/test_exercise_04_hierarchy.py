@@ -1,28 +1,18 @@
 """Exercise ex-hi-taxonomy of chapter 04: re-run the hierarchy chapter on a tree without
-the acute/chronic level. The YAML is the one printed in the exercise, read from the chapter."""
+the acute/chronic level. The tests' smoke book ran the chapter on the YAML printed in the
+exercise, read from the chapter (tests/exercises.py)."""
 import json
-import re
-from pathlib import Path
+
+import pytest
 
 from conftest import notebook_text, run_exercise
 
-CHAPTER = Path(__file__).resolve().parent.parent / "notebooks" / "04_hierarchy.py"
+pytestmark = pytest.mark.slow  # reads the smoke book
 
 
-def exercise_yaml() -> str:
-    """The ```yaml block of the ex-hi-taxonomy exercise, without the '# ' of the py:percent file."""
-    text = CHAPTER.read_text()
-    block = text[text.index(":label: ex-hi-taxonomy"):]
-    block = block[:block.index("# ::::")]
-    lines = re.search(r"# ```yaml\n(.*?)# ```\n", block, re.S).group(1).splitlines()
-    return "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in lines) + "\n"
-
-
-def test_exercise_hierarchy_taxonomy(tmp_path, data_root):
-    tree = tmp_path / "flat_leukemia.yaml"
-    tree.write_text(exercise_yaml())
-    nb = run_exercise("04_hierarchy", tmp_path, taxonomy=str(tree), results_dir=str(tmp_path / "results"))
-    files = {f.name: json.loads(f.read_text()) for f in (tmp_path / "results" / "smoke").glob("hierarchy_*.json")}
+def test_exercise_hierarchy_taxonomy(data_root):
+    nb, results, _ = run_exercise("04_hierarchy")
+    files = {f.name: json.loads(f.read_text()) for f in results.glob("hierarchy_*.json")}
     assert {"hierarchy_flat_efficientnet_lite0.json", "hierarchy_multilevel_efficientnet_lite0.json",
             "hierarchy_base_hierarchical_efficientnet_lite0.json"} <= set(files)
     leaves = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "hematogone", "AML",

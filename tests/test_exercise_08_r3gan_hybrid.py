@@ -1,22 +1,28 @@
-"""Exercise ex-r3g-gan-steps of chapter 08: a longer R3GAN schedule and a larger top-up target
-reach the GAN and the training set (smoke profile; results and checkpoints under tmp_path)."""
+"""Exercise ex-r3g-gan-steps of chapter 08: a longer R3GAN schedule and a larger top-up
+target reach the GAN and the training set. The tests' smoke book ran the chapter with
+``gan_steps = 12, synthetic_per_class = 20`` (smoke defaults: 4 steps, each minority class
+topped up to 12; tests/exercises.py)."""
 import hashlib
 import json
+
+import pytest
 
 from conftest import notebook_text, run_exercise
 
 from leukemia_core.engine.checkpoint import read_meta
 
+pytestmark = pytest.mark.slow  # reads the smoke book
 
-def test_exercise_r3gan_steps_and_topup(tmp_path, data_root):
-    steps, target = 12, 20  # smoke defaults: 4 steps, each minority class topped up to 12
-    nb = run_exercise("08_r3gan_hybrid", tmp_path, gan_steps=steps, synthetic_per_class=target,
-                      results_dir=str(tmp_path / "results"), artifacts=str(tmp_path / "art"))
-    res = tmp_path / "results" / "smoke"
+
+def test_exercise_r3gan_steps_and_topup(data_root):
+    from exercises import EXERCISES
+
+    steps, target = EXERCISES["08_r3gan_hybrid"]["gan_steps"], EXERCISES["08_r3gan_hybrid"]["synthetic_per_class"]
+    nb, res, artifacts = run_exercise("08_r3gan_hybrid")
     quality = json.loads((res / "r3gan_gan_quality.json").read_text())
     assert quality["config"]["steps"] == steps
     # the generator that drew every synthetic image is the saved one, and it trained for the new schedule
-    ckpt = tmp_path / "art" / "smoke" / "r3gan_hybrid" / "r3gan_generator.safetensors"
+    ckpt = artifacts / "r3gan_hybrid" / "r3gan_generator.safetensors"
     assert read_meta(ckpt)["steps"] == steps
     assert quality["config"]["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     # each minority class is topped up to the new target, and exactly those images enter the R3GAN rows
