@@ -1,8 +1,9 @@
 """Profiles: one config type; ``smoke``, ``ci`` and ``full`` differ only in sizes."""
 from __future__ import annotations
 
+import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import UnknownNameError
 
@@ -24,7 +25,6 @@ class Profile:
     patience: int  # early-stopping patience in epochs
     preload_images: bool = False  # decode + resize once, keep in memory (CPU profiles)
     seeds: tuple[int, ...] = (0,)
-    extra: dict = field(default_factory=dict)  # chapter-specific sizes, e.g. finetune_epochs
 
     def replace(self, **changes) -> "Profile":
         return dataclasses.replace(self, **changes)
@@ -37,18 +37,17 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke", image_size=32, epochs=1, batch_size=16, lr=1e-3, warmup_epochs=0.0,
         max_train_per_class=8, max_eval_per_class=4, model="convnext_atto",
-        num_workers=0, patience=1, seeds=(0,), extra={"finetune_epochs": 1},
+        num_workers=0, patience=1, seeds=(0,),
     ),
     "ci": Profile(
         name="ci", image_size=64, epochs=8, batch_size=64, lr=2e-3, warmup_epochs=1.0,
         max_train_per_class=None, max_eval_per_class=None, model="convnext_atto",
         num_workers=2, patience=4, seeds=(0,), preload_images=True,
-        extra={"finetune_epochs": 3},
     ),
     "full": Profile(
         name="full", image_size=224, epochs=60, batch_size=128, lr=2e-3, warmup_epochs=3.0,
         max_train_per_class=None, max_eval_per_class=None, model="convnext_tiny",
-        num_workers=8, patience=10, seeds=(0, 1, 2), extra={"finetune_epochs": 20},
+        num_workers=8, patience=10, seeds=(0, 1, 2),
     ),
 }
 
@@ -58,3 +57,90 @@ def get_profile(name: str, **overrides) -> Profile:
     if name not in PROFILES:
         raise UnknownNameError(f"unknown profile '{name}'; choose one of {sorted(PROFILES)}")
     return PROFILES[name].replace(**overrides) if overrides else PROFILES[name]
+
+
+#: Every chapter's own sizes per profile, in one place (the profiles above size the shared
+#: training defaults). A chapter reads its own with :func:`chapter_sizes`; a results JSON
+#: records the sizes it ran with. Only sizes: no entry changes a code path.
+CHAPTER_SIZES: dict[str, dict[str, dict]] = {
+    "02_data": {
+        "smoke": dict(montage_per_class=3, colour_per_source=10, size_sample=40),
+        "ci": dict(montage_per_class=6, colour_per_source=150, size_sample=None),
+        "full": dict(montage_per_class=8, colour_per_source=1000, size_sample=None),
+    },
+    "03_baseline": {
+        "smoke": dict(finetune_epochs=1),
+        "ci": dict(finetune_epochs=3),
+        "full": dict(finetune_epochs=20),
+    },
+    "04_hierarchy": {
+        "smoke": dict(image_size=32, train_cap=8, val_cap=4, test_cap=4, epochs=1, probe_epochs=1, contrast_cap=8,
+                      scratch_image_size=32, scratch_cap=8, scratch_epochs=1, scratch_kinds=("flat",),
+                      backbones=("convnext_atto", "vit_tiny_patch16_224")),
+        "ci": dict(image_size=64, train_cap=180, val_cap=50, test_cap=150, epochs=3, probe_epochs=1, contrast_cap=300,
+                   scratch_image_size=40, scratch_cap=200, scratch_epochs=4, scratch_kinds=("flat",),
+                   backbones=("convnext_atto", "vit_tiny_patch16_224")),
+        "full": dict(image_size=224, train_cap=None, val_cap=None, test_cap=None, epochs=20, probe_epochs=20,
+                     contrast_cap=None,
+                     scratch_image_size=224, scratch_cap=None, scratch_epochs=60,
+                     scratch_kinds=("flat", "multilevel"),
+                     backbones=("convnext_tiny", "vit_small_patch16_224")),
+    },
+    "05_vision_language": {
+        "smoke": dict(train_cap=8, heldout_train_cap=8, probe_cap=8, epochs=1, heldout_epochs=1, embed_dim=64,
+                      text_trainable_layers=0, lr=1e-3, head_lr=3e-3, cam_images=2),
+        "ci": dict(train_cap=400, heldout_train_cap=300, probe_cap=100, epochs=3, heldout_epochs=3, embed_dim=256,
+                   text_trainable_layers=0, lr=1e-3, head_lr=3e-3, cam_images=6),
+        "full": dict(train_cap=None, heldout_train_cap=None, probe_cap=None, epochs=20, heldout_epochs=10,
+                     embed_dim=256, text_trainable_layers=2, lr=5e-4, head_lr=2e-3, cam_images=8),
+    },
+    "06_domain_generalization": {
+        "smoke": dict(image_size=32, pbc_train_cap=6, pbc_val_cap=3, pbc_test_cap=3, small_cap=6,
+                      probe_cap=8, epochs=1, batch_size=16),
+        "ci": dict(image_size=64, pbc_train_cap=60, pbc_val_cap=15, pbc_test_cap=60, small_cap=None,
+                   probe_cap=100, epochs=6, batch_size=48),
+        "full": dict(image_size=128, pbc_train_cap=None, pbc_val_cap=None, pbc_test_cap=None, small_cap=None,
+                     probe_cap=None, epochs=15, batch_size=64),
+    },
+    "07_detection": {
+        "smoke": dict(short_side=128, bccd_train_cap=8, txl_train_per_domain=2, epochs=1, batch_size=4, lr=1e-3,
+                      repeat_threshold=3.0,
+                      test_cap=6, txl_test_per_domain=3, fractions=(0.25,), attr_train_cap=64, attr_test_cap=48,
+                      attr_epochs=3),
+        "ci": dict(short_side=256, bccd_train_cap=None, txl_train_per_domain=5, epochs=5, batch_size=8, lr=1.5e-3,
+                   repeat_threshold=3.0,
+                   test_cap=None, txl_test_per_domain=None, fractions=(0.25,), attr_train_cap=1600,
+                   attr_test_cap=400, attr_epochs=120),
+        "full": dict(short_side=416, bccd_train_cap=None, txl_train_per_domain=None, epochs=30, batch_size=8,
+                     repeat_threshold=3.0,
+                     lr=1e-3, test_cap=None, txl_test_per_domain=None, fractions=(0.1, 0.25, 0.5),
+                     attr_train_cap=None, attr_test_cap=None, attr_epochs=150),
+    },
+    "08_r3gan_hybrid": {
+        "smoke": dict(image_size=32, hybrid_size=32, hybrid_variant="atto", train_cap=8, eval_cap=4,
+                      epochs=1, hybrid_epochs=1, lr=1e-3, hybrid_lr=2e-3, batch_size=16,
+                      gan_size=16, gan_steps=4, gan_batch=8, gan_net=dict(base=8, max_width=32),
+                      gan_lr=1e-3, synthetic_per_class=12, quality_real_cap=8),
+        "ci": dict(image_size=48, hybrid_size=32, hybrid_variant="atto", train_cap=None, eval_cap=None,
+                   epochs=2, hybrid_epochs=2, lr=1e-3, hybrid_lr=2e-3, batch_size=64,
+                   gan_size=32, gan_steps=200, gan_batch=32, gan_net=dict(base=8, max_width=64),
+                   gan_lr=1e-3, synthetic_per_class=300, quality_real_cap=200),
+        "full": dict(image_size=224, hybrid_size=224, hybrid_variant="tiny", train_cap=None, eval_cap=None,
+                     epochs=20, hybrid_epochs=60, lr=1e-3, hybrid_lr=1e-3, batch_size=128,
+                     gan_size=64, gan_steps=20000, gan_batch=64, gan_net=dict(base=32, max_width=256),
+                     gan_lr=2e-4, synthetic_per_class=2000, quality_real_cap=None),
+    },
+    "09_explain": {
+        "smoke": dict(per_class=1),
+        "ci": dict(per_class=8),
+        "full": dict(per_class=25),
+    },
+}
+
+
+def chapter_sizes(chapter: str, profile: "str | Profile") -> dict:
+    """A copy of ``chapter``'s sizes under ``profile`` (a name or a :class:`Profile`)."""
+    name = profile.name if isinstance(profile, Profile) else get_profile(profile).name
+    if chapter not in CHAPTER_SIZES:
+        raise UnknownNameError(f"no sizes for chapter '{chapter}'; chapters with sizes: {sorted(CHAPTER_SIZES)}")
+    return copy.deepcopy(CHAPTER_SIZES[chapter][name])

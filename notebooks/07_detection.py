@@ -113,7 +113,7 @@ import torch
 from IPython.display import Markdown, display
 from PIL import Image
 
-from leukemia_core.config import get_profile
+from leukemia_core.config import chapter_sizes, get_profile
 from leukemia_core.data import load_dataset
 from leukemia_core.dataroot import REPO_ROOT, data_root as resolve_root
 from leukemia_core.detection.cli import cmd_detect
@@ -145,20 +145,7 @@ def lap(section):
 torch.manual_seed(seed)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: Sizes per profile. The code path is the same; only these numbers change.
-SIZES = {
-    "smoke": dict(short_side=128, bccd_train_cap=8, txl_train_per_domain=2, epochs=1, batch_size=4, lr=1e-3,
-                  repeat_threshold=3.0,
-                  test_cap=6, txl_test_per_domain=3, fractions=(0.25,), attr_train_cap=64, attr_test_cap=48,
-                  attr_epochs=3),
-    "ci": dict(short_side=256, bccd_train_cap=None, txl_train_per_domain=5, epochs=5, batch_size=8, lr=1.5e-3,
-               repeat_threshold=3.0,
-               test_cap=None, txl_test_per_domain=None, fractions=(0.25,), attr_train_cap=1600,
-               attr_test_cap=400, attr_epochs=120),
-    "full": dict(short_side=416, bccd_train_cap=None, txl_train_per_domain=None, epochs=30, batch_size=8,
-                 repeat_threshold=3.0,
-                 lr=1e-3, test_cap=None, txl_test_per_domain=None, fractions=(0.1, 0.25, 0.5),
-                 attr_train_cap=None, attr_test_cap=None, attr_epochs=150),
-}[profile]
+SIZES = chapter_sizes("07_detection", profile)  # leukemia_core/config.py: CHAPTER_SIZES
 if patch_fractions is not None:  # an exercise's change: other patch shares than the profile's
     SIZES["fractions"] = tuple(float(f) for f in patch_fractions)
 P = get_profile(profile)

@@ -87,7 +87,7 @@ import plotly.express as px
 import torch
 from IPython.display import Markdown, display
 
-from leukemia_core.config import get_profile
+from leukemia_core.config import chapter_sizes, get_profile
 from leukemia_core.data import load_dataset
 from leukemia_core.data.records import WBC_CLASSES
 from leukemia_core.data.splits import apply_split
@@ -111,20 +111,7 @@ from leukemia_core.transforms import CLAHE, static_transform
 use_offline_plotly()
 CHAPTER_START = time.perf_counter()
 #: Sizes per profile. The code path is the same; only these numbers change.
-SIZES = {
-    "smoke": dict(image_size=32, hybrid_size=32, hybrid_variant="atto", train_cap=8, eval_cap=4,
-                  epochs=1, hybrid_epochs=1, lr=1e-3, hybrid_lr=2e-3, batch_size=16,
-                  gan_size=16, gan_steps=4, gan_batch=8, gan_net=dict(base=8, max_width=32),
-                  gan_lr=1e-3, synthetic_per_class=12, quality_real_cap=8),
-    "ci": dict(image_size=48, hybrid_size=32, hybrid_variant="atto", train_cap=None, eval_cap=None,
-               epochs=2, hybrid_epochs=2, lr=1e-3, hybrid_lr=2e-3, batch_size=64,
-               gan_size=32, gan_steps=200, gan_batch=32, gan_net=dict(base=8, max_width=64),
-               gan_lr=1e-3, synthetic_per_class=300, quality_real_cap=200),
-    "full": dict(image_size=224, hybrid_size=224, hybrid_variant="tiny", train_cap=None, eval_cap=None,
-                 epochs=20, hybrid_epochs=60, lr=1e-3, hybrid_lr=1e-3, batch_size=128,
-                 gan_size=64, gan_steps=20000, gan_batch=64, gan_net=dict(base=32, max_width=256),
-                 gan_lr=2e-4, synthetic_per_class=2000, quality_real_cap=None),
-}[profile]
+SIZES = chapter_sizes("08_r3gan_hybrid", profile)  # leukemia_core/config.py: CHAPTER_SIZES
 SIZES |= {k: int(v) for k, v in (("gan_steps", gan_steps), ("synthetic_per_class", synthetic_per_class))
           if v is not None}  # the exercises' overrides; none by default
 P = get_profile(profile, batch_size=SIZES["batch_size"])

@@ -73,6 +73,7 @@ import torch
 from IPython.display import Markdown, display
 
 from leukemia_core import explain
+from leukemia_core.config import chapter_sizes
 from leukemia_core.data.torch_dataset import read_image
 from leukemia_core.dataroot import REPO_ROOT
 from leukemia_core.errors import CheckpointError
@@ -82,7 +83,7 @@ from leukemia_core.plots import show_source, use_offline_plotly
 
 use_offline_plotly()
 torch.manual_seed(seed)
-per_class = per_class or {"smoke": 1, "ci": 8, "full": 25}[profile]
+per_class = per_class or chapter_sizes("09_explain", profile)["per_class"]
 RUNS = {"ConvNeXt-Atto (scratch)": "pbc_convnext_atto_s0",
         "EfficientNet-Lite0 (ImageNet, fine-tuned)": "pbc_efficientnet_lite0_imagenet_s0"}
 runs = {}

@@ -84,3 +84,22 @@ def test_a_failing_cell_fails_the_chapter(tmp_path, monkeypatch):
     build.use_venv_kernel()
     run = build.execute_chapter("99_broken", tmp_path / "out", "smoke")
     assert not run.ok and "ValueError" in run.error and "boom" in run.error
+
+
+def test_profile_sizes_live_in_one_place():
+    """Every chapter's sizes come from leukemia_core.config.CHAPTER_SIZES, for every
+    profile; no chapter types its own table of sizes per profile."""
+    import re
+
+    from leukemia_core.config import CHAPTER_SIZES, PROFILES, chapter_sizes
+
+    for chapter, table in CHAPTER_SIZES.items():
+        assert (REPO / "notebooks" / f"{chapter}.py").exists(), chapter
+        assert set(table) == set(PROFILES), f"{chapter}: sizes for {sorted(table)}, profiles {sorted(PROFILES)}"
+        assert set(table["smoke"]) == set(table["ci"]) == set(table["full"]), f"{chapter}: profiles differ in keys"
+    typed = {p.name: len(re.findall(r'["\']smoke["\']\s*:\s*(?:dict\(|\{)', p.read_text()))
+             for p in (REPO / "notebooks").glob("*.py")}
+    assert not {k: v for k, v in typed.items() if v}, f"sizes typed per profile in chapters: {typed}"
+    sizes = chapter_sizes("07_detection", "ci")
+    sizes["fractions"] = ()
+    assert chapter_sizes("07_detection", "ci")["fractions"], "chapter_sizes must hand out a copy"
