@@ -41,7 +41,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from IPython.display import Markdown, display
 
-from leukemia_core.config import PROFILES, get_profile
+from leukemia_core.config import CHAPTER_SIZES, PROFILES, get_profile
 from leukemia_core.data import CLASSIFICATION, LOADERS
 from leukemia_core.dataroot import resolve_data_root
 from leukemia_core.plots import use_offline_plotly
@@ -155,9 +155,11 @@ display(Markdown(f"`{root}` (chosen by {source}; {'present' if root.is_dir() els
 # Every chapter takes a **profile**: the same code at different sizes. `smoke` checks in
 # seconds that everything runs, `ci` is what this book is built with on a laptop-class
 # CPU, `full` reproduces the papers' scale. `PROFILE=smoke make book` builds the whole
-# book at a given profile. The profiles set these sizes:
+# book at a given profile. The profiles set these shared sizes; each chapter's own sizes
+# per profile sit beside them in `leukemia_core/config.py` (`CHAPTER_SIZES`, listed below):
 
 # %%
-sizes = pd.DataFrame({name: p.to_dict() for name, p in PROFILES.items()}).drop(["name", "extra"])
+sizes = pd.DataFrame({name: p.to_dict() for name, p in PROFILES.items()}).drop(["name"])
 display(sizes)
+display(Markdown("Chapters with their own sizes: " + ", ".join(f"`{c}`" for c in CHAPTER_SIZES) + "."))
 display(Markdown(f"This page was run under **{P.name}** (seed {seed})."))
