@@ -289,7 +289,7 @@ def test_the_book_build_fails_on_drift(repo, monkeypatch):
     git(repo, "add", ".")
     git(repo, "commit", "-q", "-m", "a deliberately edited result")
 
-    def fake_chapter(name, dest, profile, data_root=None, seed=0):
+    def fake_chapter(name, dest, profile, data_root=None, seed=0, params=None):
         path.write_text(produced)  # the chapter rewrites the result
         return build.ChapterRun(build.chapter_name(name), ok=True, title="Intro")
 
