@@ -143,12 +143,10 @@ def load_classifier(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild a classifier from a ``model.safetensors`` written by :func:`fit` (a run
     folder is accepted too); returns ``(model, meta)`` with ``meta['classes']``.
     :func:`leukemia_core.checkpoints.load_checkpoint` loads every kind of checkpoint."""
-    from .engine.checkpoint import load_weights, read_meta
+    from .engine.checkpoint import checkpoint_file, load_weights, read_meta
     from .errors import CheckpointError
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / WEIGHTS
+    path = checkpoint_file(checkpoint)
     meta = upgrade_classifier_meta(read_meta(path))
     missing = {"model", "classes", "image_size", "preprocess"} - set(meta)
     if missing:

@@ -28,7 +28,7 @@ import torch
 
 from .data.records import find_images, list_images, sha256_file
 from .data.torch_dataset import read_image
-from .engine.checkpoint import WEIGHTS, load_weights, read_meta, save_weights
+from .engine.checkpoint import checkpoint_file, load_weights, read_meta, save_weights
 from .errors import DatasetError, LeukemiaError
 
 
@@ -346,8 +346,7 @@ def evaluate_folder(checkpoint, folder, out_dir, adapt_bn: bool = False, restric
         raise LeukemiaError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to "
                             "replace its predictions.csv and metrics.json, or choose another --out")
     data = read_labelled_folder(folder)
-    ckpt = Path(checkpoint)
-    ckpt = ckpt / WEIGHTS if ckpt.is_dir() else ckpt
+    ckpt = checkpoint_file(checkpoint)
     predictor = load_predictor(ckpt)
     model_classes = predictor[1]["classes"]
     mapping = map_classes(data.classes, model_classes)

@@ -82,10 +82,16 @@ def load_train_state(path: Path, optimizer, scheduler) -> dict:
 
 
 # --------------------------------------------------------------------------- the one format
+#: The weights file of a run folder, by writer (the vision-language chapter's has its own name).
+RUN_FILES = (WEIGHTS, "vl_model.safetensors")
+
+
 def checkpoint_file(path: str | Path) -> Path:
-    """A checkpoint file, or the ``model.safetensors`` of a run folder."""
+    """A checkpoint file, or the weights file of a run folder (:data:`RUN_FILES`)."""
     path = Path(path)
-    return path / WEIGHTS if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    return next((path / f for f in RUN_FILES if (path / f).is_file()), path / WEIGHTS)
 
 
 def read_checkpoint_meta(path: str | Path) -> dict:
