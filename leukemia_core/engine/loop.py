@@ -91,7 +91,11 @@ class Callback:
     (tensors only; use ``extra_state`` for JSON-able values)."""
 
     def on_fit_start(self, state: LoopState) -> None: ...
-    def on_epoch_start(self, state: LoopState) -> None: ...
+
+    def on_epoch_start(self, state: LoopState) -> None:
+        """Called before the epoch's data iterator is created, also when a run resumes
+        inside the epoch (its saved state is restored afterwards): set per-epoch state
+        here, e.g. reseed a sampler's generator from the epoch."""
     def on_step_end(self, state: LoopState, out: dict) -> None: ...
     def on_epoch_end(self, state: LoopState, record: dict) -> None: ...
     def on_fit_end(self, state: LoopState) -> None: ...
@@ -232,12 +236,19 @@ def load_loop_state(path: Path, state: LoopState, task: Task) -> dict:
     tensors = load_file(str(path))
     _load_optimizer(state.optimizer, {k: v for k, v in tensors.items() if k.startswith("opt.")}, meta["optimizer"])
     state.scheduler.load_state_dict(meta["scheduler"])
+    meta["rng_tensors"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    meta["callback_tensors"] = {k: v for k, v in tensors.items() if k.startswith("cb")}
+    return meta
+
+
+def restore_callbacks(task: Task, restored: dict) -> None:
+    """The callbacks' saved state (after their ``on_epoch_start`` re-established the
+    epoch's, so a mid-epoch resume ends where the kill left them)."""
+    tensors = restored["callback_tensors"]
     for i, cb in enumerate(task.callbacks):
         prefix = f"cb{i}."
         cb.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        cb.load_extra_state(meta["callbacks"].get(str(i), {}))
-    meta["rng_tensors"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
-    return meta
+        cb.load_extra_state(restored["callbacks"].get(str(i), {}))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -284,6 +295,7 @@ def train(model: torch.nn.Module, train_loader, task: Task, config: LoopConfig,
         sums = restored["sums"]
         if start_step >= steps:  # saved at the end of an epoch
             start_epoch, start_step, sums = start_epoch + 1, 0, {}
+            restore_callbacks(task, restored)
     for cb in task.callbacks:
         cb.on_fit_start(state)
     last_save = time.monotonic()
@@ -308,8 +320,8 @@ def train(model: torch.nn.Module, train_loader, task: Task, config: LoopConfig,
         first = start_step if (restored is not None and epoch == start_epoch) else 0
         if first == 0:
             sums = {}
-            for cb in task.callbacks:
-                cb.on_epoch_start(state)
+        for cb in task.callbacks:  # also when resuming inside the epoch: it sets the epoch's state
+            cb.on_epoch_start(state)
         model.train()
         t0 = time.perf_counter()
         it = iter(train_loader)
@@ -317,6 +329,7 @@ def train(model: torch.nn.Module, train_loader, task: Task, config: LoopConfig,
             next(it)
         if first:
             set_rng_state(restored["rng_tensors"], restored["rng"])
+            restore_callbacks(task, restored)
         scheduler.step_update(epoch * steps + first)
         bar = tqdm(it, total=steps, initial=first, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=not (config.progress and main))
