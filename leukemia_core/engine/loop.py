@@ -187,7 +187,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], extra: dict) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimiser's state as safetensors-ready tensors and JSON-able metadata."""
     opt = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, slots in opt["state"].items():
@@ -199,7 +200,7 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": opt["param_groups"], "scalars": scalars}
 
 
-def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def load_optimizer_state(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict = {}
     for key, value in tensors.items():
         _, idx, name = key.split(".", 2)
@@ -212,7 +213,7 @@ def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> 
 
 def save_loop_state(path: Path, state: LoopState, task: Task, sums: dict, bad_epochs: int) -> None:
     """The whole training state in one safetensors file (tensors) + JSON metadata."""
-    opt_t, opt_meta = _optimizer_tensors(state.optimizer)
+    opt_t, opt_meta = optimizer_state(state.optimizer)
     rng_t, rng_extra = rng_state()
     tensors = {**opt_t, **rng_t}
     hooks = {}
@@ -234,7 +235,7 @@ def load_loop_state(path: Path, state: LoopState, task: Task) -> dict:
 
     meta = read_meta(path)
     tensors = load_file(str(path))
-    _load_optimizer(state.optimizer, {k: v for k, v in tensors.items() if k.startswith("opt.")}, meta["optimizer"])
+    load_optimizer_state(state.optimizer, {k: v for k, v in tensors.items() if k.startswith("opt.")}, meta["optimizer"])
     state.scheduler.load_state_dict(meta["scheduler"])
     meta["rng_tensors"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
     meta["callback_tensors"] = {k: v for k, v in tensors.items() if k.startswith("cb")}
