@@ -35,6 +35,8 @@ from sklearn.metrics import f1_score
 from torch.optim.swa_utils import AveragedModel
 from torchvision.transforms import v2
 
+from .engine.loop import Callback, LoopConfig, Task
+from .engine.loop import train as train_loop
 from .models import create_model
 from .models.pretrained import PRETRAINED_CFGS
 
@@ -376,68 +378,133 @@ def predict_per_domain(model: nn.Module, data: Arrays) -> torch.Tensor:
     return pred
 
 
+class _EpochBatches:
+    """One epoch of index batches: class- and domain-balanced draws with replacement
+    (``probs``) or a permutation, from a generator the loop reseeds every epoch."""
+
+    def __init__(self, n: int, batch_size: int, probs: torch.Tensor | None, gen: torch.Generator):
+        self.n, self.batch_size, self.probs, self.gen = n, batch_size, probs, gen
+        self.steps = max(1, n // batch_size)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        k = self.steps * self.batch_size
+        idx = (torch.multinomial(self.probs, k, replacement=True, generator=self.gen)
+               if self.probs is not None else torch.randperm(self.n, generator=self.gen)[:k])
+        return iter(idx.view(self.steps, -1))
+
+
+class _Generators(Callback):
+    """The recipe's sampling and augmentation generators, reseeded from the epoch and saved
+    with the training state (exact resume)."""
+
+    def __init__(self, seed: int):
+        self.seed, self.sampler, self.augment = seed, torch.Generator(), torch.Generator()
+
+    def on_epoch_start(self, state):
+        self.sampler.manual_seed(self.seed * 10007 + state.epoch)
+        self.augment.manual_seed(self.seed * 10007 + state.epoch + 7919)
+
+    def state_dict(self):
+        return {"sampler": self.sampler.get_state(), "augment": self.augment.get_state()}
+
+    def load_state_dict(self, tensors):
+        if tensors:
+            self.sampler.set_state(tensors["sampler"])
+            self.augment.set_state(tensors["augment"])
+
+
+class _SWA(Callback):
+    """Stochastic weight averaging of every epoch's weights from the second on; BatchNorm
+    statistics of the average recomputed on the training images at the end."""
+
+    def __init__(self, model: nn.Module, epochs: int, train_x: torch.Tensor):
+        self.swa, self.epochs, self.train_x, self.model = AveragedModel(model), epochs, train_x, None
+
+    def on_epoch_end(self, state, record):
+        if state.epoch >= 1 or self.epochs == 1:
+            self.swa.update_parameters(state.model)
+
+    def on_fit_end(self, state):
+        self.model = recompute_bn(self.swa.module, self.train_x)
+
+    def state_dict(self):
+        return {k: v for k, v in self.swa.state_dict().items()}
+
+    def load_state_dict(self, tensors):
+        if tensors:
+            self.swa.load_state_dict(tensors)
+
+
+class DGTask(Task):
+    """One recipe's training step and its validation (macro-F1 over ``eval_labels`` on the
+    training domains' validation images), as a task of the one loop."""
+
+    def __init__(self, recipe: Recipe, train: Arrays, val: Arrays, num_classes: int, eval_labels: list[int],
+                 callbacks: tuple):
+        self.recipe, self.train, self.val, self.eval_labels = recipe, train, val, eval_labels
+        counts = torch.bincount(train.y, minlength=num_classes)
+        self.weight = class_balanced_weights(counts, recipe.cb_beta) if recipe.loss == "cb_focal" else None
+        self.callbacks = callbacks
+
+    def to_device(self, batch, device, config):
+        return batch  # indices; the step builds the images
+
+    def training_step(self, net, b, state):
+        recipe, train, device = self.recipe, self.train, state.device
+        x = augment(train.x[b].float() / 255, recipe.stain, self.callbacks[0].augment)
+        x = ((x - 0.5) / 0.5).to(device).contiguous(memory_format=torch.channels_last)
+        y, d = train.y[b].to(device), train.d[b].to(device)
+        if recipe.domain_bn:  # each domain's share of the batch normalised on its own
+            order = torch.argsort(d, stable=True)
+            sizes = torch.unique_consecutive(d[order], return_counts=True)[1].tolist()
+            outs = [net(chunk, with_embedding=True) for chunk in x[order].split(sizes)]
+            logits, z = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+            y, d = y[order], d[order]
+        else:
+            logits, z = net(x, with_embedding=True)
+        weight = self.weight.to(device) if self.weight is not None else None
+        loss = (focal_loss(logits, y, weight, recipe.focal_gamma) if recipe.loss == "cb_focal"
+                else F.cross_entropy(logits.float(), y))
+        if recipe.supcon:
+            loss = loss + recipe.supcon * supcon_loss(z, y, d, recipe.supcon_temperature)
+        return {"loss": loss, "n": len(b)}
+
+    def validate(self, model, state):
+        pred = predict_per_domain(model, self.val) if self.recipe.domain_bn \
+            else predict_probs(model, self.val.x).argmax(1)
+        model.train()
+        return {"macro_f1": macro_f1(self.val.y, pred, self.eval_labels)}
+
+
 def train_dg(recipe: Recipe, train: Arrays, val: Arrays, num_classes: int, eval_labels: list[int],
              epochs: int, lr: float = 2e-3, batch_size: int = 48, seed: int = 0,
-             weight_decay: float = 0.01, warmup_frac: float = 0.1) -> TrainResult:
-    """Fine-tune EfficientNet-Lite0 with one recipe; model selection by macro-F1 over
-    ``eval_labels`` on ``val`` (training domains only). With ``recipe.swa`` the result
-    also holds the SWA average of every epoch's weights from the second epoch on, with
-    BatchNorm statistics recomputed on the training images. With ``recipe.domain_bn`` the
-    returned model's running statistics mix the training domains: predict with
-    :func:`adapt_bn` on the target domain's images (or :func:`predict_per_domain`)."""
+             weight_decay: float = 0.01, warmup_frac: float = 0.1, out_dir=None, resume: bool = False,
+             stop_after_steps: int | None = None) -> TrainResult:
+    """Fine-tune EfficientNet-Lite0 with one recipe on the one loop; model selection by
+    macro-F1 over ``eval_labels`` on ``val`` (training domains only). With ``recipe.swa``
+    the result also holds the SWA average of every epoch's weights from the second epoch
+    on, with BatchNorm statistics recomputed on the training images. With
+    ``recipe.domain_bn`` the returned model's running statistics mix the training domains:
+    predict with :func:`adapt_bn` on the target domain's images (or
+    :func:`predict_per_domain`). ``out_dir``: the loop's resumable training state."""
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = DGNet(build_backbone(recipe.norm, num_classes)).to(device, memory_format=torch.channels_last)
-    params = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": weight_decay},
-              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(params, lr=lr)
-    steps = max(1, len(train) // batch_size)
-    total, warm = epochs * steps, max(1, int(warmup_frac * epochs * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm))))
-    counts = torch.bincount(train.y, minlength=num_classes)
-    weight = class_balanced_weights(counts, recipe.cb_beta) if recipe.loss == "cb_focal" else None
-    probs_w = sample_weights(train.y, train.d) if recipe.sampler == "balanced" else None
-    swa = AveragedModel(model) if recipe.swa else None
-    result, best, start = TrainResult(model), None, time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        idx = (torch.multinomial(probs_w, steps * batch_size, replacement=True, generator=gen)
-               if probs_w is not None else torch.randperm(len(train), generator=gen)[:steps * batch_size])
-        loss_sum = 0.0
-        for b in idx.view(steps, -1):
-            x = augment(train.x[b].float() / 255, recipe.stain, gen)
-            x = ((x - 0.5) / 0.5).to(device).contiguous(memory_format=torch.channels_last)
-            y, d = train.y[b].to(device), train.d[b].to(device)
-            if recipe.domain_bn:  # each domain's share of the batch normalised on its own
-                order = torch.argsort(d, stable=True)
-                sizes = torch.unique_consecutive(d[order], return_counts=True)[1].tolist()
-                outs = [model(chunk, with_embedding=True) for chunk in x[order].split(sizes)]
-                logits, z = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-                y, d = y[order], d[order]
-            else:
-                logits, z = model(x, with_embedding=True)
-            loss = (focal_loss(logits, y, weight, recipe.focal_gamma) if recipe.loss == "cb_focal"
-                    else F.cross_entropy(logits.float(), y))
-            if recipe.supcon:
-                loss = loss + recipe.supcon * supcon_loss(z, y, d, recipe.supcon_temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach())
-        if swa is not None and (epoch >= 1 or epochs == 1):
-            swa.update_parameters(model)
-        pred = predict_per_domain(model, val) if recipe.domain_bn else predict_probs(model, val.x).argmax(1)
-        score = macro_f1(val.y, pred, eval_labels)
-        result.history.append({"epoch": epoch, "train_loss": loss_sum / steps, "val_macro_f1": score})
-        if best is None or score > best[0]:
-            best = (score, epoch, copy.deepcopy(model.state_dict()))
-    model.load_state_dict(best[2])
-    result.best_epoch = best[1]
-    if swa is not None:  # BN statistics of the averaged weights, from the training images
-        result.swa_model = recompute_bn(swa.module, train.x)
-    result.model = model
+    gens = _Generators(seed)
+    swa = _SWA(model, epochs, train.x) if recipe.swa else None
+    task = DGTask(recipe, train, val, num_classes, eval_labels, (gens,) + ((swa,) if swa else ()))
+    probs = sample_weights(train.y, train.d) if recipe.sampler == "balanced" else None
+    batches = _EpochBatches(len(train), batch_size, probs, gens.sampler)
+    config = LoopConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_frac * epochs,
+                        min_lr_ratio=0.0, seed=seed, monitor="macro_f1", progress=False)
+    start = time.perf_counter()
+    r = train_loop(model, batches, task, config, out_dir=out_dir, resume=resume, device=device,
+                   stop_after_steps=stop_after_steps)
+    result = TrainResult(model, history=r.history, best_epoch=r.best_epoch)
+    if swa is not None and not r.interrupted:
+        result.swa_model = swa.model
     result.train_time_s = time.perf_counter() - start
     return result

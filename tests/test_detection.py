@@ -329,3 +329,51 @@ def test_attribute_head_keeps_its_best_validation_epoch():
     assert best["selected"]
     final = (attribute_predictions(head, val_x) == val_y).float().mean().item()
     assert final == pytest.approx(best["val_accuracy"])
+
+
+@pytest.mark.slow
+def test_detector_and_attribute_head_resume_exactly(tmp_path):
+    """The detector (masked regime, pseudo-labels switched on in the second epoch) and the
+    attribute head, each killed mid-run and resumed with the one loop, end exactly as
+    uninterrupted runs."""
+    from leukemia_core.detection.data import BoxDataset
+    from leukemia_core.detection.model import AttributeHead
+    from leukemia_core.detection.train import DetTrainConfig, train_attribute_head, train_detector
+
+    rows = []
+    for i in range(4):
+        rng = np.random.default_rng(i)
+        im = rng.integers(0, 80, (64, 96, 3), dtype=np.uint8)
+        im[10:30, 20:45] = 220  # one bright "cell"
+        Image.fromarray(im).save(tmp_path / f"s{i}.png")
+        rows.append({"path": str(tmp_path / f"s{i}.png"), "boxes": [[20, 10, 45, 30]], "labels": [0],
+                     "width": 96, "height": 64, "patch": [0, 0, 60, 64]})
+    ds = BoxDataset(pd.DataFrame(rows), 64, train=True)
+    cfg = DetTrainConfig(epochs=2, batch_size=2, lr=1e-3, warmup_steps=2, regime="masked", pseudo_start=1,
+                         pseudo_conf=0.0)
+
+    def run(out, **kw):
+        model = _tiny_model(score_thresh=0.0)
+        hist = train_detector(model, ds, cfg, log=lambda *_: None, out_dir=out, **kw)
+        return model, hist
+
+    whole, ref = run(tmp_path / "whole")
+    run(tmp_path / "killed", stop_after_steps=3)  # inside the second epoch
+    again, hist = run(tmp_path / "killed", resume=True)
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in hist] == \
+        [{k: v for k, v in h.items() if k != "seconds"} for h in ref]
+    for (name, a), b in zip(whole.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    feats = torch.randn(40, 2 * 49, generator=torch.Generator().manual_seed(0))
+    targets = torch.stack([feats[:, 0].gt(0).long(), feats[:, 1].gt(0).long()], 1)
+
+    def head_run(out, **kw):
+        torch.manual_seed(0)
+        head = AttributeHead(2, {"a": 2, "b": 2}, hidden=8, dropout=0.2)
+        return head, train_attribute_head(head, feats[10:], targets[10:], epochs=4, batch_size=8,
+                                          val=(feats[:10], targets[:10]), out_dir=out, **kw)
+
+    h1, r1 = head_run(tmp_path / "head")
+    h2, r2 = head_run(tmp_path / "head", resume=True)  # resuming a finished run changes nothing
+    assert r1 == r2 and all(torch.equal(a, b) for a, b in zip(h1.state_dict().values(), h2.state_dict().values()))

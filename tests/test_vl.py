@@ -307,3 +307,36 @@ def test_tiny_training_run_on_real_images(vl_table, text_layers):
     emb, feats = embed_images(model, IndexedDataset(data.dataset("test", 32, preload=True)))
     assert emb.shape == (len(data.split("test")), 16) and feats.shape[1] == 1280
     assert torch.allclose(emb.norm(dim=1), torch.ones(len(emb)), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_vl_training_resumes_exactly(vl_table, tmp_path):
+    """Killed after a few steps and resumed (the one loop's resume), fit_vl ends with the
+    weights and history of an uninterrupted run: the per-epoch sampler and template
+    generators are part of the saved state."""
+    from leukemia_core.vl import fit_vl, prepare_vl
+    from leukemia_core.vl.train import VLFitConfig
+
+    data = prepare_vl(vl_table, get_profile("smoke"), train_cap=3, eval_cap=1)
+    train = data.split("train")
+    ds = data.dataset("train", 32, preload=True)
+    cfg = VLFitConfig(epochs=2, batch_size=8, head_lr=0.05)
+
+    def model():
+        torch.manual_seed(0)
+        return build_vl_model(pretrained=False, image_size=32, embed_dim=16)
+
+    whole = model()
+    ref = fit_vl(whole, ds, TextBank.build(train), cfg, out_dir=tmp_path / "whole")
+    steps = len(ref.history) and max(1, len(train) // 8)
+    killed = model()
+    cut = fit_vl(killed, ds, TextBank.build(train), cfg, out_dir=tmp_path / "killed",
+                 stop_after_steps=steps + 1)
+    assert len(cut.history) == 1  # stopped inside the second epoch
+    again = model()
+    res = fit_vl(again, ds, TextBank.build(train), cfg, out_dir=tmp_path / "killed", resume=True)
+    timing = ("train_images_per_s", "train_time_s")
+    assert [{k: v for k, v in h.items() if k not in timing} for h in res.history] == \
+        [{k: v for k, v in h.items() if k not in timing} for h in ref.history]
+    for (k, a), b in zip(whole.trainable_state_dict().items(), again.trainable_state_dict().values()):
+        assert torch.equal(a, b), k

@@ -2,9 +2,7 @@
 COCO mAP with torchmetrics, and the attribute head on RoIAlign features."""
 from __future__ import annotations
 
-import copy
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from torchmetrics.detection import MeanAveragePrecision
 
+from ..engine.loop import Callback, LoopConfig, Task, train
 from ..errors import CheckpointError
 from .data import CLASSES, collate
 from .model import WBCDetector
@@ -75,8 +74,68 @@ def repeat_factors(dataset, threshold: float | None) -> torch.Tensor:
     return torch.tensor([max([r[c] for c in s], default=1.0) for s in labels])
 
 
-def train_detector(model: WBCDetector, dataset, cfg: DetTrainConfig, log=print) -> list[dict]:
-    """AdamW with linear warm-up and cosine decay; returns per-epoch loss history."""
+class _PseudoSchedule(Callback):
+    """Reseeds the loader's sampling generator from the epoch; counts the pseudo-label
+    boxes an epoch adds (masked regime), saved with the training state."""
+
+    def __init__(self, seed: int, gen: torch.Generator):
+        self.seed, self.gen, self.count = seed, gen, 0
+
+    def on_epoch_start(self, state):
+        self.gen.manual_seed(self.seed * 10007 + state.epoch)
+        self.count = 0
+
+    def on_step_end(self, state, out):
+        self.count += int(out.get("pseudo_boxes", 0))
+
+    def on_epoch_end(self, state, record):
+        record["pseudo_boxes"] = self.count
+
+    def state_dict(self):
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, tensors):
+        if tensors:
+            self.gen.set_state(tensors["gen"])
+
+    def extra_state(self):
+        return {"count": self.count}
+
+    def load_extra_state(self, extra):
+        self.count = extra.get("count", self.count)
+
+
+class DetectorTask(Task):
+    """FCOS training with the regime's location weights and, from ``pseudo_start`` on in
+    the masked regime, the model's own confident detections as extra targets."""
+
+    def __init__(self, cfg: DetTrainConfig, gen: torch.Generator):
+        self.cfg, self.callbacks = cfg, (_PseudoSchedule(cfg.seed, gen),)
+
+    def param_groups(self, model, config):
+        return [{"params": [p for p in model.fcos.parameters() if p.requires_grad],
+                 "weight_decay": config.weight_decay}]
+
+    def to_device(self, batch, device, config):
+        images, targets = batch
+        return ([im.to(device) for im in images],
+                [{k: t[k].to(device) for k in ("boxes", "labels", "patch")} for t in targets])
+
+    def training_step(self, net, batch, state):
+        images, targets = batch
+        cfg = self.cfg
+        use_pseudo = cfg.regime == "masked" and state.epoch >= cfg.pseudo_start
+        outside = cfg.outside_weight if use_pseudo else 0.0
+        n_pseudo = [0]
+        loss_dict = net(list(images), targets, weights_fn=_weights_fn(cfg.regime, outside),
+                        targets_fn=_pseudo_fn(cfg, n_pseudo) if use_pseudo else None)
+        return {"loss": sum(loss_dict.values()), "n": len(images), "pseudo_boxes": n_pseudo[0]}
+
+
+def train_detector(model: WBCDetector, dataset, cfg: DetTrainConfig, log=print, out_dir=None,
+                   resume: bool = False, stop_after_steps: int | None = None) -> list[dict]:
+    """The one loop (AdamW, warm-up and cosine decay, resumable with ``out_dir``); returns
+    per-epoch rows: ``epoch`` (1-based), mean ``loss``, ``pseudo_boxes`` added, ``seconds``."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.repeat_threshold is None:
@@ -84,34 +143,18 @@ def train_detector(model: WBCDetector, dataset, cfg: DetTrainConfig, log=print) 
     else:  # same number of samples per epoch, drawn with repeat factors as weights
         sampler = WeightedRandomSampler(repeat_factors(dataset, cfg.repeat_threshold), len(dataset), generator=gen)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate)
-    params = [p for p in model.fcos.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = max(1, cfg.epochs * len(loader))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
-                                              * 0.5 * (1 + math.cos(math.pi * s / total)))
-    dev = next(model.parameters()).device
-    history = []
-    for epoch in range(cfg.epochs):
-        start, losses, n_pseudo = time.perf_counter(), [], [0]
-        use_pseudo = cfg.regime == "masked" and epoch >= cfg.pseudo_start
-        outside = cfg.outside_weight if use_pseudo else 0.0
-        model.train()
-        for images, targets in loader:
-            images = [im.to(dev) for im in images]
-            targets = [{k: t[k].to(dev) for k in ("boxes", "labels", "patch")} for t in targets]
-            loss_dict = model(list(images), targets, weights_fn=_weights_fn(cfg.regime, outside),
-                              targets_fn=_pseudo_fn(cfg, n_pseudo) if use_pseudo else None)
-            loss = sum(loss_dict.values())
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "pseudo_boxes": n_pseudo[0],
-                        "seconds": time.perf_counter() - start})
-        log(f"[{cfg.regime}] epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.3f} "
-            f"pseudo {n_pseudo[0]} ({history[-1]['seconds']:.0f}s)")
+    steps = max(1, len(loader))
+    config = LoopConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                        warmup_epochs=cfg.warmup_steps / steps, warmup_lr_ratio=1 / max(1, cfg.warmup_steps),
+                        min_lr_ratio=0.0, seed=cfg.seed, grad_clip=10.0, monitor=None,
+                        progress=False)
+    r = train(model, loader, DetectorTask(cfg, gen), config, out_dir=out_dir, resume=resume,
+              device=next(model.parameters()).device, stop_after_steps=stop_after_steps)
+    history = [{"epoch": h["epoch"] + 1, "loss": h["train_loss"], "pseudo_boxes": h["pseudo_boxes"],
+                "seconds": h["train_time_s"]} for h in r.history]
+    for h in history:
+        log(f"[{cfg.regime}] epoch {h['epoch']}/{cfg.epochs} loss {h['loss']:.3f} "
+            f"pseudo {h['pseudo_boxes']} ({h['seconds']:.0f}s)")
     model.eval()
     return history
 
@@ -178,40 +221,67 @@ def roi_features(model: WBCDetector, images: list[torch.Tensor], boxes: list[tor
     return torch.cat(out)
 
 
+class _Permutation:
+    """One epoch of index batches over ``n`` items, a permutation drawn from the global
+    RNG (which the loop seeds from the epoch)."""
+
+    def __init__(self, n: int, batch_size: int):
+        self.n, self.batch_size = n, batch_size
+
+    def __len__(self):
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        perm = torch.randperm(self.n)
+        return iter(perm.split(self.batch_size))
+
+
+class AttributeTask(Task):
+    """The attribute head on frozen RoIAlign features: cross-entropy summed over
+    attributes; validation = mean attribute accuracy on a validation split."""
+
+    def __init__(self, feats: torch.Tensor, targets: torch.Tensor, val=None):
+        self.feats, self.targets, self.val = feats, targets, val
+
+    def param_groups(self, head, config):
+        return [{"params": list(head.mlp.parameters()), "weight_decay": config.weight_decay}]
+
+    def to_device(self, idx, device, config):
+        return idx.to(device)
+
+    def training_step(self, head, idx, state):
+        logits = head.classify(self.feats[idx])
+        loss = sum(torch.nn.functional.cross_entropy(lg, self.targets[idx, j]) for j, lg in enumerate(logits.values()))
+        return {"loss": loss, "n": len(idx)}
+
+    def validate(self, head, state):
+        if self.val is None:
+            return None
+        acc = (attribute_predictions(head, self.val[0]) == self.val[1].cpu()).float().mean().item()
+        head.train()
+        return {"accuracy": acc}
+
+
 def train_attribute_head(head, feats: torch.Tensor, targets: torch.Tensor, epochs: int = 30,
-                         lr: float = 1e-3, batch_size: int = 128, seed: int = 0, val=None) -> list[dict]:
-    """Cross-entropy summed over attributes; ``targets`` [n, n_attributes] value indices.
+                         lr: float = 1e-3, batch_size: int = 128, seed: int = 0, val=None,
+                         out_dir=None, resume: bool = False) -> list[dict]:
+    """Cross-entropy summed over attributes; ``targets`` [n, n_attributes] value indices;
+    the one loop (constant learning rate, resumable with ``out_dir``).
 
     ``val`` (features, targets): after every epoch the mean attribute accuracy on these
     (a validation split, never the test one) is recorded, and the head ends with the
     weights of its best epoch. Returns one row per epoch (loss, val accuracy, selected)."""
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(head.mlp.parameters(), lr=lr, weight_decay=1e-3)
     dev = next(head.parameters()).device
-    feats, targets = feats.to(dev), targets.to(dev)
-    n, history, best = len(feats), [], (-1.0, None, 0)
-    for epoch in range(1, epochs + 1):
-        head.train()
-        perm, total = torch.randperm(n, device=dev), 0.0
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            logits = head.classify(feats[idx])
-            loss = sum(torch.nn.functional.cross_entropy(lg, targets[idx, j])
-                       for j, lg in enumerate(logits.values()))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        row = {"epoch": epoch, "loss": total / n}
-        if val is not None:
-            row["val_accuracy"] = (attribute_predictions(head, val[0]) == val[1].cpu()).float().mean().item()
-            if row["val_accuracy"] > best[0]:
-                best = (row["val_accuracy"], copy.deepcopy(head.state_dict()), epoch)
-        history.append(row)
-    if val is not None:
-        head.load_state_dict(best[1])
-        for row in history:
-            row["selected"] = row["epoch"] == best[2]
+    task = AttributeTask(feats.to(dev), targets.to(dev), val)
+    config = LoopConfig(epochs=epochs, lr=lr, weight_decay=1e-3, warmup_epochs=0.0, warmup_lr_ratio=1.0,
+                        min_lr_ratio=1.0, seed=seed, amp=False, channels_last=False,
+                        monitor="accuracy" if val is not None else None, progress=False)
+    r = train(head, _Permutation(len(feats), batch_size), task, config, out_dir=out_dir, resume=resume,
+              device=dev)
+    history = [{"epoch": h["epoch"] + 1, "loss": h["train_loss"],
+                **({"val_accuracy": h["val_accuracy"], "selected": h["epoch"] == r.best_epoch}
+                   if val is not None else {})} for h in r.history]
     head.eval()
     return history
 

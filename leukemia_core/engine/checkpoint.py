@@ -1,4 +1,5 @@
-"""safetensors checkpoints: weights + JSON metadata, optimizer state for resuming.
+"""safetensors checkpoints: weights + JSON metadata (the training state for resuming is
+written by :mod:`leukemia_core.engine.loop`).
 
 Nothing is pickled: tensors go into safetensors, everything else into its
 string metadata as JSON.
@@ -47,38 +48,6 @@ def load_weights(path: Path, model: torch.nn.Module) -> dict:
         raise CheckpointError(f"checkpoint {path} does not fit model "
                               f"{meta.get('model', type(model).__name__)}: {exc}") from exc
     return meta
-
-
-def save_train_state(path: Path, optimizer, scheduler, info: dict) -> Path:
-    """Optimizer tensors + JSON (param groups, scheduler state, epoch, history)."""
-    opt = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, slots in opt["state"].items():
-        for name, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"opt.{idx}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{name}"] = value
-    meta = {"param_groups": opt["param_groups"], "scalars": scalars,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None, "info": info}
-    save_file(tensors, str(path), metadata={"meta": json.dumps(meta)})
-    return Path(path)
-
-
-def load_train_state(path: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer and scheduler; return the ``info`` dict saved with them."""
-    meta = read_meta(path)
-    state: dict = {}
-    for key, value in load_file(str(path)).items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    for key, value in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    if scheduler is not None and meta["scheduler"] is not None:
-        scheduler.load_state_dict(meta["scheduler"])
-    return meta["info"]
 
 
 # --------------------------------------------------------------------------- the one format

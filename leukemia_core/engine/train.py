@@ -11,18 +11,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from . import distributed as ddp
-from .checkpoint import STATE, WEIGHTS, load_train_state, load_weights, save_train_state, save_weights
+from .loop import LoopConfig, Task, train
 from .metrics import classification_metrics
 
 
@@ -41,6 +39,7 @@ class FitConfig:
     amp: bool = True  # bf16 autocast, CUDA only
     grad_clip: float | None = None
     channels_last: bool = True  # NHWC: ~1.25x (ConvNeXt) to 2x (EfficientNet) faster on CPU
+    checkpoint_every_s: float = 180.0  # training state written at least this often (and per epoch)
     progress: bool = True
 
 
@@ -119,127 +118,58 @@ class ClassificationTask:
         return evaluate(model, loader, classes, device, amp)
 
 
+class _FitTask(Task):
+    """A classification-style task (``loss``, ``n_correct``, ``evaluate``) as a loop task."""
+
+    def __init__(self, task, val_loader, classes: list[str], amp: bool):
+        self.task, self.val_loader, self.classes, self.amp = task, val_loader, classes, amp
+        self.callbacks = tuple(getattr(task, "callbacks", ()))
+
+    def param_groups(self, model, config):
+        return self.task.param_groups(model, config) if hasattr(self.task, "param_groups") \
+            else super().param_groups(model, config)
+
+    def training_step(self, net, batch, state):
+        x, y = batch
+        logits = net(x)
+        return {"loss": self.task.loss(logits, y), "n": len(y),
+                "accuracy": self.task.n_correct(logits.detach(), y) / len(y)}
+
+    def validate(self, model, state):
+        if self.val_loader is None:
+            return None
+        val = self.task.evaluate(model, self.val_loader, self.classes, state.device, self.amp)
+        return {k: val[k] for k in ("loss", "accuracy", "macro_f1", "balanced_accuracy") if k in val}
+
+
 def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
         out_dir: str | Path | None = None, resume: bool = False, device=None,
         meta: dict | None = None, stop_after_epoch: int | None = None,
         task=None) -> FitResult:
-    """Train ``model``; keeps the best weights by ``config.monitor`` on ``val_loader``.
+    """Train a classifier with the one loop (:func:`leukemia_core.engine.loop.train`);
+    keeps the best weights by ``config.monitor`` on ``val_loader``.
 
     With ``out_dir``, writes ``model.safetensors`` (best), ``last.safetensors`` and
-    ``train_state.safetensors`` every epoch; ``resume=True`` continues from them.
-    ``stop_after_epoch`` simulates an interruption (for tests). On return the
-    model holds the best weights (the last ones when there is no validation).
-
-    Under ``torch.distributed`` with N > 1 processes: the model is wrapped in
-    DistributedDataParallel, each process trains on its shard of every global batch
-    (``train_loader``'s batch size is the global one), the logged training loss and
-    accuracy are summed over processes, rank 0 alone validates, logs and writes
-    checkpoints, and every process follows rank 0's model selection and early stopping.
+    ``train_state.safetensors`` every epoch and every ``checkpoint_every_s`` seconds;
+    ``resume=True`` continues from them, exactly. ``stop_after_epoch`` simulates an
+    interruption after that epoch (for tests). On return the model holds the best weights
+    (the last ones when there is no validation). ``task`` replaces the cross-entropy over
+    ``classes`` (e.g. :class:`leukemia_core.hierarchy.HierarchicalTask`). Distributed
+    runs as the loop describes.
     """
-    device = torch.device(device) if device else default_device()
-    model.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    distributed, main = ddp.is_distributed(), ddp.is_main_process()
-    net = model
-    if distributed:
-        train_loader = ddp.shard_loader(train_loader, config.seed)
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    steps_per_epoch = len(train_loader)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 and p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=config.epochs * steps_per_epoch, lr_min=config.lr * config.min_lr_ratio,
-        warmup_t=int(config.warmup_epochs * steps_per_epoch), warmup_lr_init=config.lr * 0.01,
-        warmup_prefix=True, t_in_epochs=False)
-    weight = torch.tensor(config.class_weights, dtype=torch.float32, device=device) \
-        if config.class_weights else None
-    task = task or ClassificationTask(weight, config.label_smoothing)
+    weight = torch.tensor(config.class_weights, dtype=torch.float32) if config.class_weights else None
+    inner = task or ClassificationTask(weight, config.label_smoothing)
+    if weight is not None and task is None:
+        inner.weight = weight.to(torch.device(device) if device else default_device())
+    loop_config = LoopConfig(
+        epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
+        warmup_epochs=config.warmup_epochs, min_lr_ratio=config.min_lr_ratio, seed=config.seed,
+        amp=config.amp, grad_clip=config.grad_clip, channels_last=config.channels_last,
+        monitor=config.monitor, patience=config.patience, checkpoint_every_s=config.checkpoint_every_s,
+        progress=config.progress)
     meta = {**(meta or {}), "classes": list(classes), "fit_config": dataclasses.asdict(config)}
-    result = FitResult(out_dir=str(out_dir) if out_dir else None)
-    best_state, start_epoch = None, 0
-    out = Path(out_dir) if out_dir else None
-    if out and main:
-        out.mkdir(parents=True, exist_ok=True)
-    if resume and out and (out / STATE).exists():
-        load_weights(out / "last.safetensors", model)
-        info = load_train_state(out / STATE, optimizer, scheduler)
-        result.history, result.best_epoch, result.best_score = (
-            info["history"], info["best_epoch"], info["best_score"])
-        start_epoch = info["epoch"] + 1
-    scheduler.step_update(start_epoch * steps_per_epoch)
-    bad_epochs = sum(1 for h in result.history if h["epoch"] > result.best_epoch) if result.history else 0
-
-    for epoch in range(start_epoch, config.epochs):
-        if config.patience is not None and val_loader is not None and bad_epochs >= config.patience:
-            result.stopped_early = True
-            break
-        seed_everything(config.seed * 10007 + epoch + 7919 * ddp.rank())  # rank 0: as one process
-        if distributed and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        model.train()
-        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not (config.progress and main))
-        for step, (x, y) in enumerate(bar):
-            x, y = to_device(x, device, config.channels_last), y.to(device, non_blocking=True)
-            with autocast(device, config.amp):
-                logits = net(x)
-                loss = task.loss(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step_update(epoch * steps_per_epoch + step + 1)
-            seen += len(y)
-            loss_sum += loss.detach() * len(y)
-            correct += task.n_correct(logits.detach(), y)
-        train_time = time.perf_counter() - t0
-        if distributed:
-            seen, loss_sum, correct = ddp.all_reduce_sum(seen, loss_sum, correct, device=device)
-            train_time = ddp.all_reduce_sum(train_time, device=device)[0] / ddp.world_size()
-        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                  "train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen,
-                  "train_images_per_s": seen / train_time, "train_time_s": train_time}
-        if val_loader is not None:
-            score = None
-            if main:
-                val = task.evaluate(model, val_loader, classes, device, config.amp)
-                record.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "macro_f1", "balanced_accuracy")
-                               if k in val})
-                score = val[config.monitor]
-            if distributed:  # every process follows rank 0's validation
-                record, score = ddp.broadcast_object((record, score))
-            if score > result.best_score:
-                result.best_score, result.best_epoch, bad_epochs = score, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if out and main:
-                    save_weights(out / WEIGHTS, model, meta | {"epoch": epoch, "score": score})
-            else:
-                bad_epochs += 1
-        result.history.append(record)
-        if config.progress and main:
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in record.items()))
-        if out and main:
-            save_weights(out / "last.safetensors", model, meta | {"epoch": epoch})
-            save_train_state(out / STATE, optimizer, scheduler,
-                             {"epoch": epoch, "history": result.history,
-                              "best_epoch": result.best_epoch, "best_score": result.best_score})
-        if stop_after_epoch is not None and epoch >= stop_after_epoch:
-            return result
-    if val_loader is None:
-        result.best_epoch = len(result.history) - 1
-        if out and main:
-            save_weights(out / WEIGHTS, model, meta | {"epoch": result.best_epoch})
-    elif best_state is not None:
-        model.load_state_dict(best_state)
-    elif out and (out / WEIGHTS).exists():  # resumed after the best epoch
-        load_weights(out / WEIGHTS, model)
-    if distributed:
-        torch.distributed.barrier()  # rank 0's files are complete before anyone reads them
-    return result
+    stop = None if stop_after_epoch is None else (stop_after_epoch + 1) * len(train_loader)
+    r = train(model, train_loader, _FitTask(inner, val_loader, list(classes), config.amp), loop_config,
+              out_dir=out_dir, resume=resume, device=device, meta=meta, stop_after_steps=stop)
+    return FitResult(history=r.history, best_epoch=r.best_epoch, best_score=r.best_score,
+                     stopped_early=r.stopped_early, out_dir=r.out_dir)

@@ -47,7 +47,8 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def train_r3gan(images: np.ndarray, targets, num_classes: int, steps: int, batch: int = 32,
                 seed: int = 0, net: dict | None = None, config: R3GANConfig | None = None,
                 ema_decay: float = 0.99, log_every: int = 10, out: str | Path | None = None,
-                meta: dict | None = None) -> GANRun:
+                meta: dict | None = None, state_dir: str | Path | None = None, resume: bool = False,
+                checkpoint_every_s: float = 180.0, stop_after_steps: int | None = None) -> GANRun:
     """Train a class-conditional R3GAN for ``steps`` alternating D/G steps.
 
     ``images``: uint8 ``(N, S, S, 3)`` with ``S`` a power of two; ``targets``: class
@@ -55,6 +56,12 @@ def train_r3gan(images: np.ndarray, targets, num_classes: int, steps: int, batch
     ``blocks``; ``z_dim``/``embed_dim`` for the generator). With ``out``, the EMA
     generator is written there (safetensors) and its SHA-256 is the provenance key of
     every image it generates.
+
+    The GAN keeps its own alternating loop but shares the one loop's state helpers: with
+    ``state_dir`` the whole training state (both networks, the EMA, both optimisers, the
+    batch generator and the global RNG) is written every ``checkpoint_every_s`` seconds,
+    and ``resume=True`` continues a killed run exactly (``stop_after_steps`` simulates
+    the kill, for tests).
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -75,14 +82,25 @@ def train_r3gan(images: np.ndarray, targets, num_classes: int, steps: int, batch
     trainer = R3GANTrainer(g, d, config)
     x_all = to_gan_tensor(images).contiguous(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(seed)
-    history, t0 = [], time.perf_counter()
-    for step in range(steps):
+    history, t0, first = [], time.perf_counter(), 0
+    state_file = Path(state_dir) / "gan_state.safetensors" if state_dir else None
+    if resume and state_file is not None and state_file.exists():
+        first, history = _load_gan_state(state_file, g, d, ema, trainer, gen)
+    last_save, done = time.monotonic(), 0
+    for step in range(first, steps):
         idx = torch.randint(0, len(x_all), (batch,), generator=gen)
         x = _augment(x_all[idx], gen).contiguous(memory_format=torch.channels_last)
         losses = trainer.step(x, y_all[idx])
         ema.update_parameters(g)
         if step % log_every == 0 or step == steps - 1:
             history.append({"step": step, **losses})
+        done += 1
+        killed = stop_after_steps is not None and done >= stop_after_steps
+        if state_file is not None and (killed or time.monotonic() - last_save >= checkpoint_every_s):
+            _save_gan_state(state_file, step + 1, history, g, d, ema, trainer, gen)
+            last_save = time.monotonic()
+        if killed:
+            break
     wall = time.perf_counter() - t0
     run = GANRun(ema.module.eval(), history, steps * batch / max(wall, 1e-9), wall)
     if out is not None:
@@ -108,3 +126,45 @@ def load_generator(path: str | Path) -> tuple[Generator, dict]:
     g = Generator(meta["num_classes"], meta["image_size"], **net)
     load_weights(Path(path), g)
     return g.eval(), meta
+
+
+def _save_gan_state(path: Path, step: int, history: list, g, d, ema, trainer, gen) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    from ..engine.loop import optimizer_state, rng_state
+
+    tensors, meta = {}, {"step": step, "history": history}
+    for name, module in (("g", g), ("d", d), ("ema", ema)):
+        tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
+    for name, opt in (("opt_g", trainer.opt_g), ("opt_d", trainer.opt_d)):
+        t, m = optimizer_state(opt)
+        tensors.update({f"{name}.{k}": v for k, v in t.items()})
+        meta[name] = m
+    rng_t, meta["rng"] = rng_state()
+    tensors.update(rng_t)
+    tensors["gen"] = gen.get_state()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def _load_gan_state(path: Path, g, d, ema, trainer, gen) -> tuple[int, list]:
+    from safetensors.torch import load_file
+
+    from ..engine.checkpoint import read_meta
+    from ..engine.loop import load_optimizer_state, set_rng_state
+
+    meta, tensors = read_meta(path), load_file(str(path))
+
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    for name, module in (("g", g), ("d", d), ("ema", ema)):
+        module.load_state_dict(part(f"{name}."))
+    for name, opt in (("opt_g", trainer.opt_g), ("opt_d", trainer.opt_d)):
+        load_optimizer_state(opt, part(f"{name}."), meta[name])
+    set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")}, meta["rng"])
+    gen.set_state(tensors["gen"])
+    return meta["step"], meta["history"]

@@ -7,7 +7,7 @@ also meet one clause per attribute value ("This cell has vacuoles in the cytopla
 ``loss = class_loss + attribute_weight * attribute_loss + clause_weight * clause_loss``:
 the first two are the multi-positive symmetric InfoNCE of :mod:`.losses` (positives: same
 text class; same attribute tuple), the third is :func:`attribute_value_loss`. Optimiser, schedule, seeding,
-autocast and channels-last follow :func:`leukemia_core.engine.train.fit`.
+autocast, channels-last and resume are the one loop's (:mod:`leukemia_core.engine.loop`).
 """
 from __future__ import annotations
 
@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, WeightedRandomSampler
-from tqdm.auto import tqdm
 
 from ..engine.checkpoint import read_meta
-from ..engine.train import autocast, to_device, default_device, seed_everything
+from ..engine.loop import Callback, LoopConfig, Task, train
+from ..engine.train import default_device, to_device
 from ..errors import CheckpointError
 from .data import IndexedDataset, TextBank, class_balanced_weights
 from .losses import multi_positive_info_nce, positives_from_keys
@@ -68,9 +67,11 @@ def train_loader(ds: IndexedDataset, row_class: torch.Tensor, config: VLFitConfi
                                         replacement=True, generator=gen)
     else:
         sampler = torch.utils.data.RandomSampler(ds, generator=gen)
+    # Not persistent: each epoch's workers are seeded anew, so a resumed run sees the same
+    # augmentations (the loop's exact resume).
     return DataLoader(ds, batch_size=config.batch_size, sampler=sampler,
                       drop_last=len(ds) > config.batch_size, num_workers=config.num_workers,
-                      persistent_workers=config.num_workers > 0, pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available())
 
 
 def _param_groups(model: VisionLanguageModel, config: VLFitConfig) -> list[dict]:
@@ -163,55 +164,82 @@ def attribute_value_loss(image_emb: torch.Tensor, values: torch.Tensor, value_em
     return (torch.stack(i2t).mean() + t2i) / 2
 
 
+class _EpochGenerators(Callback):
+    """The vision-language step's own randomness (which paraphrase and template each image
+    meets) and the sampler's, reseeded from the epoch and saved for an exact resume."""
+
+    def __init__(self, seed: int, sampler_gen: torch.Generator):
+        self.seed, self.sampler_gen, self.gen = seed, sampler_gen, torch.Generator()
+
+    def on_epoch_start(self, state):
+        self.gen.manual_seed(self.seed * 10007 + state.epoch)
+        self.sampler_gen.manual_seed(self.seed * 10007 + state.epoch + 7919)
+
+    def on_epoch_end(self, state, record):
+        record["temperature"] = float(1 / state.model.scale.detach())
+
+    def state_dict(self):
+        return {"gen": self.gen.get_state(), "sampler_gen": self.sampler_gen.get_state()}
+
+    def load_state_dict(self, tensors):
+        if tensors:
+            self.gen.set_state(tensors["gen"])
+            self.sampler_gen.set_state(tensors["sampler_gen"])
+
+
+class VLTask(Task):
+    """Contrastive training as a task of the one loop (:mod:`leukemia_core.engine.loop`)."""
+
+    LOSSES = ("class_loss", "attribute_loss", "clause_loss")
+
+    def __init__(self, bank: TextBank, config: VLFitConfig, sampler_gen: torch.Generator):
+        self.bank, self.config = bank, config
+        self.callbacks = (_EpochGenerators(config.seed, sampler_gen),)
+
+    def param_groups(self, model, loop_config):
+        return _param_groups(model, self.config)
+
+    def to_device(self, batch, device, loop_config):
+        """Images channels-last when configured (the image tower only: the loop's own
+        setting would convert the whole model, text tower included)."""
+        x, rows = batch
+        return to_device(x, device, self.config.channels_last), rows
+
+    def training_step(self, net, batch, state):
+        x, rows = batch
+        out = contrastive_step_loss(net, self.bank, x, rows, self.callbacks[0].gen,
+                                    self.config.attribute_weight, self.config.clause_weight)
+        return {**{k: 0.0 for k in self.LOSSES}, **out, "n": len(rows)}
+
+
 def fit_vl(model: VisionLanguageModel, train_ds, bank: TextBank, config: VLFitConfig,
-           out_dir: str | Path | None = None, meta: dict | None = None, device=None) -> VLFitResult:
+           out_dir: str | Path | None = None, meta: dict | None = None, device=None,
+           resume: bool = False, stop_after_steps: int | None = None) -> VLFitResult:
     """Train ``model`` on ``train_ds`` (a split dataset whose item ``i`` is row ``i`` of the
-    table ``bank`` was built from). Writes ``vl_model.safetensors`` to ``out_dir``."""
+    table ``bank`` was built from) with the one loop; writes ``vl_model.safetensors`` to
+    ``out_dir`` (with the loop's resumable training state beside it; ``resume=True``
+    continues a killed run exactly)."""
     start = time.perf_counter()
     device = torch.device(device) if device else default_device()
     model.to(device)
-    if config.channels_last:
-        model.image_tower.to(memory_format=torch.channels_last)
     if model.text_tower.frozen and bank.class_feats is None:
         bank.cache_features(model.text_tower)
     ds = train_ds if isinstance(train_ds, IndexedDataset) else IndexedDataset(train_ds)
     loader = train_loader(ds, bank.row_class, config)
-    steps = len(loader)
-    optimizer = torch.optim.AdamW(_param_groups(model, config))
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=config.epochs * steps, lr_min=config.lr * config.min_lr_ratio,
-        warmup_t=int(config.warmup_epochs * steps), warmup_lr_init=config.lr * 0.01,
-        warmup_prefix=True, t_in_epochs=False)
-    result = VLFitResult(bank=bank.summary())
-    for epoch in range(config.epochs):
-        seed_everything(config.seed * 10007 + epoch)
-        gen = torch.Generator().manual_seed(config.seed * 10007 + epoch)
-        model.train()
-        t0, seen = time.perf_counter(), 0
-        sums = {"loss": 0.0, "class_loss": 0.0, "attribute_loss": 0.0, "clause_loss": 0.0}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not config.progress)
-        for step, (x, rows) in enumerate(bar):
-            x = to_device(x, device, config.channels_last)
-            with autocast(device, config.amp):
-                losses = contrastive_step_loss(model, bank, x, rows, gen, config.attribute_weight,
-                                               config.clause_weight)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            scheduler.step_update(epoch * steps + step + 1)
-            seen += len(rows)
-            for k, v in losses.items():
-                sums[k] += float(v.detach()) * len(rows)
-        dt = time.perf_counter() - t0
-        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "temperature": float(1 / model.scale.detach()),
-                  **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
-                  "train_images_per_s": seen / dt, "train_time_s": dt}
-        result.history.append(record)
-        if config.progress:
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    task = VLTask(bank, config, loader.sampler.generator)
+    loop_config = LoopConfig(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
+                             warmup_epochs=config.warmup_epochs, min_lr_ratio=config.min_lr_ratio,
+                             seed=config.seed, amp=config.amp, channels_last=False, monitor=None,
+                             progress=config.progress)
+    if config.channels_last:  # the image tower only (the text tower reads tokens)
+        model.image_tower.to(memory_format=torch.channels_last)
+    loop_dir = Path(out_dir) / "loop" if out_dir else None
+    r = train(model, loader, task, loop_config, out_dir=loop_dir,
+              resume=resume, device=device, meta=meta, stop_after_steps=stop_after_steps)
+    result = VLFitResult(history=r.history, bank=bank.summary())
     model.eval()
     result.wall_time_s = time.perf_counter() - start
-    if out_dir:
+    if out_dir and not r.interrupted:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_vl(out / WEIGHTS, model, (meta or {}) | {"fit_config": dataclasses.asdict(config),
