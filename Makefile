@@ -48,7 +48,7 @@ explore: venv
 	@if [ "$(RUN)" = "$(EXPLORE_RUN)" ] && [ ! -f "$(RUN)/model.safetensors" ]; then \
 	  echo "no checkpoint in $(RUN): training it first (make explore-checkpoint)"; \
 	  $(MAKE) --no-print-directory explore-checkpoint; fi
-	$(PY) -m leukemia_core.explorer $(RUN) --port $(PORT)
+	$(PY) -m leukemia_core.cli.explore $(RUN) --port $(PORT)
 
 # The checkpoint `make explore` serves, trained as notebooks/03_baseline.py trains it.
 explore-checkpoint: venv

@@ -318,11 +318,11 @@ the executed notebook is under the download button at the top of the page.
 # --------------------------------------------------------------------------- freshness
 def check_freshness(profile: str, since: float | None, root: Path | None = None, baseline=None) -> dict:
     """Headline metrics of the ``results/<profile>/*.json`` modified since ``since`` against
-    their committed versions (see :func:`leukemia_core.registry.freshness`): a summary
+    their committed versions (see :func:`leukemia_core.reproducibility.registry.freshness`): a summary
     whose ``problems`` list one line per drifted metric."""
-    from leukemia_core.registry import freshness
+    from leukemia_core.reproducibility.registry import freshness
 
-    from leukemia_core.registry import committed_text
+    from leukemia_core.reproducibility.registry import committed_text
 
     root = root or ROOT
     fresh = freshness(profile, root=root, since=since, baseline=baseline)
@@ -402,7 +402,7 @@ def write_report(path: Path, runs: dict[str, ChapterRun], profile: str, html_s: 
                  f"the HTML build had not run when this page was written; execution alone took "
                  f"{fmt_time(exec_s)}{verdict}.")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    from leukemia_core.dataroot import resolve_data_root
+    from leukemia_core.data.dataroot import resolve_data_root
     root, source = resolve_data_root(data_root)
     checks = ("All checks passed: every chapter ran, every page of the table of contents "
               "exists, and every figure output reached its page." if not problems else

@@ -8,7 +8,7 @@ structured ``preprocess`` (image size, mean/std, CLAHE, scale and stain normalis
 kind                          written by                                  preprocess
 ============================  ==========================================  ===============
 ``classifier``                ``engine.fit`` via ``pipeline``/``train``   resize, CLAHE
-``dg_classifier``             ``predict.save_dg_checkpoint``              scale/stain norm
+``dg_classifier``             ``dg.save_dg_checkpoint``              scale/stain norm
 ``vision_language``           ``vl.save_vl``                              (the chapter's)
 ``detector``                  ``detection.train.save_detector``           the detector's own
 ``r3gan_generator``           ``gan.train``                               none (a generator)
@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .engine.checkpoint import KINDS, checkpoint_file, read_checkpoint_meta  # noqa: F401 (the format)
+from leukemia_core.engine.checkpoint import KINDS, checkpoint_file, read_checkpoint_meta  # noqa: F401 (the format)
 
 #: ``preprocess(PIL image) -> (tensor, ok)``: ``ok`` is False where a step fell back
 #: (e.g. scale normalisation found no nucleus).
@@ -42,36 +42,36 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     meta = read_checkpoint_meta(path)
     kind = meta["kind"]
     if kind == "classifier":
-        from .pipeline import load_classifier
-        from .transforms import eval_transform_from
+        from leukemia_core.pipeline import load_classifier
+        from leukemia_core.data.transforms import eval_transform_from
 
         model, meta = load_classifier(path)
         tf = eval_transform_from(meta["preprocess"])
         prep = lambda im: (tf(im), True)  # noqa: E731
     elif kind == "dg_classifier":
-        from .predict import load_dg_checkpoint
+        from leukemia_core.dg import load_dg_checkpoint
 
         model, meta, prep = load_dg_checkpoint(path)
     elif kind == "vision_language":
-        from .vl import load_vl
+        from leukemia_core.vl import load_vl
 
         model, meta = load_vl(path)
         prep = None
         if meta.get("preprocess"):
-            from .transforms import eval_transform_from
+            from leukemia_core.data.transforms import eval_transform_from
 
             tf = eval_transform_from(meta["preprocess"])
             prep = lambda im: (tf(im), True)  # noqa: E731
     elif kind == "detector":
         from torchvision.transforms.functional import pil_to_tensor
 
-        from .detection.train import load_detector
+        from leukemia_core.detection.train import load_detector
 
         model, values = load_detector(path)
         meta = {**meta, "attribute_values": values}
         prep = lambda im: (pil_to_tensor(im.convert("RGB")).float() / 255, True)  # noqa: E731
     else:  # r3gan_generator
-        from .gan.train import load_generator
+        from leukemia_core.gan.train import load_generator
 
         model, meta = load_generator(path)
         prep = None

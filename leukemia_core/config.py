@@ -5,7 +5,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 
-from .errors import UnknownNameError
+from leukemia_core.errors import UnknownNameError
 
 
 @dataclass(frozen=True)

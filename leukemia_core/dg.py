@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import cv2
+from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
@@ -35,10 +36,12 @@ from sklearn.metrics import f1_score
 from torch.optim.swa_utils import AveragedModel
 from torchvision.transforms import v2
 
-from .engine.loop import Callback, LoopConfig, Task
-from .engine.loop import train as train_loop
-from .models import create_model
-from .models.pretrained import PRETRAINED_CFGS
+from leukemia_core.engine.checkpoint import load_weights, read_meta, save_weights
+from leukemia_core.losses.imbalance import class_balanced_weights, focal_loss, supcon_loss
+from leukemia_core.models.dg import DGNet, build_backbone
+from leukemia_core.engine.loop import Callback, LoopConfig, Task
+from leukemia_core.engine.loop import train as train_loop
+from leukemia_core.models.pretrained import PRETRAINED_CFGS
 
 MEAN, STD = PRETRAINED_CFGS["efficientnet_lite0"].mean, PRETRAINED_CFGS["efficientnet_lite0"].std
 
@@ -185,84 +188,6 @@ def preprocess(rgb: np.ndarray, size: int, scale_norm: ScaleNorm | None,
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
-# --------------------------------------------------------------------------- losses
-def class_balanced_weights(counts, beta: float = 0.99) -> torch.Tensor:
-    """Cui et al. (2019): w_c proportional to (1 - beta) / (1 - beta^n_c), mean 1 over
-    classes with samples (classes without samples get 0)."""
-    n = torch.as_tensor(counts, dtype=torch.float64)
-    w = torch.where(n > 0, (1 - beta) / (1 - beta ** n.clamp_min(1)), torch.zeros_like(n))
-    return (w * (n > 0).sum() / w.sum()).float()
-
-
-def focal_loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
-               gamma: float = 2.0) -> torch.Tensor:
-    """Class-weighted focal loss (Lin et al. 2017), averaged over the batch."""
-    logp = F.log_softmax(logits.float(), 1).gather(1, y[:, None]).squeeze(1)
-    loss = -((1 - logp.exp()) ** gamma) * logp
-    if weight is not None:
-        loss = loss * weight.to(loss)[y]
-    return loss.mean()
-
-
-def supcon_loss(z: torch.Tensor, y: torch.Tensor, domains: torch.Tensor | None = None,
-                temperature: float = 0.1, cross_domain: bool = False) -> torch.Tensor:
-    """Supervised contrastive loss (Khosla et al. 2020, one view per sample): for each
-    anchor, the mean log-probability of its positives (same class; with ``cross_domain``
-    only those from another domain) among all other samples of the batch."""
-    z = F.normalize(z.float(), dim=1)
-    sim = z @ z.T / temperature
-    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
-    pos = (y[:, None] == y[None, :]) & ~eye
-    if cross_domain and domains is not None:
-        pos &= domains[:, None] != domains[None, :]
-    log_prob = sim - torch.logsumexp(sim.masked_fill(eye, -torch.inf), 1, keepdim=True)
-    n_pos = pos.sum(1)
-    valid = n_pos > 0
-    if not valid.any():
-        return z.sum() * 0
-    return (-(log_prob * pos).sum(1)[valid] / n_pos[valid]).mean()
-
-
-# --------------------------------------------------------------------------- models
-def bn_to_gn(module: nn.Module, groups: int = 8) -> nn.Module:
-    """Replace every timm ``BatchNormAct2d`` by a ``GroupNormAct`` with the same
-    activation and eps. The ImageNet convolutions are kept; the affine parameters start
-    at (1, 0): BN's were fitted to BN's running statistics, and copied into GroupNorm
-    they make the features nearly constant across inputs (checked: the features' std
-    across a batch drops to ~1e-4)."""
-    from timm.layers import BatchNormAct2d, GroupNormAct
-
-    for name, child in module.named_children():
-        if isinstance(child, BatchNormAct2d):
-            gn = GroupNormAct(child.num_features, groups, eps=child.eps, apply_act=False)
-            gn.act, gn.drop = child.act, child.drop
-            setattr(module, name, gn)
-        else:
-            bn_to_gn(child, groups)
-    return module
-
-
-def build_backbone(norm: str = "bn", num_classes: int = 5, pretrained: bool = True) -> nn.Module:
-    """EfficientNet-Lite0 (ImageNet); ``norm='gn'`` swaps BatchNorm for GroupNorm(8)."""
-    net = create_model("efficientnet_lite0", num_classes=num_classes, pretrained=pretrained)
-    return bn_to_gn(net) if norm == "gn" else net
-
-
-class DGNet(nn.Module):
-    """A timm classifier plus a projection head for the contrastive term."""
-
-    def __init__(self, backbone: nn.Module, proj_dim: int = 128):
-        super().__init__()
-        self.backbone = backbone
-        nf = backbone.num_features
-        self.proj = nn.Sequential(nn.Linear(nf, 256), nn.ReLU(inplace=True), nn.Linear(256, proj_dim))
-
-    def forward(self, x, with_embedding: bool = False):
-        f = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
-        logits = self.backbone.get_classifier()(f)
-        return (logits, self.proj(f)) if with_embedding else logits
 
 
 # --------------------------------------------------------------------------- training
@@ -508,3 +433,43 @@ def train_dg(recipe: Recipe, train: Arrays, val: Arrays, num_classes: int, eval_
         result.swa_model = swa.model
     result.train_time_s = time.perf_counter() - start
     return result
+
+
+# --------------------------------------------------------------------------- checkpoint
+def save_dg_checkpoint(path, model, classes: list[str], image_size: int, scale_norm, recipe) -> Path:
+    """Write ``model.backbone`` as safetensors with what :func:`predict_folder` needs: the
+    one checkpoint format (:mod:`leukemia_core.checkpoints`); read back by :func:`load_dg_checkpoint`, kind ``dg_classifier``."""
+    from dataclasses import asdict
+
+    from leukemia_core.data.transforms import preprocess_dict
+
+    meta = {"kind": "dg_classifier", "model": "efficientnet_lite0", "classes": list(classes),
+            "image_size": image_size,
+            "preprocess": preprocess_dict(image_size, MEAN, STD, None,
+                                          scale_norm=asdict(scale_norm) if scale_norm else None,
+                                          stain_norm=bool(recipe.stain_norm)),
+            "dg": {"norm": recipe.norm, "recipe": recipe.to_dict()}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_weights(path, model.backbone, meta)
+
+
+def load_dg_checkpoint(path):
+    """``(model, meta, preprocess)`` of a checkpoint written by :func:`save_dg_checkpoint`
+    (also one written before the structured ``preprocess`` field)."""
+
+    path = Path(path)
+    meta = read_meta(path)
+    if "preprocess" not in meta:  # the earlier layout kept these under "dg"
+        meta["preprocess"] = {"image_size": meta["image_size"], "mean": meta["mean"], "std": meta["std"],
+                              "clahe": None, "scale_norm": meta["dg"].get("scale_norm"),
+                              "stain_norm": bool(meta["dg"].get("stain_norm", False))}
+    net = build_backbone(meta["dg"]["norm"], len(meta["classes"]), pretrained=False)
+    load_weights(path, net)
+    pre = meta["preprocess"]
+    sn = ScaleNorm(**pre["scale_norm"]) if pre.get("scale_norm") else None
+
+    def prep(im):
+        arr, ok = preprocess(np.asarray(im), pre["image_size"], sn, pre.get("stain_norm", False))
+        return normalize(torch.from_numpy(arr).permute(2, 0, 1)[None])[0], ok
+    return net.eval(), meta, prep

@@ -1,4 +1,4 @@
-"""Hierarchical classification over a :class:`~leukemia_core.taxonomy.Taxonomy`.
+"""Hierarchical classification over a :class:`~leukemia_core.data.taxonomy.Taxonomy`.
 
 Models emit the logits of every level they have a head for, concatenated in level
 order. A sample's loss at level ``d`` counts only if its leaf reaches depth ``d``
@@ -23,28 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .engine.metrics import classification_metrics
-from .engine.train import predict_logits
-from .taxonomy import Taxonomy
-
-
-class MultiLevelNet(nn.Module):
-    """A backbone (any :func:`~leukemia_core.models.create_model` name) shared by one
-    linear head per level in ``levels`` (0-based depths)."""
-
-    def __init__(self, backbone: str, level_sizes: list[int], levels: list[int] | None = None,
-                 pretrained: bool = False, drop_rate: float = 0.0, **backbone_kwargs):
-        super().__init__()
-        from .models import create_model
-
-        self.levels = list(range(len(level_sizes))) if levels is None else list(levels)
-        self.backbone = create_model(backbone, num_classes=0, pretrained=pretrained, **backbone_kwargs)
-        self.drop = nn.Dropout(drop_rate)
-        self.heads = nn.ModuleList(nn.Linear(self.backbone.num_features, level_sizes[d]) for d in self.levels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.drop(self.backbone(x))
-        return torch.cat([head(z) for head in self.heads], dim=1)
+from leukemia_core.models.multilevel import MultiLevelNet
+from leukemia_core.engine.metrics import classification_metrics
+from leukemia_core.engine.train import predict_logits
+from leukemia_core.data.taxonomy import Taxonomy
 
 
 class LevelCodec:
@@ -248,7 +230,7 @@ class LevelData:
 
 def backbone_kwargs(backbone: str, image_size: int) -> dict:
     """timm sizes for small inputs (see :func:`leukemia_core.models.size_kwargs`)."""
-    from .models import size_kwargs
+    from leukemia_core.models import size_kwargs
     return size_kwargs(backbone, image_size)
 
 
@@ -257,8 +239,8 @@ def build_hierarchical_model(kind: str, backbone: str, codec: LevelCodec, image_
     """``(model, task)`` for ``kind`` in ``flat`` (one softmax over the data leaves),
     ``multilevel`` (shared backbone, one head per level) or ``level`` (one model for
     one level, the building block of the base hierarchical model)."""
-    from .engine.train import ClassificationTask
-    from .models import create_model
+    from leukemia_core.engine.train import ClassificationTask
+    from leukemia_core.models import create_model
 
     kw = backbone_kwargs(backbone, image_size)
     if kind == "flat":
@@ -295,8 +277,8 @@ def train_hierarchical(kind: str, backbone: str, data: LevelData, profile, confi
     engine; a ``level`` model trains and validates on the samples reaching its level."""
     import time
 
-    from .engine.train import fit
-    from .pipeline import make_loader
+    from leukemia_core.engine.train import fit
+    from leukemia_core.pipeline import make_loader
 
     torch.manual_seed(config.seed)
     model, task = build_hierarchical_model(kind, backbone, data.codec, profile.image_size, level, pretrained)

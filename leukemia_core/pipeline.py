@@ -13,18 +13,18 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from .config import Profile, get_profile
-from .data import load_dataset
-from .data.prepare import PreparedData, content_hash, prepare_records, subsample  # noqa: F401 (re-exported)
-from .data.splits import apply_split
-from .dataroot import data_root
-from .engine.checkpoint import WEIGHTS
-from .engine.distributed import is_main_process
-from .engine.train import FitConfig, FitResult, evaluate, fit
-from .models import create_model, size_kwargs
-from .models.pretrained import pretrained_norm
-from .results import write_results
-from .transforms import CLAHE, eval_transform_from, preprocess_dict
+from leukemia_core.config import Profile, get_profile
+from leukemia_core.data import load_dataset
+from leukemia_core.data.prepare import PreparedData, content_hash, prepare_records, subsample  # noqa: F401 (re-exported)
+from leukemia_core.data.splits import apply_split
+from leukemia_core.data.dataroot import data_root
+from leukemia_core.engine.checkpoint import WEIGHTS
+from leukemia_core.engine.distributed import is_main_process
+from leukemia_core.engine.train import FitConfig, FitResult, evaluate, fit
+from leukemia_core.models import create_model, size_kwargs
+from leukemia_core.models.pretrained import pretrained_norm
+from leukemia_core.reproducibility.results import write_results
+from leukemia_core.data.transforms import CLAHE, eval_transform_from, preprocess_dict
 
 def prepare_data(dataset: str, profile: Profile, root=None, classes: list[str] | None = None,
                  seed: int = 0, clahe: CLAHE | None = None, model: str | None = None,
@@ -40,7 +40,7 @@ def prepare_table(table: pd.DataFrame, profile: Profile, classes: list[str] | No
                   seed: int = 0, clahe: CLAHE | None = None, model: str | None = None,
                   pretrained: bool = False, name: str = "table") -> PreparedData:
     """:func:`prepare_data` for a record table that already has a ``split`` column
-    (e.g. several datasets joined by :func:`leukemia_core.taxonomy.load_taxonomy_table`)."""
+    (e.g. several datasets joined by :func:`leukemia_core.data.taxonomy.load_taxonomy_table`)."""
     return prepare_records(table, profile, classes, seed, clahe, norm=pretrained_norm(model, pretrained),
                            name=name)
 
@@ -143,8 +143,8 @@ def load_classifier(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild a classifier from a ``model.safetensors`` written by :func:`fit` (a run
     folder is accepted too); returns ``(model, meta)`` with ``meta['classes']``.
     :func:`leukemia_core.checkpoints.load_checkpoint` loads every kind of checkpoint."""
-    from .engine.checkpoint import checkpoint_file, load_weights, read_meta
-    from .errors import CheckpointError
+    from leukemia_core.engine.checkpoint import checkpoint_file, load_weights, read_meta
+    from leukemia_core.errors import CheckpointError
 
     path = checkpoint_file(checkpoint)
     meta = upgrade_classifier_meta(read_meta(path))

@@ -26,57 +26,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data.records import find_images, list_images, sha256_file
-from .data.torch_dataset import read_image
-from .engine.checkpoint import checkpoint_file, load_weights, read_meta, save_weights
-from .errors import DatasetError, LeukemiaError
-
-
-def save_dg_checkpoint(path, model, classes: list[str], image_size: int, scale_norm, recipe) -> Path:
-    """Write ``model.backbone`` as safetensors with what :func:`predict_folder` needs: the
-    one checkpoint format (:mod:`leukemia_core.checkpoints`), kind ``dg_classifier``."""
-    from dataclasses import asdict
-
-    from . import dg
-    from .transforms import preprocess_dict
-
-    meta = {"kind": "dg_classifier", "model": "efficientnet_lite0", "classes": list(classes),
-            "image_size": image_size,
-            "preprocess": preprocess_dict(image_size, dg.MEAN, dg.STD, None,
-                                          scale_norm=asdict(scale_norm) if scale_norm else None,
-                                          stain_norm=bool(recipe.stain_norm)),
-            "dg": {"norm": recipe.norm, "recipe": recipe.to_dict()}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return save_weights(path, model.backbone, meta)
-
-
-def load_dg_checkpoint(path):
-    """``(model, meta, preprocess)`` of a checkpoint written by :func:`save_dg_checkpoint`
-    (also one written before the structured ``preprocess`` field)."""
-    from . import dg
-
-    path = Path(path)
-    meta = read_meta(path)
-    if "preprocess" not in meta:  # the earlier layout kept these under "dg"
-        meta["preprocess"] = {"image_size": meta["image_size"], "mean": meta["mean"], "std": meta["std"],
-                              "clahe": None, "scale_norm": meta["dg"].get("scale_norm"),
-                              "stain_norm": bool(meta["dg"].get("stain_norm", False))}
-    net = dg.build_backbone(meta["dg"]["norm"], len(meta["classes"]), pretrained=False)
-    load_weights(path, net)
-    pre = meta["preprocess"]
-    sn = dg.ScaleNorm(**pre["scale_norm"]) if pre.get("scale_norm") else None
-
-    def prep(im):
-        arr, ok = dg.preprocess(np.asarray(im), pre["image_size"], sn, pre.get("stain_norm", False))
-        return dg.normalize(torch.from_numpy(arr).permute(2, 0, 1)[None])[0], ok
-    return net.eval(), meta, prep
+from leukemia_core.data.records import find_images, list_images, sha256_file
+from leukemia_core.data.torch_dataset import read_image
+from leukemia_core.engine.checkpoint import checkpoint_file
+from leukemia_core.errors import DatasetError, LeukemiaError
 
 
 def load_predictor(checkpoint):
     """``(model, meta, preprocess)``: ``preprocess(PIL image) -> (3 x S x S float tensor, ok)``.
     Any image classifier checkpoint (:func:`leukemia_core.checkpoints.load_checkpoint`)."""
-    from .checkpoints import load_checkpoint
+    from leukemia_core.checkpoints import load_checkpoint
 
     net, meta, prep = load_checkpoint(checkpoint)
     if meta["kind"] not in ("classifier", "dg_classifier"):
@@ -133,7 +92,7 @@ def adapt_bn_stream(net: torch.nn.Module, paths, prep, batch_size: int = 64, str
     :func:`leukemia_core.dg.recompute_bn_float`; unreadable images are skipped)."""
     import copy
 
-    from .dg import _reestimate_bn
+    from leukemia_core.dg import _reestimate_bn
 
     net = copy.deepcopy(net)
     bar = _bar(len(paths), "adapting BatchNorm", progress)
@@ -249,32 +208,6 @@ def _summary(n: int, k: int, out) -> str:
     return f"{n} images, {k} unreadable: listed in the error column of {out}"
 
 
-def cmd_predict(args):
-    """``leukemia-core predict --images DIR --checkpoint CKPT --out CSV [--overwrite] [--strict]``."""
-    table = predict_folder(args.checkpoint, args.images, args.out, overwrite=args.overwrite,
-                           adapt_bn=getattr(args, "adapt_bn", False), strict=getattr(args, "strict", False),
-                           batch_size=getattr(args, "batch_size", 64), num_workers=getattr(args, "workers", 0),
-                           progress=True)
-    print(_summary(len(table), int(table["error"].notna().sum()), args.out))
-
-
-def add_predict_parser(subparsers):
-    pr = subparsers.add_parser("predict", help="class probabilities for a folder of single-cell "
-                               "images (any size; the checkpoint's own preprocessing)")
-    pr.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    pr.add_argument("--checkpoint", required=True, help="model.safetensors or its run folder")
-    pr.add_argument("--out", required=True, help="CSV to write")
-    pr.add_argument("--overwrite", action="store_true")
-    pr.add_argument("--adapt-bn", action="store_true",
-                    help="re-estimate BatchNorm statistics on the folder's images (one new hospital)")
-    pr.add_argument("--strict", action="store_true",
-                    help="stop at the first unreadable image (default: record it in the error column)")
-    pr.add_argument("--batch-size", type=int, default=64)
-    pr.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
-    pr.set_defaults(func=cmd_predict)
-    return pr
-
-
 # --------------------------------------------------------------------------- labelled folders
 @dataclass
 class LabelledFolder:
@@ -329,7 +262,7 @@ def evaluate_folder(checkpoint, folder, out_dir, adapt_bn: bool = False, restric
                     strict: bool = False, overwrite: bool = False, batch_size: int = 64,
                     num_workers: int = 0, progress: bool = False, device=None) -> dict:
     """Evaluate ``checkpoint`` on a labelled folder (one subfolder per class, any names that
-    :func:`leukemia_core.class_names.map_classes` maps to the model's classes).
+    :func:`leukemia_core.data.class_names.map_classes` maps to the model's classes).
 
     Writes ``out_dir/predictions.csv`` (path, relpath, folder_class, label, pred,
     confidence, error, prob_<class>, ...; opens in the prediction explorer) and
@@ -338,7 +271,7 @@ def evaluate_folder(checkpoint, folder, out_dir, adapt_bn: bool = False, restric
     unreadable files, the checkpoint and its sha256). Folder classes the model lacks are
     predicted but left out of the metrics. ``restrict_to_shared`` takes the argmax over
     the shared classes only. Returns the metrics dict."""
-    from .class_names import map_classes
+    from leukemia_core.data.class_names import map_classes
 
     start = time.perf_counter()
     out = Path(out_dir)
@@ -356,7 +289,7 @@ def evaluate_folder(checkpoint, folder, out_dir, adapt_bn: bool = False, restric
         raise DatasetError(f"none of the class folders of {data.root} ({', '.join(data.classes)}) is a "
                            f"class of checkpoint {checkpoint} ({', '.join(model_classes)}); rename the "
                            "folders to the model's classes or to a synonym listed in "
-                           "leukemia_core/class_names.py (SYNONYMS)")
+                           "leukemia_core/data/class_names.py (SYNONYMS)")
     table, meta = _predict(predictor, checkpoint, data.paths, batch_size, adapt_bn, strict,
                            shared if restrict_to_shared else None, num_workers, progress, device)
     table.insert(1, "relpath", [p.relative_to(data.root).as_posix() for p in data.paths])
@@ -390,34 +323,3 @@ def evaluate_folder(checkpoint, folder, out_dir, adapt_bn: bool = False, restric
     table.to_csv(out / "predictions.csv", index=False)
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def cmd_evaluate_images(args):
-    """``leukemia-core evaluate --images DIR --checkpoint CKPT --out OUTDIR``: prints the class
-    mapping used, the summary and the metrics; writes OUTDIR/predictions.csv and metrics.json."""
-    if not args.out:
-        raise LeukemiaError("evaluate --images needs --out OUTDIR (a folder for predictions.csv and "
-                            "metrics.json)")
-    m = evaluate_folder(args.checkpoint, args.images, args.out, adapt_bn=args.adapt_bn,
-                        restrict_to_shared=args.restrict_to_shared, strict=args.strict,
-                        overwrite=args.overwrite, batch_size=args.batch_size, num_workers=args.workers,
-                        progress=True)
-    out = Path(args.out)
-    print("class mapping (folder -> model):")
-    for c, target in m["mapping"].items():
-        print(f"  {c!r} -> {target if target else '(not a class of the model: predicted, left out of the metrics)'}"
-              f"  [{m['counts'][c]} images]")
-    if m["images_outside_class_folders"]:
-        print(f"  {len(m['images_outside_class_folders'])} image(s) directly in {args.images} have no class "
-              "folder and were not read")
-    print(_summary(m["n_images"], m["n_unreadable"], out / "predictions.csv"))
-    if m["macro_f1"] is None:
-        print("no readable image of a shared class: no metrics")
-    else:
-        print(f"macro-F1 {m['macro_f1']:.4f} over {len(m['shared_classes'])} shared classes "
-              f"({', '.join(m['shared_classes'])}), accuracy {m['accuracy']:.4f} ({m['n_scored']} images)"
-              + (", argmax restricted to them" if m["restrict_to_shared"] else ""))
-        for c, v in m["per_class"].items():
-            print(f"  {c}: recall {v['recall']:.3f}  precision {v['precision']:.3f}  ({v['support']} images)")
-    print(f"wrote {out / 'predictions.csv'} and {out / 'metrics.json'}; browse them with "
-          f"`make explore RUN={out}`")

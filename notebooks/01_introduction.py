@@ -43,9 +43,9 @@ from IPython.display import Markdown, display
 
 from leukemia_core.config import CHAPTER_SIZES, PROFILES, get_profile
 from leukemia_core.data import CLASSIFICATION, LOADERS
-from leukemia_core.dataroot import resolve_data_root
+from leukemia_core.data.dataroot import resolve_data_root
 from leukemia_core.plots import use_offline_plotly
-from leukemia_core.taxonomy import Taxonomy
+from leukemia_core.data.taxonomy import Taxonomy
 
 use_offline_plotly()
 P = get_profile(profile)
@@ -101,7 +101,7 @@ display(Markdown(
 #   few exact duplicates. {doc}`02_data` finds them; splits keep copies on one side.
 #
 # The taxonomy the hierarchical and vision-language chapters work with is data, read from
-# `leukemia_core/taxonomies/leukemia.yaml`; the figure and the list below are drawn from
+# `leukemia_core/data/taxonomies/leukemia.yaml`; the figure and the list below are drawn from
 # it, with the image sources of each leaf (`dataset:label`; each leaf has the same size:
 # this is not a count). The baseline and domain-generalisation chapters classify the
 # datasets' own classes instead.

@@ -70,7 +70,7 @@ from sklearn.preprocessing import StandardScaler
 from leukemia_core.config import chapter_sizes, get_profile
 from leukemia_core.data import ATTRIBUTES, load_dataset
 from leukemia_core.data.check import find_duplicates
-from leukemia_core.dataroot import data_root as resolve_data_root
+from leukemia_core.data.dataroot import data_root as resolve_data_root
 from leukemia_core.plots import use_offline_plotly
 
 use_offline_plotly()

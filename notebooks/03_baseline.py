@@ -68,14 +68,14 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from leukemia_core.config import chapter_sizes, get_profile
-from leukemia_core.dataroot import REPO_ROOT
+from leukemia_core.data.dataroot import REPO_ROOT
 from leukemia_core.engine.metrics import classification_metrics
 from leukemia_core.engine.train import ClassificationTask
 from leukemia_core.models import create_model
 from leukemia_core.pipeline import train_classifier
 from leukemia_core.plots import (confusion_matrix_figure, image_grid, learning_curves,
                                  per_class_bars, show_source, use_offline_plotly)
-from leukemia_core.registry import combine_seed_results
+from leukemia_core.reproducibility.registry import combine_seed_results
 
 use_offline_plotly()
 P = get_profile(profile, **({"image_size": image_size} if image_size else {}))
@@ -324,7 +324,7 @@ if len(worst):
 # keeps the 16 same-class duplicate pairs on one side of every boundary.
 
 # %%
-from leukemia_core.registry import load_claims
+from leukemia_core.reproducibility.registry import load_claims
 
 # the published numbers live in results/claims.yaml, with their full sources
 anchors = pd.DataFrame([

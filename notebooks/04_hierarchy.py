@@ -71,18 +71,18 @@ import torch
 from IPython.display import Markdown, display
 
 from leukemia_core.config import chapter_sizes, get_profile
-from leukemia_core.dataroot import REPO_ROOT
+from leukemia_core.data.dataroot import REPO_ROOT
 from leukemia_core.engine.train import FitConfig, fit, predict_logits
 from leukemia_core.hierarchy import (HierarchicalTask, LevelCodec, LevelData, MultiLevelNet, compose_levels,
                                      hierarchical_metrics, leaf_paths, train_hierarchical)
-from leukemia_core.masking import MaskCells
+from leukemia_core.data.masking import MaskCells
 from leukemia_core.models import size_kwargs
 from leukemia_core.pipeline import content_hash, make_loader, prepare_table, subsample
 from leukemia_core.plots import (confusion_matrix_figure, image_grid, show_source, tree_figure,
                                  use_offline_plotly)
-from leukemia_core.results import write_results
-from leukemia_core.taxonomy import Taxonomy, load_taxonomy_table
-from leukemia_core.transforms import build_transform, static_transform
+from leukemia_core.reproducibility.results import write_results
+from leukemia_core.data.taxonomy import Taxonomy, load_taxonomy_table
+from leukemia_core.data.transforms import build_transform, static_transform
 from leukemia_core.data.torch_dataset import ImageTableDataset
 
 use_offline_plotly()
@@ -104,7 +104,7 @@ print(f"profile {P.name}: hierarchy models {BACKBONE} (ImageNet) at {P.image_siz
 # %% [markdown]
 # ## The taxonomy, as data
 #
-# The tree lives in `leukemia_core/taxonomies/leukemia.yaml`; the code reads any tree
+# The tree lives in `leukemia_core/data/taxonomies/leukemia.yaml`; the code reads any tree
 # (the tests run it on a toy one). A leaf names its image sources as `dataset:label`.
 # **CML and CLL stay in the tree without images**: no public single-cell image set of
 # either exists, so no model here can learn them, and none is faked. They are drawn
@@ -497,7 +497,7 @@ display(Markdown(
 # **Background-only probe.** The flat model's recipe (under `ci` with fewer epochs:
 # a probe only has to show what the background carries), trained and tested on images whose
 # cells are painted out: each nucleus-like blob is covered by a disc of the background's
-# median colour (`leukemia_core.masking.MaskCells`; a disc, so the hole reveals at most
+# median colour (`leukemia_core.data.masking.MaskCells`; a disc, so the hole reveals at most
 # the cell's size, not its shape). Whatever this model gets right, it gets right from
 # the surroundings: illumination, stain, red cells, magnification.
 
@@ -648,13 +648,13 @@ its own.
 #
 # Grad-CAM panels for correct and wrong predictions at each level, from the multi-level
 # model: where does it look when it decides that level? The CAMs come from the book's
-# explanation module (`leukemia_core.explain`), which knows each architecture's target
+# explanation module (`leukemia_core.explain.cams`), which knows each architecture's target
 # layers.
 
 # %%
 import matplotlib.pyplot as plt
 
-from leukemia_core.explain import cam_target, compute_cams, overlay
+from leukemia_core.explain.cams import cam_target, compute_cams, overlay
 
 net = runs["multilevel", seeds[0]].model.eval()
 where = cam_target(net.backbone, P.image_size)  # the backbone's layer; the heads sit on top of it
@@ -684,7 +684,7 @@ fig.suptitle(f"Grad-CAM of the multi-level model at {where.where}: left correct,
 fig.tight_layout()
 
 # %%
-from leukemia_core.explain import feature_grid
+from leukemia_core.explain.cams import feature_grid
 
 grid = feature_grid(net.backbone, where, levels.datasets["test"][0][0][None])
 display(Markdown(
@@ -700,7 +700,7 @@ display(Markdown(
 # `results/claims.yaml`, this chapter's column from the results above.
 
 # %%
-from leukemia_core.registry import load_claims
+from leukemia_core.reproducibility.registry import load_claims
 
 paper = load_claims()["papers"]["hamdi2025hierarchy"]
 claim90 = next(c for c in paper["claims"] if c["id"] == "accuracy_90")

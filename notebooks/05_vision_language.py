@@ -92,12 +92,12 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, Subset
 
 from leukemia_core.config import get_profile
-from leukemia_core.dataroot import REPO_ROOT, data_root as resolve_root
+from leukemia_core.data.dataroot import REPO_ROOT, data_root as resolve_root
 from leukemia_core.engine.train import FitConfig, evaluate, fit
 from leukemia_core.models import create_model
 from leukemia_core.pipeline import content_hash, subsample
 from leukemia_core.plots import confusion_matrix_figure, show_source, use_offline_plotly
-from leukemia_core.results import write_results
+from leukemia_core.reproducibility.results import write_results
 from leukemia_core.vl import (GROUPS, IndexedDataset, LabelledView, TextBank, VisionLanguageModel,
                               VLFitConfig, attribute_readout, attribute_sentence, build_vl_model,
                               class_prompts, class_texts, embed_images, eval_view, fit_vl,
@@ -105,7 +105,7 @@ from leukemia_core.vl import (GROUPS, IndexedDataset, LabelledView, TextBank, Vi
                               prepare_vl, prompt_embeddings, retrieval_report, templates,
                               text_class_groups, vl_sizes, zero_shot_logits, zero_shot_metrics)
 from leukemia_core.vl.cam import SimilarityTarget, similarity_cam
-from leukemia_core.vl.losses import soft_cross_entropy
+from leukemia_core.losses.vision_language import soft_cross_entropy
 from leukemia_core.vl.texts import key_to_attributes
 from leukemia_core.vl.train import WEIGHTS, contrastive_step_loss
 
@@ -410,7 +410,7 @@ confusion_matrix_figure(zs["heldout"]["confusion_matrix"], WBC,
 CLASSES8 = [c for c in texts if groups_of[c] in GROUPS]
 group4 = zero_shot_metrics(test_emb, test["group"].tolist(), prompt_embeddings(model, class_prompts(CLASSES8)),
                            CLASSES8, groups_of, GROUPS)
-from leukemia_core.registry import load_claims
+from leukemia_core.reproducibility.registry import load_claims
 
 claim70 = next(c for c in load_claims()["papers"]["vlm_leukemia_2026"]["claims"] if c["id"] == "accuracy_70")
 display(Markdown(f"**Zero-shot normal / benign / AML / ALL accuracy: {group4['accuracy']:.2%}** "

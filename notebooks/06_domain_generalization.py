@@ -82,13 +82,14 @@ from leukemia_core import dg
 from leukemia_core.config import chapter_sizes, get_profile
 from leukemia_core.data.splits import SPLITS_DIR
 from leukemia_core.data.torch_dataset import read_image
-from leukemia_core.dataroot import REPO_ROOT
-from leukemia_core.domains import CLASSES, DOMAINS, SHARED, class_counts, load_domains
+from leukemia_core.data.dataroot import REPO_ROOT
+from leukemia_core.data.domains import CLASSES, DOMAINS, SHARED, class_counts, load_domains
 from leukemia_core.pipeline import content_hash, subsample
 from leukemia_core.plots import image_grid, show_source, use_offline_plotly
-from leukemia_core.predict import predict_folder, save_dg_checkpoint
-from leukemia_core.registry import load_claims
-from leukemia_core.results import write_results
+from leukemia_core.dg import save_dg_checkpoint
+from leukemia_core.predict import predict_folder
+from leukemia_core.reproducibility.registry import load_claims
+from leukemia_core.reproducibility.results import write_results
 
 use_offline_plotly()
 CHAPTER_START = time.perf_counter()

@@ -115,8 +115,8 @@ from PIL import Image
 
 from leukemia_core.config import chapter_sizes, get_profile
 from leukemia_core.data import load_dataset
-from leukemia_core.dataroot import REPO_ROOT, data_root as resolve_root
-from leukemia_core.detection.cli import cmd_detect
+from leukemia_core.data.dataroot import REPO_ROOT, data_root as resolve_root
+from leukemia_core.cli.detect import cmd_detect
 from leukemia_core.detection.data import (CLASSES, BoxDataset, attribute_table, attribute_values, bccd_boxes,
                                           encode_attributes, link_sources, link_wbcatt, load_image,
                                           txl_boxes)
@@ -128,7 +128,7 @@ from leukemia_core.detection.train import (DetTrainConfig, attribute_metrics, at
                                            train_detector)
 from leukemia_core.pipeline import content_hash
 from leukemia_core.plots import show_source
-from leukemia_core.results import write_results
+from leukemia_core.reproducibility.results import write_results
 
 CHAPTER_START = time.perf_counter()
 SECTION_TIMES = {}  # section -> seconds, printed at the end of the chapter
@@ -481,7 +481,7 @@ display(per_domain.style.format("{:.3f}", subset=per_domain.columns[1:]).format(
 # evaluation (101-point interpolated AP), not Ultralytics' evaluator.
 
 # %%
-from leukemia_core.registry import load_claims
+from leukemia_core.reproducibility.registry import load_claims
 
 bccd_m = full_metrics["BCCD test"]
 txl_m = full_metrics["TXL-PBC test"]["all"]

@@ -92,21 +92,21 @@ from leukemia_core.data import load_dataset
 from leukemia_core.data.records import WBC_CLASSES
 from leukemia_core.data.splits import apply_split
 from leukemia_core.data.torch_dataset import read_image
-from leukemia_core.dataroot import REPO_ROOT
+from leukemia_core.data.dataroot import REPO_ROOT
 from leukemia_core.engine.train import FitConfig, evaluate, fit
 from leukemia_core.gan import quality
 from leukemia_core.gan.balance import evaluation_rows, top_up_counts, training_set
 from leukemia_core.gan.provenance import generate, is_synthetic
 from leukemia_core.gan.r3gan import R3GANConfig, R3GANTrainer, rpgan_losses, zero_centred_penalty
 from leukemia_core.gan.train import train_r3gan
-from leukemia_core.imbalance import RAABIN_RATIOS, imbalanced_train
+from leukemia_core.data.imbalance import RAABIN_RATIOS, imbalanced_train
 from leukemia_core.models import create_model, size_kwargs
 from leukemia_core.models.hybrid import ConvNeXtV2SwinHybrid, swin_kwargs
 from leukemia_core.pipeline import content_hash, make_loader, prepare_table, subsample
 from leukemia_core.plots import confusion_matrix_figure, image_grid, show_source, use_offline_plotly
-from leukemia_core.registry import load_claims
-from leukemia_core.results import write_results
-from leukemia_core.transforms import CLAHE, static_transform
+from leukemia_core.reproducibility.registry import load_claims
+from leukemia_core.reproducibility.results import write_results
+from leukemia_core.data.transforms import CLAHE, static_transform
 
 use_offline_plotly()
 CHAPTER_START = time.perf_counter()
@@ -133,7 +133,7 @@ display(Markdown("The paper's claims: " + "; ".join(
 # %% [markdown]
 # ## The imbalance protocol
 #
-# Raabin-WBC's training set, relative to its neutrophils (`leukemia_core.imbalance.RAABIN_RATIOS`,
+# Raabin-WBC's training set, relative to its neutrophils (`leukemia_core.data.imbalance.RAABIN_RATIOS`,
 # the "Raabin ratio" column below). From PBC's
 # committed training split we keep the largest subsample with exactly these ratios
 # (lymphocytes run out first), chosen by a fixed seed; the kept list and its SHA-256 are
@@ -192,7 +192,7 @@ display(Markdown(
 # ## CLAHE
 #
 # {term}`Contrast-limited adaptive histogram equalisation <CLAHE>`
-# (`leukemia_core.transforms.CLAHE`: clip limit $c = 2$, 8x8 tiles) on the lightness
+# (`leukemia_core.data.transforms.CLAHE`: clip limit $c = 2$, 8x8 tiles) on the lightness
 # channel of LAB, before resizing. It spreads each tile's lightness histogram, with the
 # clip limit capping how far noise is amplified: chromatin and granules gain contrast,
 # the pale background brightens.

@@ -33,7 +33,7 @@
 # under LeRF; ROAD = (LeRF − MoRF) / 2, higher is better. Every method is compared with
 # **random maps** of the same coarseness on the same images.
 #
-# All of it comes from `leukemia_core.explain`, which every chapter and the
+# All of it comes from `leukemia_core.explain.cams`, which every chapter and the
 # {doc}`prediction explorer <10_explorer>` use.
 #
 # :::{admonition} Learning objectives
@@ -72,12 +72,12 @@ import plotly.graph_objects as go
 import torch
 from IPython.display import Markdown, display
 
-from leukemia_core import explain
+from leukemia_core.explain import cams as explain
 from leukemia_core.config import chapter_sizes
 from leukemia_core.data.torch_dataset import read_image
-from leukemia_core.dataroot import REPO_ROOT
+from leukemia_core.data.dataroot import REPO_ROOT
 from leukemia_core.errors import CheckpointError
-from leukemia_core.explorer import load_run
+from leukemia_core.explain.explorer import load_run
 from leukemia_core.pipeline import eval_transform
 from leukemia_core.plots import show_source, use_offline_plotly
 
@@ -327,7 +327,7 @@ import hashlib
 
 from leukemia_core.config import get_profile
 from leukemia_core.data.splits import split_hash
-from leukemia_core.results import write_results
+from leukemia_core.reproducibility.results import write_results
 
 faith = {name: t.reset_index().rename(columns={"index": "method"}).to_dict(orient="records")
          for name, t in tables.items()}

@@ -58,8 +58,8 @@ import json
 
 from IPython.display import Image, Markdown, display
 
-from leukemia_core.dataroot import REPO_ROOT
-from leukemia_core.explorer import SCREENSHOTS, explorer
+from leukemia_core.data.dataroot import REPO_ROOT
+from leukemia_core.explain.explorer import SCREENSHOTS, explorer
 
 # %% [markdown]
 # ## Screenshots

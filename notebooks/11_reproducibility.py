@@ -23,7 +23,7 @@
 # source; ours come from the results registry, the JSON files under `results/<profile>/`
 # that the chapters and `leukemia-core train` write (metrics, profile, seeds, config,
 # data and split hashes, git commit, hardware, wall time), validated by
-# `leukemia_core.registry` when they are written and again here.
+# `leukemia_core.reproducibility.registry` when they are written and again here.
 #
 # - `results/ci/` is written by the `ci` book build (2 CPU cores) and committed. The
 #   build fails if it disagrees with the committed files beyond a stated tolerance
@@ -50,9 +50,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from IPython.display import Markdown, display
 
-from leukemia_core.dataroot import REPO_ROOT
+from leukemia_core.data.dataroot import REPO_ROOT
 from leukemia_core.plots import use_offline_plotly
-from leukemia_core.registry import (freshness, headline_rows, load_claims, load_registry,
+from leukemia_core.reproducibility.registry import (freshness, headline_rows, load_claims, load_registry,
                                     not_reproducible, paper_status)
 
 use_offline_plotly()

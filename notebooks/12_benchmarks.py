@@ -50,11 +50,11 @@ import plotly.graph_objects as go
 import torch
 from IPython.display import Markdown, display
 
-from leukemia_core import bench
-from leukemia_core.dataroot import REPO_ROOT
+from leukemia_core.reproducibility import bench
+from leukemia_core.data.dataroot import REPO_ROOT
 from leukemia_core.plots import use_offline_plotly
-from leukemia_core.registry import describe_machine
-from leukemia_core.results import hardware
+from leukemia_core.reproducibility.registry import describe_machine
+from leukemia_core.reproducibility.results import hardware
 
 use_offline_plotly()
 logging.getLogger("timm").setLevel(logging.ERROR)  # short benchmark runs make timm's scheduler warn

@@ -24,7 +24,7 @@ def smoke_book():
     """The smoke book, built once per test session into a temporary folder. Every method
     chapter runs with its exercise's parameter change (tests/exercises.py), which the
     exercise tests check; the ci book runs the defaults."""
-    from leukemia_core.dataroot import resolve_data_root
+    from leukemia_core.data.dataroot import resolve_data_root
 
     if not (resolve_data_root()[0] / "pbc").is_dir():
         pytest.skip("the book executes the data chapter and no data root is present "

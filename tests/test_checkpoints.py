@@ -17,7 +17,7 @@ from leukemia_core.checkpoints import load_checkpoint
 from leukemia_core.engine.checkpoint import KINDS, read_checkpoint_meta, save_weights
 from leukemia_core.errors import CheckpointError
 from leukemia_core.models import create_model
-from leukemia_core.transforms import CLAHE, build_transform, preprocess_dict
+from leukemia_core.data.transforms import CLAHE, build_transform, preprocess_dict
 
 CLASSES = ["a", "b", "c"]
 
@@ -62,7 +62,7 @@ def test_classifier_in_the_earlier_layout_still_loads(tmp_path):
 
 
 def test_dg_classifier_round_trip(tmp_path):
-    from leukemia_core.predict import save_dg_checkpoint
+    from leukemia_core.dg import save_dg_checkpoint
 
     torch.manual_seed(0)
     model = dg.DGNet(dg.build_backbone("bn", 3, pretrained=False))

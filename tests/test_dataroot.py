@@ -1,7 +1,7 @@
 import pytest
 
 from leukemia_core.data import load_dataset
-from leukemia_core.dataroot import DEFAULT_ROOT, data_root, resolve_data_root
+from leukemia_core.data.dataroot import DEFAULT_ROOT, data_root, resolve_data_root
 from leukemia_core.errors import DataRootError, UnknownNameError
 
 

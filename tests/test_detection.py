@@ -250,7 +250,7 @@ def test_box_dataset_flips_boxes_and_patch(tmp_path):
 def test_detect_cli_writes_one_record_per_image(tmp_path):
     import argparse
 
-    from leukemia_core.detection.cli import add_detect_parser
+    from leukemia_core.cli.detect import add_detect_parser
     from leukemia_core.detection.train import save_detector
 
     folder = tmp_path / "smears"

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from leukemia_core import dg
-from leukemia_core.domains import CLASSES, SHARED, dedup_across, load_domains
+from leukemia_core.data.domains import CLASSES, SHARED, dedup_across, load_domains
 from leukemia_core.errors import DatasetError
 
 
@@ -181,7 +181,8 @@ def test_train_dg_runs_every_piece(trained):
 
 
 def test_predict_folder_mixed_sizes_and_corrupt(trained, tmp_path):
-    from leukemia_core.predict import predict_folder, save_dg_checkpoint
+    from leukemia_core.dg import save_dg_checkpoint
+    from leukemia_core.predict import predict_folder
 
     recipe, res = trained
     ckpt = save_dg_checkpoint(tmp_path / "run" / "model.safetensors", res.model,
@@ -210,7 +211,8 @@ def test_predict_folder_mixed_sizes_and_corrupt(trained, tmp_path):
 def test_cli_predict_parser(trained, tmp_path):
     import argparse
 
-    from leukemia_core.predict import add_predict_parser, save_dg_checkpoint
+    from leukemia_core.cli.predict import add_predict_parser
+    from leukemia_core.dg import save_dg_checkpoint
 
     recipe, res = trained
     ckpt = save_dg_checkpoint(tmp_path / "m.safetensors", res.model, ["a", "b", "c"], 32, None, recipe)
@@ -271,7 +273,8 @@ def test_train_dg_domain_bn_runs_and_selects_on_per_domain_validation():
 
 
 def test_predict_warns_when_a_domain_bn_model_is_not_adapted(tmp_path):
-    from leukemia_core.predict import predict_folder, save_dg_checkpoint
+    from leukemia_core.dg import save_dg_checkpoint
+    from leukemia_core.predict import predict_folder
 
     recipe = dg.Recipe("combined", domain_bn=True)
     model = dg.DGNet(dg.build_backbone("bn", 3, pretrained=False))

@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from leukemia_core import explain
+from leukemia_core.explain import cams as explain
 from leukemia_core.errors import LeukemiaError, UnknownNameError
 from leukemia_core.models import create_model
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from leukemia_core import explorer as ex
+from leukemia_core.explain import explorer as ex
 from leukemia_core.engine.checkpoint import save_weights
 from leukemia_core.errors import CheckpointError, DatasetError, LeukemiaError
 from leukemia_core.models import create_model

@@ -16,7 +16,7 @@ import time
 import pandas as pd
 import pytest
 
-from leukemia_core import explorer as ex
+from leukemia_core.explain import explorer as ex
 
 CHROMIUM = "/usr/bin/chromium"
 PAGE_SIZE = 24  # the explorer's default

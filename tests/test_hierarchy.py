@@ -8,7 +8,7 @@ import torch
 from leukemia_core.errors import DatasetError, UnknownNameError
 from leukemia_core.hierarchy import (HierarchicalTask, LevelCodec, MultiLevelNet, hierarchical_metrics,
                                      is_valid_path)
-from leukemia_core.taxonomy import Taxonomy, load_taxonomy_table
+from leukemia_core.data.taxonomy import Taxonomy, load_taxonomy_table
 
 # root ─ A ─ a1, a2          a1, a2 at depth 2
 #      ├ B (leaf)            B at depth 1: no target below level 0

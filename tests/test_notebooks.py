@@ -17,7 +17,7 @@ CHAPTERS = build.toc_chapters()
 
 
 def have_data() -> bool:
-    from leukemia_core.dataroot import resolve_data_root
+    from leukemia_core.data.dataroot import resolve_data_root
 
     root, _ = resolve_data_root()
     return (root / "pbc").is_dir()

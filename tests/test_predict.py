@@ -16,8 +16,8 @@ from PIL import Image
 
 from leukemia_core import dg
 from leukemia_core import predict as P
-from leukemia_core.class_names import map_classes
-from leukemia_core.cli import main
+from leukemia_core.data.class_names import map_classes
+from leukemia_core.cli.main import main
 from leukemia_core.data.records import find_images
 from leukemia_core.data.torch_dataset import read_image
 from leukemia_core.errors import DatasetError
@@ -45,7 +45,7 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     model = dg.DGNet(dg.build_backbone("bn", len(CLASSES), pretrained=False))
     path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    return P.save_dg_checkpoint(path, model, CLASSES, 32, None, dg.Recipe("test"))
+    return dg.save_dg_checkpoint(path, model, CLASSES, 32, None, dg.Recipe("test"))
 
 
 @pytest.fixture
@@ -196,7 +196,7 @@ def test_evaluate_maps_synonyms_and_scores_shared_classes(monkeypatch, tmp_path,
     assert r["macro_f1"] == pytest.approx(6 / 7) and r["accuracy"] == pytest.approx(6 / 7)
     assert r["confusion_matrix"]["classes"] == ["neutrophil", "lymphocyte"]
     # the output folder opens in the prediction explorer (unreadable rows left out)
-    from leukemia_core.explorer import load_run
+    from leukemia_core.explain.explorer import load_run
     d = load_run(tmp_path / "ev")
     assert len(d.table) == 9 and d.classes == CLASSES and "Myeloblast" in d.true_classes
     assert d.confusion(d.select()).loc["neutrophil", "neutrophil"] == 3

@@ -205,7 +205,7 @@ def test_claim_matches_at_printed_precision_only():
 
 
 def test_allowed_raabin_ratios_are_the_protocol_constants():
-    from leukemia_core.imbalance import RAABIN_RATIOS
+    from leukemia_core.data.imbalance import RAABIN_RATIOS
 
     typed = dict(re.findall(r"(\w+) (0\.\d+)", ALLOWED[1][0]))
     assert {k: float(v) for k, v in typed.items()} == {k: v for k, v in RAABIN_RATIOS.items() if v != 1.0}

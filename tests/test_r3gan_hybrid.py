@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from leukemia_core.dataroot import REPO_ROOT
+from leukemia_core.data.dataroot import REPO_ROOT
 from leukemia_core.errors import LeukemiaError, UnknownNameError
 from leukemia_core.gan.provenance import assert_real_only, generate, is_synthetic
 from leukemia_core.gan.r3gan import (Discriminator, Generator, R3GANConfig, R3GANTrainer, ResidualBlock,
                                      rpgan_losses, zero_centred_penalty)
-from leukemia_core.imbalance import RAABIN_RATIOS, imbalanced_train
+from leukemia_core.data.imbalance import RAABIN_RATIOS, imbalanced_train
 from leukemia_core.models import create_model, size_kwargs
 
 
@@ -154,7 +154,7 @@ def test_hybrid_and_branches_are_registered_and_train():
 
 
 def test_hybrid_grad_cam_target_is_the_convolutional_branch():
-    from leukemia_core.explain import cam_target
+    from leukemia_core.explain.cams import cam_target
     hybrid = create_model("convnextv2_swin_hybrid_atto", 3, image_size=64)
     target = cam_target(hybrid, 64)
     assert target.layers == [hybrid.cnn.stages[-1]]

@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from conftest import load_module
-from leukemia_core import registry
+from leukemia_core.reproducibility import registry
 from leukemia_core.errors import LeukemiaError
-from leukemia_core.registry import (ResultsError, freshness, headline_rows, load_claims, load_registry,
+from leukemia_core.reproducibility.registry import (ResultsError, freshness, headline_rows, load_claims, load_registry,
                                     metric, not_reproducible, paper_of, paper_status, validate)
-from leukemia_core.results import write_results
+from leukemia_core.reproducibility.results import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 build = load_module("book_build", "book/build.py")
@@ -327,7 +327,7 @@ def test_the_book_build_fails_on_drift(repo, monkeypatch):
 
 # ------------------------------------------------------------------ CLI and benchmarks
 def test_cli_results_lists_the_registry(capsys):
-    from leukemia_core.cli import main
+    from leukemia_core.cli.main import main
 
     assert main(["results"]) == 0
     out = capsys.readouterr().out
@@ -335,7 +335,7 @@ def test_cli_results_lists_the_registry(capsys):
 
 
 def test_bench_gan_from_the_cli(tmp_path):
-    from leukemia_core.cli import main
+    from leukemia_core.cli.main import main
 
     torch.set_num_threads(1)
     out = tmp_path / "gan.json"
@@ -345,7 +345,7 @@ def test_bench_gan_from_the_cli(tmp_path):
 
 
 def test_latency_of_a_tiny_model():
-    from leukemia_core.bench import latency
+    from leukemia_core.reproducibility.bench import latency
 
     torch.set_num_threads(1)
     r = latency(torch.nn.Conv2d(3, 4, 3), image_size=16, batch=4, repeats=2, warmup=1, device="cpu")

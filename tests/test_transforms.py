@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from leukemia_core.transforms import CLAHE, build_transform, compute_norm_stats
+from leukemia_core.data.transforms import CLAHE, build_transform, compute_norm_stats
 
 
 def _low_contrast(seed=0):

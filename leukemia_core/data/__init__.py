@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..dataroot import data_root
-from ..errors import UnknownNameError
-from .bccd import load_bccd, load_bccd_crops
-from .pbc import load_pbc
-from .records import RECORD_COLUMNS, WBC_CLASSES
-from .single_cell import load_aria, load_matek, load_zheng
-from .txl_pbc import load_txl_pbc
-from .wbcatt import ATTRIBUTES, load_wbcatt
+from leukemia_core.data.dataroot import data_root
+from leukemia_core.errors import UnknownNameError
+from leukemia_core.data.bccd import load_bccd, load_bccd_crops
+from leukemia_core.data.pbc import load_pbc
+from leukemia_core.data.records import RECORD_COLUMNS, WBC_CLASSES
+from leukemia_core.data.single_cell import load_aria, load_matek, load_zheng
+from leukemia_core.data.txl_pbc import load_txl_pbc
+from leukemia_core.data.wbcatt import ATTRIBUTES, load_wbcatt
 
 #: name -> loader(root, hashes=True)
 LOADERS = {

@@ -6,9 +6,9 @@ import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from ..dataroot import dataset_dir
-from ..errors import DatasetError
-from .records import list_images, make_table
+from leukemia_core.data.dataroot import dataset_dir
+from leukemia_core.errors import DatasetError
+from leukemia_core.data.records import list_images, make_table
 
 FOLDER = "bccd"
 BOX_CLASSES = ["WBC", "RBC", "Platelets"]

@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageFile
 
-from ..errors import DataRootError, LeukemiaError, UnknownNameError
-from . import LOADERS
-from .fetch import RELEASES, SUMS, read_sums
-from .records import sha256_files
+from leukemia_core.errors import DataRootError, LeukemiaError, UnknownNameError
+from leukemia_core.data import LOADERS
+from leukemia_core.data.fetch import RELEASES, SUMS, read_sums
+from leukemia_core.data.records import sha256_files
 
 DUPLICATE_COLUMNS = ["sha256", "dataset", "relpath", "label", "group_size",
                      "cross_dataset", "cross_class"]

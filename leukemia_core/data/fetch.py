@@ -28,8 +28,8 @@ from urllib.parse import quote
 import pooch
 import requests
 
-from ..errors import DatasetError, LeukemiaError, UnknownNameError
-from .records import sha256_file
+from leukemia_core.errors import DatasetError, LeukemiaError, UnknownNameError
+from leukemia_core.data.records import sha256_file
 
 SUMS = "SHA256SUMS"
 DOWNLOAD_DIR = ".downloads"  # archives of original releases, kept as pooch's cache

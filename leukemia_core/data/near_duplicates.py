@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from ..errors import DatasetError
+from leukemia_core.errors import DatasetError
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def clusters(relpaths, pairs: pd.DataFrame) -> pd.Series:
     """Cluster id (the smallest relpath of its cluster) per relpath: connected components
     of the ``pairs`` graph (the same union as the splits use); a relpath in no pair is its
     own cluster."""
-    from .splits import duplicate_groups
+    from leukemia_core.data.splits import duplicate_groups
 
     t = pd.DataFrame({"relpath": list(relpaths)})
     t["sha256"] = t["relpath"]  # no content hashes here: only the pairs join records

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..dataroot import dataset_dir
-from ..errors import DatasetError
-from .records import list_images, make_table
+from leukemia_core.data.dataroot import dataset_dir
+from leukemia_core.errors import DatasetError
+from leukemia_core.data.records import list_images, make_table
 
 FOLDER = "pbc"
 RELEASE_DIR = "PBC_dataset_normal_DIB"

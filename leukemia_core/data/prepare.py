@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ..config import Profile
-from ..errors import UnknownNameError
-from ..transforms import CLAHE, build_transform, compute_norm_stats, static_transform
-from .torch_dataset import ImageTableDataset
+from leukemia_core.config import Profile
+from leukemia_core.errors import UnknownNameError
+from leukemia_core.data.transforms import CLAHE, build_transform, compute_norm_stats, static_transform
+from leukemia_core.data.torch_dataset import ImageTableDataset
 
 
 def content_hash(table: pd.DataFrame) -> str:

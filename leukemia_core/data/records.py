@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import DatasetError
+from leukemia_core.errors import DatasetError
 
 #: Columns every loader's table has, in this order, before its task columns.
 RECORD_COLUMNS = ["path", "relpath", "label", "dataset", "domain", "sha256"]

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..dataroot import dataset_dir
-from ..errors import DatasetError
-from .records import list_images, make_table
+from leukemia_core.data.dataroot import dataset_dir
+from leukemia_core.errors import DatasetError
+from leukemia_core.data.records import list_images, make_table
 
 #: Matek-19 folder names (TCIA release abbreviations and the mirror's names) -> label.
 MATEK_FOLDERS = {

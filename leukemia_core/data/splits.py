@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..dataroot import REPO_ROOT
-from ..errors import DatasetError
+from leukemia_core.data.dataroot import REPO_ROOT
+from leukemia_core.errors import DatasetError
 
 SPLITS_DIR = REPO_ROOT / "splits"
 #: dataset -> (fractions train/val/test, group column or None)
@@ -118,7 +118,7 @@ def read_near_duplicates(name: str, splits_dir: Path = SPLITS_DIR) -> pd.DataFra
 
 def compute_split(name: str, table: pd.DataFrame):
     """``(split, excluded, near-duplicate pairs)`` of dataset ``name``, from its images."""
-    from .near_duplicates import NearDupConfig, near_duplicate_pairs
+    from leukemia_core.data.near_duplicates import NearDupConfig, near_duplicate_pairs
 
     if name not in SPLIT_SPECS:
         raise DatasetError(f"no split spec for '{name}'; datasets with splits: {sorted(SPLIT_SPECS)}")

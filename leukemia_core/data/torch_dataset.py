@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DatasetError, UnknownNameError
+from leukemia_core.errors import DatasetError, UnknownNameError
 
 
 def read_image(path: str | Path) -> Image.Image:

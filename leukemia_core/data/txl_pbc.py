@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..dataroot import dataset_dir
-from ..errors import DatasetError
-from .records import list_images, make_table
+from leukemia_core.data.dataroot import dataset_dir
+from leukemia_core.errors import DatasetError
+from leukemia_core.data.records import list_images, make_table
 
 FOLDER = "txl_pbc"
 BOX_CLASSES = ["WBC", "RBC", "Platelets"]

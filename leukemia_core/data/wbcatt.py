@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..dataroot import dataset_dir
-from ..errors import DatasetError
-from .pbc import load_pbc
+from leukemia_core.data.dataroot import dataset_dir
+from leukemia_core.errors import DatasetError
+from leukemia_core.data.pbc import load_pbc
 
 FOLDER = "wbcatt"
 ATTRIBUTES = ["cell_size", "cell_shape", "nucleus_shape", "nuclear_cytoplasmic_ratio",
@@ -84,8 +84,8 @@ def drop_cross_split_copies(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataF
     members in the most held-out split (test, then val) stay and the others are
     dropped. Returns ``(kept, dropped)``; ``dropped`` lists each removed cell with the
     split it was in and the copy it duplicates."""
-    from .near_duplicates import clusters
-    from .splits import read_near_duplicates
+    from leukemia_core.data.near_duplicates import clusters
+    from leukemia_core.data.splits import read_near_duplicates
 
     cluster = clusters(table["relpath"], read_near_duplicates("pbc"))
     t = table.assign(_cluster=cluster[table["relpath"]].to_numpy(),

@@ -19,9 +19,9 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..data import load_dataset
-from ..data.torch_dataset import read_image
-from ..errors import DatasetError
+from leukemia_core.data import load_dataset
+from leukemia_core.data.torch_dataset import read_image
+from leukemia_core.errors import DatasetError
 
 CLASSES = ["WBC", "RBC", "Platelets"]
 #: Tolerance (pixels) for a box edge past the image border (VOC is 1-based).
@@ -153,8 +153,8 @@ def link_wbcatt(txl: pd.DataFrame, wbcatt: pd.DataFrame) -> pd.DataFrame:
     The attribute head is validated and tested on those cells through the detector's
     features, so a detector trained on such an image would have seen them: the caller
     keeps these images out of detector training."""
-    from ..data.near_duplicates import clusters
-    from ..data.splits import read_near_duplicates
+    from leukemia_core.data.near_duplicates import clusters
+    from leukemia_core.data.splits import read_near_duplicates
 
     held = set(wbcatt.loc[wbcatt["wbcatt_split"].isin(["val", "test"]), "relpath"])
     pairs = read_near_duplicates("pbc")
@@ -226,7 +226,7 @@ def attribute_table(root, txl: pd.DataFrame | None = None) -> pd.DataFrame:
       ``source_map.csv``), box = its annotated WBC nearest the image centre. TXL images
       whose annotation has no WBC are listed in ``attrs["txl_without_wbc_box"]``.
     """
-    from ..data.wbcatt import ATTRIBUTES
+    from leukemia_core.data.wbcatt import ATTRIBUTES
 
     cells = load_dataset("wbcatt", root, hashes=False)
     rows, no_wbc = [], []

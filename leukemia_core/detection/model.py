@@ -17,9 +17,9 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, generalized_box_iou_loss, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from ..models import create_model
-from ..models.pretrained import PRETRAINED_CFGS
-from .data import CLASSES
+from leukemia_core.models import create_model
+from leukemia_core.models.pretrained import PRETRAINED_CFGS
+from leukemia_core.detection.data import CLASSES
 
 LITE0 = PRETRAINED_CFGS["efficientnet_lite0"]  # the backbone's pretrained preprocessing
 

@@ -13,11 +13,11 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from torchmetrics.detection import MeanAveragePrecision
 
-from ..engine.loop import Callback, LoopConfig, Task, train
-from ..errors import CheckpointError
-from .data import CLASSES, collate
-from .model import WBCDetector
-from .sparse import OUTSIDE_WEIGHT, PSEUDO_CONF, PSEUDO_IOU, location_weights, regime_targets
+from leukemia_core.engine.loop import Callback, LoopConfig, Task, train
+from leukemia_core.errors import CheckpointError
+from leukemia_core.detection.data import CLASSES, collate
+from leukemia_core.detection.model import WBCDetector
+from leukemia_core.detection.sparse import OUTSIDE_WEIGHT, PSEUDO_CONF, PSEUDO_IOU, location_weights, regime_targets
 
 
 @dataclass
@@ -311,7 +311,7 @@ def attribute_metrics(pred: np.ndarray, true: np.ndarray, train_true: np.ndarray
 def save_detector(model: WBCDetector, path, attribute_values: dict | None = None) -> None:
     """Weights as safetensors in the one checkpoint format (kind ``detector``): the model's
     config and the attribute value names in its metadata."""
-    from ..engine.checkpoint import save_weights
+    from leukemia_core.engine.checkpoint import save_weights
 
     save_weights(Path(path), model, {"kind": "detector", "config": dict(model.config),
                                      "attribute_values": dict(attribute_values or {})})
@@ -320,7 +320,7 @@ def save_detector(model: WBCDetector, path, attribute_values: dict | None = None
 def load_detector(path) -> tuple[WBCDetector, dict]:
     """A detector saved by :func:`save_detector` (also the earlier layout, with the config
     as its own metadata key) and its attribute value names."""
-    from ..engine.checkpoint import read_checkpoint_meta
+    from leukemia_core.engine.checkpoint import read_checkpoint_meta
 
     meta = read_checkpoint_meta(path)
     if meta["kind"] != "detector":

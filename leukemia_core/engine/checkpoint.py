@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from leukemia_core.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
 STATE = "train_state.safetensors"

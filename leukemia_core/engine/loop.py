@@ -33,8 +33,8 @@ from safetensors.torch import load_file, save_file
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
-from . import distributed as ddp
-from .checkpoint import STATE, WEIGHTS, load_weights, save_weights
+from leukemia_core.engine import distributed as ddp
+from leukemia_core.engine.checkpoint import STATE, WEIGHTS, load_weights, save_weights
 
 LAST = "last.safetensors"
 
@@ -231,7 +231,7 @@ def save_loop_state(path: Path, state: LoopState, task: Task, sums: dict, bad_ep
 
 
 def load_loop_state(path: Path, state: LoopState, task: Task) -> dict:
-    from .checkpoint import read_meta
+    from leukemia_core.engine.checkpoint import read_meta
 
     meta = read_meta(path)
     tensors = load_file(str(path))

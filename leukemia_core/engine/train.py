@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import distributed as ddp
-from .loop import LoopConfig, Task, train
-from .metrics import classification_metrics
+from leukemia_core.engine import distributed as ddp
+from leukemia_core.engine.loop import LoopConfig, Task, train
+from leukemia_core.engine.metrics import classification_metrics
 
 
 @dataclass

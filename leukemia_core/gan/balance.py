@@ -12,8 +12,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from ..errors import LeukemiaError
-from .provenance import assert_real_only, is_synthetic
+from leukemia_core.errors import LeukemiaError
+from leukemia_core.gan.provenance import assert_real_only, is_synthetic
 
 
 def top_up_counts(counts: dict[str, int], classes: list[str], target: int) -> dict[str, int]:

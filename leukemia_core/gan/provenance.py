@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import LeukemiaError
+from leukemia_core.errors import LeukemiaError
 
 SYNTHETIC_PREFIX = "synthetic://"
 

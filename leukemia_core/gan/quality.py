@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from ..errors import LeukemiaError
+from leukemia_core.errors import LeukemiaError
 
 
 class ClassifierFeatures(nn.Module):

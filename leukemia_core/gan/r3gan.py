@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import LeukemiaError
+from leukemia_core.errors import LeukemiaError
 
 
 class ResidualBlock(nn.Module):

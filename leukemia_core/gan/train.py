@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..engine.checkpoint import save_weights
-from ..errors import LeukemiaError
-from .provenance import file_sha256
-from .r3gan import Discriminator, Generator, R3GANConfig, R3GANTrainer
+from leukemia_core.engine.checkpoint import save_weights
+from leukemia_core.errors import LeukemiaError
+from leukemia_core.gan.provenance import file_sha256
+from leukemia_core.gan.r3gan import Discriminator, Generator, R3GANConfig, R3GANTrainer
 
 
 @dataclass
@@ -115,7 +115,7 @@ def train_r3gan(images: np.ndarray, targets, num_classes: int, steps: int, batch
 
 def load_generator(path: str | Path) -> tuple[Generator, dict]:
     """The EMA generator written by :func:`train_r3gan` (``out=``) and its metadata."""
-    from ..engine.checkpoint import load_weights, read_meta
+    from leukemia_core.engine.checkpoint import load_weights, read_meta
 
     meta = read_meta(Path(path))
     if meta.get("kind") != "r3gan_generator":
@@ -133,7 +133,7 @@ def _save_gan_state(path: Path, step: int, history: list, g, d, ema, trainer, ge
 
     from safetensors.torch import save_file
 
-    from ..engine.loop import optimizer_state, rng_state
+    from leukemia_core.engine.loop import optimizer_state, rng_state
 
     tensors, meta = {}, {"step": step, "history": history}
     for name, module in (("g", g), ("d", d), ("ema", ema)):
@@ -154,8 +154,8 @@ def _save_gan_state(path: Path, step: int, history: list, g, d, ema, trainer, ge
 def _load_gan_state(path: Path, g, d, ema, trainer, gen) -> tuple[int, list]:
     from safetensors.torch import load_file
 
-    from ..engine.checkpoint import read_meta
-    from ..engine.loop import load_optimizer_state, set_rng_state
+    from leukemia_core.engine.checkpoint import read_meta
+    from leukemia_core.engine.loop import load_optimizer_state, set_rng_state
 
     meta, tensors = read_meta(path), load_file(str(path))
 

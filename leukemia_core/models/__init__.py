@@ -10,7 +10,7 @@ from typing import Callable
 import timm
 import torch.nn as nn
 
-from ..errors import UnknownNameError
+from leukemia_core.errors import UnknownNameError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -31,7 +31,7 @@ def list_models() -> list[str]:
 def _efficientnet_lite0(num_classes: int, pretrained: bool = False, **kwargs) -> nn.Module:
     """timm ``tf_efficientnet_lite0``; ``pretrained`` loads the offline ImageNet weights."""
     if pretrained:
-        from .efficientnet_lite0 import efficientnet_lite0_imagenet
+        from leukemia_core.models.efficientnet_lite0 import efficientnet_lite0_imagenet
         return efficientnet_lite0_imagenet(num_classes=num_classes, **kwargs)
     return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes, **kwargs)
 
@@ -67,7 +67,7 @@ def _hybrid(variant: str, branches: tuple[str, ...]):
         if pretrained:
             raise UnknownNameError("no offline pretrained weights exist for the ConvNeXtV2 or Swin "
                                    "branches; train the hybrid with pretrained=False")
-        from .hybrid import ConvNeXtV2SwinHybrid
+        from leukemia_core.models.hybrid import ConvNeXtV2SwinHybrid
         return ConvNeXtV2SwinHybrid(num_classes, variant, image_size, branches, **kwargs)
     return build
 

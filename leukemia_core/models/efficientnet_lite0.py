@@ -17,8 +17,8 @@ import timm
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
-from .pretrained import PRETRAINED_CFGS
+from leukemia_core.errors import CheckpointError
+from leukemia_core.models.pretrained import PRETRAINED_CFGS
 
 ARCH = "tf_efficientnet_lite0"
 

@@ -17,7 +17,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from ..errors import LeukemiaError
+from leukemia_core.errors import LeukemiaError
 
 #: Branch sizes per variant: (ConvNeXtV2 name, Swin overrides). ``atto`` is the CPU-sized
 #: pair for the ci profile; ``tiny`` is the paper-scale pair for full runs.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..errors import UnknownNameError
+from leukemia_core.errors import UnknownNameError
 
 
 @dataclass(frozen=True)

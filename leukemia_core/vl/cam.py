@@ -2,7 +2,7 @@
 
 The Grad-CAM target is the cosine similarity between the image embedding and one fixed
 text embedding (instead of a class logit); gradients of that similarity weight the
-feature maps of the image tower's ``cam_target_layers()``, via :mod:`leukemia_core.explain`.
+feature maps of the image tower's ``cam_target_layers()``, via :mod:`leukemia_core.explain.cams`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import ImageEmbedder, VisionLanguageModel
+from leukemia_core.vl.model import ImageEmbedder, VisionLanguageModel
 
 
 class SimilarityTarget:
@@ -28,7 +28,7 @@ def similarity_cam(model: VisionLanguageModel, images: torch.Tensor, text_emb: t
     """Heat maps [N, H, W] in [0, 1] for ``images`` [N, 3, H, W] against ``text_emb``
     ([D]: one sentence for all images, or [N, D]: one per image), computed by the book's
     explanation module on the image tower's ``cam_target_layers()``."""
-    from ..explain import compute_cams
+    from leukemia_core.explain.cams import compute_cams
 
     embedder = ImageEmbedder(model).eval()
     if text_emb.ndim == 1:

@@ -9,7 +9,7 @@ probe_cap: training images per non-PBC source embedded for the source / group pr
 """
 from __future__ import annotations
 
-from ..config import CHAPTER_SIZES, Profile, chapter_sizes
+from leukemia_core.config import CHAPTER_SIZES, Profile, chapter_sizes
 
 VL_SIZES: dict[str, dict] = CHAPTER_SIZES["05_vision_language"]
 

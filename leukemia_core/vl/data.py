@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import Profile
-from ..data import ATTRIBUTES, load_dataset
-from ..data.prepare import PreparedData, prepare_records
-from ..models.pretrained import pretrained_norm
-from ..taxonomy import Taxonomy, load_taxonomy_table
-from .texts import (TextClass, attribute_keys, attribute_sentence, attribute_values, class_texts,
+from leukemia_core.config import Profile
+from leukemia_core.data import ATTRIBUTES, load_dataset
+from leukemia_core.data.prepare import PreparedData, prepare_records
+from leukemia_core.models.pretrained import pretrained_norm
+from leukemia_core.data.taxonomy import Taxonomy, load_taxonomy_table
+from leukemia_core.vl.texts import (TextClass, attribute_keys, attribute_sentence, attribute_values, class_texts,
                     node_to_text_class, templates, value_sentences)
 
 #: The leukemia task's four groups: the first node of a leaf's taxonomy path found here.
@@ -107,7 +107,7 @@ def eval_view(ds, data: PreparedData, image_size: int):
     ``data`` (no augmentation), sharing the decoded cache."""
     import copy
 
-    from ..transforms import build_transform
+    from leukemia_core.data.transforms import build_transform
 
     view = copy.copy(ds)
     clahe = None if ds.cache is not None else data.clahe  # a cache already holds CLAHE'd images

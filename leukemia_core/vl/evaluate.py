@@ -8,11 +8,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data import ATTRIBUTES
-from ..engine.metrics import classification_metrics
-from ..engine.train import autocast, to_device
-from .model import VisionLanguageModel
-from .texts import value_sentences
+from leukemia_core.data import ATTRIBUTES
+from leukemia_core.engine.metrics import classification_metrics
+from leukemia_core.engine.train import autocast, to_device
+from leukemia_core.vl.model import VisionLanguageModel
+from leukemia_core.vl.texts import value_sentences
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import create_model
+from leukemia_core.models import create_model
 
 TEXT_DIM = 384
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from ..data.wbcatt import ATTRIBUTES
-from ..errors import DatasetError, UnknownNameError
+from leukemia_core.data.wbcatt import ATTRIBUTES
+from leukemia_core.errors import DatasetError, UnknownNameError
 
 TEXTS_DIR = Path(__file__).resolve().parent.parent / "texts"
 CLASS_FILE = TEXTS_DIR / "class_descriptions.yaml"

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from ..engine.checkpoint import read_meta
-from ..engine.loop import Callback, LoopConfig, Task, train
-from ..engine.train import default_device, to_device
-from ..errors import CheckpointError
-from .data import IndexedDataset, TextBank, class_balanced_weights
-from .losses import multi_positive_info_nce, positives_from_keys
-from .model import VisionLanguageModel, VLModelConfig, build_vl_model
+from leukemia_core.engine.checkpoint import read_meta
+from leukemia_core.engine.loop import Callback, LoopConfig, Task, train
+from leukemia_core.engine.train import default_device, to_device
+from leukemia_core.errors import CheckpointError
+from leukemia_core.vl.data import IndexedDataset, TextBank, class_balanced_weights
+from leukemia_core.losses.vision_language import multi_positive_info_nce, positives_from_keys
+from leukemia_core.vl.model import VisionLanguageModel, VLModelConfig, build_vl_model
 
 WEIGHTS = "vl_model.safetensors"
 

@@ -64,7 +64,7 @@ def build_transform(image_size: int, train: bool, mean=IMAGENET_MEAN, std=IMAGEN
 def compute_norm_stats(paths, image_size: int, max_images: int = 2000, seed: int = 0,
                        clahe: CLAHE | None = None) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of up to ``max_images`` training images (after resize)."""
-    from .data.torch_dataset import read_image
+    from leukemia_core.data.torch_dataset import read_image
 
     paths = list(paths)
     rng = np.random.default_rng(seed)

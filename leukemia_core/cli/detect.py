@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..data.records import find_images
-from ..errors import LeukemiaError
-from .data import CLASSES, load_image
+from leukemia_core.data.records import find_images
+from leukemia_core.errors import LeukemiaError
+from leukemia_core.detection.data import CLASSES, load_image
 
 
 def detect_folder(folder, model, attribute_values: dict, score_thresh: float = 0.3,
@@ -77,7 +77,7 @@ def write_detections(records: list[dict], out) -> Path:
 
 
 def cmd_detect(args) -> int:
-    from .train import load_detector
+    from leukemia_core.detection.train import load_detector
 
     if Path(args.out).exists() and not args.overwrite:
         raise LeukemiaError(f"detect: {args.out} exists; pass --overwrite to replace it")

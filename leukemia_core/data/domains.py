@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .data import load_dataset
-from .data.splits import apply_split
+from leukemia_core.data import load_dataset
+from leukemia_core.data.splits import apply_split
 
 #: Leave-one-domain-out domains -> loader name.
 DOMAINS = {"pbc": "pbc", "bccd": "bccd_crops", "zheng": "zheng"}

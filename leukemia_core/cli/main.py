@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import CheckpointError, LeukemiaError
+from leukemia_core.errors import CheckpointError, LeukemiaError
 
 
 def _add_root(p):
@@ -14,8 +14,8 @@ def _add_root(p):
 
 
 def cmd_fetch(args):
-    from .data.fetch import fetch_dataset
-    from .dataroot import resolve_data_root
+    from leukemia_core.data.fetch import fetch_dataset
+    from leukemia_core.data.dataroot import resolve_data_root
 
     root, _ = resolve_data_root(args.data_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -24,8 +24,8 @@ def cmd_fetch(args):
 
 
 def cmd_check(args):
-    from .data.check import check_data_root
-    from .dataroot import data_root
+    from leukemia_core.data.check import check_data_root
+    from leukemia_core.data.dataroot import data_root
 
     report = check_data_root(data_root(args.data_root), args.datasets or None)
     print(report.summary())
@@ -37,8 +37,8 @@ def cmd_check(args):
 def cmd_splits(args):
     import pandas as pd
 
-    from .data import load_dataset
-    from .data.splits import SPLIT_SPECS, compute_split, read_near_duplicates, split_paths, write_split
+    from leukemia_core.data import load_dataset
+    from leukemia_core.data.splits import SPLIT_SPECS, compute_split, read_near_duplicates, split_paths, write_split
 
     names = args.names or sorted(SPLIT_SPECS)
     changed = []
@@ -60,7 +60,7 @@ def cmd_splits(args):
 
 
 def cmd_train(args):
-    from .engine import distributed
+    from leukemia_core.engine import distributed
 
     started = distributed.init_from_env()  # under torchrun / accelerate launch
     try:
@@ -72,10 +72,10 @@ def cmd_train(args):
 
 
 def _train(args):
-    from .config import get_profile
-    from .engine.distributed import is_main_process
-    from .pipeline import train_classifier
-    from .transforms import CLAHE
+    from leukemia_core.config import get_profile
+    from leukemia_core.engine.distributed import is_main_process
+    from leukemia_core.pipeline import train_classifier
+    from leukemia_core.data.transforms import CLAHE
 
     overrides = {k: v for k, v in {"epochs": args.epochs, "image_size": args.image_size,
                                   "batch_size": args.batch_size, "lr": args.lr}.items() if v is not None}
@@ -106,7 +106,7 @@ def cmd_evaluate(args):
                             "data root, e.g. --dataset pbc --split test) or --images DIR (a labelled folder, "
                             f"one subfolder per class){'; not both' if args.images else ''}")
     if args.images is not None:
-        from .predict import cmd_evaluate_images
+        from leukemia_core.cli.predict import cmd_evaluate_images
         return cmd_evaluate_images(args)
     only_images = [f"--{k.replace('_', '-')}" for k in ("adapt_bn", "restrict_to_shared", "strict", "overwrite")
                    if getattr(args, k)]
@@ -118,11 +118,11 @@ def cmd_evaluate(args):
 def _evaluate_dataset(args):
     from torch.utils.data import DataLoader
 
-    from .data import load_dataset
-    from .data.splits import apply_split
-    from .data.torch_dataset import ImageTableDataset
-    from .engine.train import evaluate
-    from .pipeline import eval_transform, load_classifier
+    from leukemia_core.data import load_dataset
+    from leukemia_core.data.splits import apply_split
+    from leukemia_core.data.torch_dataset import ImageTableDataset
+    from leukemia_core.engine.train import evaluate
+    from leukemia_core.pipeline import eval_transform, load_classifier
 
     net, meta = load_classifier(args.checkpoint)
     table = apply_split(load_dataset(args.dataset, args.data_root))
@@ -141,13 +141,41 @@ def _evaluate_dataset(args):
 
 
 def cmd_predict(args):
-    from .predict import cmd_predict as run
+    from leukemia_core.cli.predict import cmd_predict as run
 
     return run(args)
 
 
+def _param(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise LeukemiaError(f"--set needs NAME=VALUE (a parameter of the chapter's notebook), got '{text}'")
+    return key, yaml.safe_load(value)
+
+
+def cmd_run(args):
+    from leukemia_core.experiments import get_experiment
+
+    experiment = get_experiment(args.chapter)
+    params = dict(_param(t) for t in args.set or [])
+    seeds = params.pop("seeds", args.seeds)
+    result = experiment.run(args.profile, seeds=seeds, data_root=args.data_root, out=args.out,
+                            results_dir=args.results_dir, resume=args.resume, **params)
+    for path in result.results:
+        print(f"wrote {path}")
+
+
+def cmd_explore(args):
+    from leukemia_core.cli.explore import main as explore
+
+    argv = [args.run, "--port", str(args.port)] + (["--data-root", args.data_root] if args.data_root else [])
+    return explore(argv)
+
+
 def cmd_bench(args):
-    from . import bench
+    from leukemia_core.reproducibility import bench
 
     result = bench.run(args.what, data_root=args.data_root, out=args.out, profile=args.profile,
                        n=args.n, checkpoint=args.checkpoint)
@@ -155,8 +183,8 @@ def cmd_bench(args):
 
 
 def cmd_results(args):
-    from .registry import describe_machine, load_claims, load_registry
-    from .registry import freshness as check_freshness
+    from leukemia_core.reproducibility.registry import describe_machine, load_claims, load_registry
+    from leukemia_core.reproducibility.registry import freshness as check_freshness
 
     claims = load_claims()
     reg = load_registry(args.results_dir, claims=claims) if args.results_dir else load_registry(claims=claims)
@@ -225,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", help="a dataset under the data root (e.g. pbc), evaluated on --split")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--images", metavar="DIR", help="a labelled folder DIR/<class>/<image>; class names "
-                   "are matched to the model's through synonyms (leukemia_core/class_names.py)")
+                   "are matched to the model's through synonyms (leukemia_core/data/class_names.py)")
     e.add_argument("--out", help="--dataset: write the metrics JSON here; --images: the output folder "
                    "(predictions.csv, metrics.json; opens with `make explore RUN=OUTDIR`)")
     e.add_argument("--adapt-bn", action="store_true",
@@ -240,10 +268,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root(e)
     e.set_defaults(func=cmd_evaluate)
 
-    from .predict import add_predict_parser  # the domain-generalization chapter's predictor
+    from leukemia_core.cli.predict import add_predict_parser  # the domain-generalization chapter's predictor
     add_predict_parser(sub)
-    from .detection.cli import add_detect_parser  # the detection chapter's detector
+    from leukemia_core.cli.detect import add_detect_parser  # the detection chapter's detector
     add_detect_parser(sub)
+
+    from leukemia_core.experiments import EXPERIMENTS
+
+    rn = sub.add_parser("run", help="run a chapter's experiment headless (what its notebook trains, "
+                        "evaluates and writes to results/<profile>/)")
+    rn.add_argument("chapter", choices=sorted(EXPERIMENTS), metavar="CHAPTER",
+                    help=f"one of {', '.join(EXPERIMENTS)}")
+    from leukemia_core.config import PROFILES
+
+    rn.add_argument("--profile", default="ci", choices=sorted(PROFILES))
+    rn.add_argument("--seeds", type=int, nargs="+", help="default: the profile's seeds")
+    rn.add_argument("--resume", action="store_true",
+                    help="continue the interrupted training runs found under --out (exactly)")
+    rn.add_argument("--out", help="checkpoints and training state (default: _build/artifacts/<profile>)")
+    rn.add_argument("--results-dir", help="results registry root (default: results/)")
+    rn.add_argument("--set", action="append", metavar="NAME=VALUE",
+                    help="another parameter of the chapter's notebook (repeatable), e.g. --set epochs=2")
+    _add_root(rn)
+    rn.set_defaults(func=cmd_run)
+
+    x = sub.add_parser("explore", help="serve the prediction explorer (Voila) on a run folder or predictions CSV")
+    x.add_argument("run")
+    x.add_argument("--port", type=int, default=8866)
+    _add_root(x)
+    x.set_defaults(func=cmd_explore)
 
     b = sub.add_parser("bench", help="benchmarks (not tests): loader, train, latency, scaling; gan")
     b.add_argument("what", choices=["loader", "train", "latency", "scaling", "all", "gan", "predict"],

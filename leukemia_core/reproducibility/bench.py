@@ -2,7 +2,7 @@
 latency of each chapter's main model, and training time against image size.
 
 Run them alone on the machine: another busy process halves the numbers. Every result
-carries the machine it was measured on (:func:`leukemia_core.results.hardware`). The
+carries the machine it was measured on (:func:`leukemia_core.reproducibility.results.hardware`). The
 book's benchmarks chapter runs the same functions with small batch counts.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .config import get_profile
-from .results import hardware
+from leukemia_core.config import get_profile
+from leukemia_core.reproducibility.results import hardware
 
 
 def _loader_rate(ds, workers: int, batch: int = 64, batches: int = 40) -> float:
@@ -39,7 +39,7 @@ def bench_loader(data_root=None, sizes=(64, 128), workers=(0, 2), n_raw: int = 1
     ``max_train_per_class`` caps the training split read (a rate needs no more)."""
     from PIL import Image
 
-    from .pipeline import prepare_data
+    from leukemia_core.pipeline import prepare_data
 
     data = prepare_data("pbc", get_profile("ci", max_train_per_class=max_train_per_class), data_root)
     paths = data.split("train")["path"].tolist()[:n_raw]
@@ -77,8 +77,8 @@ def _bare_loop(model, loader, lr=1e-3):
 def bench_train(model_name: str = "convnext_atto", image_size: int = 64, batch: int = 64,
                 steps: int = 30, repeats: int = 2, which=("bare", "fit")) -> dict:
     """Images/s of ``fit()`` vs the bare loop, same model, batch and ready tensors."""
-    from .engine.train import FitConfig, fit
-    from .models import create_model
+    from leukemia_core.engine.train import FitConfig, fit
+    from leukemia_core.models import create_model
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch * steps, 3, image_size, image_size, generator=g)
@@ -124,20 +124,20 @@ def chapter_models(profile: str = "ci") -> list[dict]:
     """Each chapter's main model at the chapter's image size under ``profile``, as
     ``{"chapter", "model", "image_size", "build"}`` (``build()`` -> an eval-ready module
     with random weights: latency does not depend on the weights)."""
-    from .models import create_model
+    from leukemia_core.models import create_model
 
     P = get_profile(profile)
     size = P.image_size
 
     def hierarchy():
-        from .hierarchy import LevelCodec, build_hierarchical_model
-        from .taxonomy import Taxonomy
+        from leukemia_core.hierarchy import LevelCodec, build_hierarchical_model
+        from leukemia_core.data.taxonomy import Taxonomy
 
         codec = LevelCodec(Taxonomy.from_yaml("leukemia"))
         return build_hierarchical_model("multilevel", "efficientnet_lite0", codec, size)[0]
 
     def vision_language():
-        from .vl.model import ImageEmbedder, build_vl_model
+        from leukemia_core.vl.model import ImageEmbedder, build_vl_model
 
         vl = build_vl_model(image_size=size, pretrained=False)
         model = _ZeroShot(ImageEmbedder(vl), n_classes=4, dim=vl.config.embed_dim)
@@ -272,7 +272,7 @@ def bench_gan(image_size: int = 64, batch: int = 64, steps: int = 10, num_classe
               device=None, **net_sizes) -> dict:
     """R3GAN training images/s (one D step with R1 + R2 and one G step per batch) and
     generator samples/s (inference), on random data: the rate depends on sizes only."""
-    from .gan.r3gan import Discriminator, Generator, R3GANTrainer
+    from leukemia_core.gan.r3gan import Discriminator, Generator, R3GANTrainer
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
@@ -308,7 +308,7 @@ def bench_classifier_train(model_name: str, image_size: int, batch: int = 64, st
                            device=None) -> dict:
     """Training images/s of any registered or timm classifier (AdamW, cross-entropy, bf16
     autocast on CUDA) on random tensors at ``image_size``."""
-    from .models import create_model, size_kwargs
+    from leukemia_core.models import create_model, size_kwargs
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
@@ -356,7 +356,7 @@ def _predict_memory(folder: str, checkpoint: str, out_csv: str, batch_size: int,
     and the peak of Python-level allocations (tracemalloc) during it."""
     import tracemalloc
 
-    from .predict import load_predictor, predict_folder
+    from leukemia_core.predict import load_predictor, predict_folder
 
     load_predictor(checkpoint)  # imports and weights count in the baseline, not in the growth
     before = _rss_mb()
@@ -377,8 +377,8 @@ def _predict_memory(folder: str, checkpoint: str, out_csv: str, batch_size: int,
 def tiny_checkpoint(path, image_size: int = 32, classes=("neutrophil", "lymphocyte", "monocyte",
                                                           "eosinophil", "basophil")) -> Path:
     """An untrained EfficientNet-Lite0 (BatchNorm) saved as a DG checkpoint at ``image_size``."""
-    from . import dg
-    from .predict import save_dg_checkpoint
+    from leukemia_core import dg
+    from leukemia_core.dg import save_dg_checkpoint
 
     torch.manual_seed(0)
     model = dg.DGNet(dg.build_backbone("bn", len(classes), pretrained=False))

@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .dataroot import REPO_ROOT
-from .errors import CheckpointError, DatasetError, LeukemiaError
+from leukemia_core.data.dataroot import REPO_ROOT
+from leukemia_core.errors import CheckpointError, DatasetError, LeukemiaError
 
 ALL = "(all)"
 UNLABELLED = "(none)"
@@ -65,7 +65,7 @@ def _split_of(csv: Path) -> str:
 @functools.lru_cache(maxsize=16)
 def _dataset_folder(dataset: str, data_root=None) -> Path:
     """The folder a dataset's ``relpath`` values are relative to (its loader lists it once)."""
-    from .data import load_dataset
+    from leukemia_core.data import load_dataset
     return Path(load_dataset(dataset, data_root, hashes=False).attrs["root"])
 
 
@@ -91,7 +91,7 @@ def load_run(run: str | Path, checkpoint: str | Path | None = None, data_root=No
         checkpoint = folder / "model.safetensors"
     model, meta = None, {}
     if checkpoint is not None:
-        from .pipeline import load_classifier
+        from leukemia_core.pipeline import load_classifier
         model, meta = load_classifier(checkpoint)
     parts = []
     for csv in csvs:
@@ -125,7 +125,7 @@ def load_run(run: str | Path, checkpoint: str | Path | None = None, data_root=No
     if "relpath" not in table:
         table["relpath"] = table["path"]
     if "path" not in table:
-        from .dataroot import resolve_data_root
+        from leukemia_core.data.dataroot import resolve_data_root
         root = resolve_data_root(data_root)[0]  # the cache is keyed on the resolved root
         roots = {d: _dataset_folder(d, root) for d in table["dataset"].unique()}
         table["path"] = [str(roots[d] / r) for d, r in zip(table["dataset"], table["relpath"])]
@@ -211,7 +211,7 @@ class ExplorerData:
         if i not in self._thumbs:
             from PIL import Image, ImageDraw
 
-            from .data.torch_dataset import read_image
+            from leukemia_core.data.torch_dataset import read_image
             im = read_image(self.table.at[i, "path"])
             sx, sy = self.thumb_px / im.width, self.thumb_px / im.height
             im = im.resize((self.thumb_px, self.thumb_px), Image.BILINEAR)
@@ -244,9 +244,9 @@ class ExplorerData:
             return
         import torch
 
-        from .data.torch_dataset import read_image
-        from .explain import compute_cams
-        from .pipeline import eval_transform
+        from leukemia_core.data.torch_dataset import read_image
+        from leukemia_core.explain.cams import compute_cams
+        from leukemia_core.pipeline import eval_transform
         start = time.perf_counter()
         tf = eval_transform(self.meta)
         x = torch.stack([tf(read_image(self.table.at[i, "path"])) for i in todo])
@@ -261,7 +261,7 @@ class ExplorerData:
         if key not in self._uris:
             image = self.thumbnail(i)
             if method:
-                from .explain import overlay
+                from leukemia_core.explain.cams import overlay
                 self.compute_cams([i], method)
                 image = overlay(image, self._cams[(i, method)])
             _remember(self._uris, key, _uri(image))
@@ -318,7 +318,7 @@ class PredictionExplorer:
                                        description="confidence", style={"description_width": "75px"})
         self.cam = w.ToggleButton(value=False, description="CAM overlay", disabled=not d.has_cams,
                                   tooltip="needs the run's checkpoint" if not d.has_cams else "")
-        from .explain import METHODS
+        from leukemia_core.explain.cams import METHODS
         self.method = w.Dropdown(options=list(METHODS), description="method", **lay)
         self.k = w.BoundedIntText(value=min(3, len(d.classes)), min=1, max=len(d.classes),
                                   description="top-k", layout=w.Layout(width="130px"),
@@ -482,32 +482,3 @@ def serve(run, port: int = 0, data_root=None, timeout: float = 120, log: str | P
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m leukemia_core.explorer RUN [--port 8866]``: serve the app until Ctrl-C."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Serve the prediction explorer with Voilà on 127.0.0.1")
-    ap.add_argument("run", help="run folder (model.safetensors + predictions_<split>.csv) or a predictions CSV")
-    ap.add_argument("--port", type=int, default=8866)
-    ap.add_argument("--data-root", default=None)
-    args = ap.parse_args(argv)
-    run = Path(args.run)
-    if not run.exists():
-        print(f"error: {run} does not exist; run `make book` (or `make explore-checkpoint`) first",
-              file=sys.stderr)
-        return 2
-    try:
-        load_run(run, data_root=args.data_root)  # fail here, with one message, not in the browser
-    except LeukemiaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"serving {run} at http://127.0.0.1:{args.port}/ (Voilà; Ctrl-C stops it)", flush=True)
-    env = _env(run, args.data_root)  # the run's absolute path, before leaving this folder
-    os.chdir(REPO_ROOT)  # Voilà serves files below its working directory: the app is there
-    os.execvpe(sys.executable, voila_command(args.port), env)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """The results registry: every results JSON under ``results/<profile>/``, validated,
 attributed to the paper it reproduces, and checked for freshness against git.
 
-A results file is written by :func:`leukemia_core.results.write_results` (chapters and
+A results file is written by :func:`leukemia_core.reproducibility.results.write_results` (chapters and
 ``leukemia-core train``) and follows the schema ``leukemia-core/results/v1``: the
 fields of :data:`REQUIRED` plus anything a chapter adds. A result belongs to a paper
 through its ``paper`` field, else through the ``match`` rules of that paper in
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from .dataroot import REPO_ROOT
+from leukemia_core.data.dataroot import REPO_ROOT
 # The results schema lives with the writer (results.py); the registry reads it.
-from .results import (OPTIONAL, REQUIRED, SCHEMA, SELECTED_ON, SELECTION_KEYS, ResultsError,  # noqa: F401
+from leukemia_core.reproducibility.results import (OPTIONAL, REQUIRED, SCHEMA, SELECTED_ON, SELECTION_KEYS, ResultsError,  # noqa: F401
                       check, validate, write_results)
 
 CLAIMS_FILE = REPO_ROOT / "results" / "claims.yaml"

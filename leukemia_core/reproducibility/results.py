@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .dataroot import REPO_ROOT
-from .errors import LeukemiaError
+from leukemia_core.data.dataroot import REPO_ROOT
+from leukemia_core.errors import LeukemiaError
 
 
 SCHEMA = "leukemia-core/results/v1"

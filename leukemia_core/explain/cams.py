@@ -36,7 +36,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from .errors import LeukemiaError, UnknownNameError
+from leukemia_core.errors import LeukemiaError, UnknownNameError
 
 
 def _methods() -> dict:
@@ -174,7 +174,7 @@ def cam_target(model: nn.Module, image_size: int | None = None, min_cam_size: in
     raise UnknownNameError(
         f"no CAM target layer is known for {type(model).__name__}: give the model a "
         "cam_target_layers() method (and cam_reshape if its output is not NCHW), or register "
-        "a rule with leukemia_core.explain.register_cam_target")
+        "a rule with leukemia_core.explain.cams.register_cam_target")
 
 
 # --------------------------------------------------------------------------- CAMs
@@ -325,8 +325,8 @@ def cam_gallery(model: nn.Module, meta: dict, paths, labels=None, methods=METHOD
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from .data.torch_dataset import read_image
-    from .pipeline import eval_transform
+    from leukemia_core.data.torch_dataset import read_image
+    from leukemia_core.pipeline import eval_transform
 
     tf = eval_transform(meta)
     images = [read_image(p) for p in paths]

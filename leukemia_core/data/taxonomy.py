@@ -1,6 +1,6 @@
 """A class taxonomy read from YAML: tree queries, per-level targets and a record table.
 
-The tree is data (``leukemia_core/taxonomies/*.yaml``); nothing here knows about
+The tree is data (``leukemia_core/data/taxonomies/*.yaml``); nothing here knows about
 leukemia. Levels are depths: level ``d`` holds the nodes ``d`` steps below the root.
 A sample labelled with leaf ``l`` has a target at every level down to ``depth(l)``
 and none below, so trees with leaves at different depths work.
@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .errors import DatasetError, UnknownNameError
+from leukemia_core.errors import DatasetError, UnknownNameError
 
 TAXONOMY_DIR = Path(__file__).resolve().parent / "taxonomies"
 
@@ -144,8 +144,8 @@ def load_taxonomy_table(taxonomy: Taxonomy, root=None) -> pd.DataFrame:
     Columns: the record columns plus ``split``, ``source_label`` (the dataset's own
     label) and ``label`` (the leaf). ``attrs['split_sha256']`` joins the split files' hashes.
     """
-    from .data import load_dataset
-    from .data.splits import apply_split
+    from leukemia_core.data import load_dataset
+    from leukemia_core.data.splits import apply_split
 
     wanted: dict[str, dict[str, str]] = {}
     for (dataset, label), leaf in taxonomy.source_map().items():

@@ -11,7 +11,7 @@ import hashlib
 
 import pandas as pd
 
-from .errors import LeukemiaError
+from leukemia_core.errors import LeukemiaError
 
 #: Raabin-WBC training-set class sizes relative to neutrophils (Kouzehkanan et al. 2022).
 RAABIN_RATIOS = {"neutrophil": 1.0, "lymphocyte": 0.406, "monocyte": 0.0894,
