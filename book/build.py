@@ -315,6 +315,30 @@ the executed notebook is under the download button at the top of the page.
     nb.cells.insert(at, nbformat.v4.new_markdown_cell(box, metadata={"tags": ["run-box"]}))
 
 
+# --------------------------------------------------------------------------- reference tier
+def reference_text(checks: list[dict]) -> str:
+    """The build report's section on the reference checkpoints (issue 18): each expected
+    one verified against reference/MANIFEST.sha256, missing (not trained yet) or corrupt."""
+    if not checks:
+        return ""
+    lines = ["## Reference checkpoints\n",
+             "Trained to convergence once, committed with a model card and SHA-256 manifest, and "
+             "evaluated live by the chapters that show them (`results/reference/`).\n",
+             "| checkpoint | status | detail |", "|---|---|---|"]
+    lines += [f"| `reference/{c['chapter']}/{c['name']}` | "
+              f"{'**' + c['status'] + '**' if c['status'] != 'verified' else c['status']} | {c['message']} |"
+              for c in checks]
+    return "\n".join(lines) + "\n"
+
+
+def reference_problems() -> list[str]:
+    """A committed reference checkpoint that fails its manifest fails the build; one not yet
+    trained is listed in the report (and in its chapter), not a failure."""
+    from leukemia_core.reproducibility.reference import status
+
+    return [f"reference checkpoint corrupt: {c['message']}" for c in status() if c["status"] == "corrupt"]
+
+
 # --------------------------------------------------------------------------- freshness
 def check_freshness(profile: str, since: float | None, root: Path | None = None, baseline=None) -> dict:
     """Headline metrics of the ``results/<profile>/*.json`` modified since ``since`` against
@@ -402,6 +426,9 @@ def write_report(path: Path, runs: dict[str, ChapterRun], profile: str, html_s: 
                  f"the HTML build had not run when this page was written; execution alone took "
                  f"{fmt_time(exec_s)}{verdict}.")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    from leukemia_core.reproducibility.reference import status as reference_checks
+
+    reference_status = reference_checks()
     from leukemia_core.data.dataroot import resolve_data_root
     root, source = resolve_data_root(data_root)
     checks = ("All checks passed: every chapter ran, every page of the table of contents "
@@ -424,6 +451,7 @@ Executing the chapters took **{fmt_time(exec_s)}**; {html_line}
 
 {checks}
 
+{reference_text(reference_status)}
 {freshness_text(fresh, accept_drift)}
 Built {now} with Python {platform.python_version()} on {platform.system()}
 ({os.cpu_count()} CPUs), git commit {git_commit()}, data root `{root}` (from {source}).
@@ -432,7 +460,8 @@ Built {now} with Python {platform.python_version()} on {platform.system()}
     path.write_text(text)
     return {"profile": profile, "built": now, "execution_s": exec_s, "html_s": html_s,
             "total_s": total_s, "budget_s": total_budget, "problems": problems,
-            "freshness": fresh, "chapters": {n: asdict(r) for n, r in runs.items()}}
+            "freshness": fresh, "reference_checkpoints": reference_status,
+            "chapters": {n: asdict(r) for n, r in runs.items()}}
 
 
 # --------------------------------------------------------------------------- HTML
@@ -569,10 +598,16 @@ def build_book(profile: str = "ci", out: Path = ROOT, data_root: str | None = No
     fresh = check_freshness(profile, since=started)
     log(f"[book] freshness: {len(fresh['checked'])} headline metric(s) compared with the committed "
         f"results/{profile}/, {len(fresh['problems'])} drift(s), {len(fresh['new'])} new file(s)")
+    if profile != "reference":  # the reference checkpoints' live evaluations, fixed weights
+        ref = check_freshness("reference", since=started)
+        fresh["checked"] += ref["checked"]
+        fresh["new"] += ref["new"]
+        fresh["problems"] += ref["problems"]
     if not accept_drift:
         problems += [f"results drift: {p}" for p in fresh["problems"]]
     problems += [f"orphan result: {f} is committed but no chapter of this build wrote it (delete it, or "
                  "make a chapter write it)" for f in fresh["orphans"]]
+    problems += reference_problems()
     report_md = src / f"{REPORT_PAGE}.md"
     write_report(report_md, runs, profile, None, problems, data_root, fresh, accept_drift)
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Profiles: one config type; ``smoke``, ``ci`` and ``full`` differ only in sizes."""
+"""Profiles: one config type; ``smoke``, ``ci``, ``reference`` and ``full`` differ only in sizes."""
 from __future__ import annotations
 
 import copy
@@ -44,6 +44,13 @@ PROFILES: dict[str, Profile] = {
         max_train_per_class=None, max_eval_per_class=None, model="convnext_atto",
         num_workers=2, patience=4, seeds=(0,), preload_images=True,
     ),
+    # Reference checkpoints (issue 18): each method trained to convergence once on this
+    # 2-core CPU (at most about 3 hours per run), committed, evaluated live by every build.
+    "reference": Profile(
+        name="reference", image_size=128, epochs=40, batch_size=64, lr=2e-3, warmup_epochs=2.0,
+        max_train_per_class=None, max_eval_per_class=None, model="convnext_atto",
+        num_workers=2, patience=8, seeds=(0,), preload_images=True,
+    ),
     "full": Profile(
         name="full", image_size=224, epochs=60, batch_size=128, lr=2e-3, warmup_epochs=3.0,
         max_train_per_class=None, max_eval_per_class=None, model="convnext_tiny",
@@ -61,17 +68,21 @@ def get_profile(name: str, **overrides) -> Profile:
 
 #: Every chapter's own sizes per profile, in one place (the profiles above size the shared
 #: training defaults). A chapter reads its own with :func:`chapter_sizes`; a results JSON
-#: records the sizes it ran with. Only sizes: no entry changes a code path.
+#: records the sizes it ran with. Only sizes: no entry changes a code path. The
+#: ``reference`` sizes were fixed before any reference run (2-core CPU, at most about 3
+#: hours per training run); each reference checkpoint's model card records what it used.
 CHAPTER_SIZES: dict[str, dict[str, dict]] = {
     "02_data": {
         "smoke": dict(montage_per_class=3, colour_per_source=10, size_sample=40),
         "ci": dict(montage_per_class=6, colour_per_source=150, size_sample=None),
         "full": dict(montage_per_class=8, colour_per_source=1000, size_sample=None),
+        "reference": dict(montage_per_class=8, colour_per_source=1000, size_sample=None),
     },
     "03_baseline": {
         "smoke": dict(finetune_epochs=1),
         "ci": dict(finetune_epochs=3),
         "full": dict(finetune_epochs=20),
+        "reference": dict(finetune_epochs=12),
     },
     "04_hierarchy": {
         "smoke": dict(image_size=32, train_cap=8, val_cap=4, test_cap=4, epochs=1, probe_epochs=1, contrast_cap=8,
@@ -85,6 +96,9 @@ CHAPTER_SIZES: dict[str, dict[str, dict]] = {
                      scratch_image_size=224, scratch_cap=None, scratch_epochs=60,
                      scratch_kinds=("flat", "multilevel"),
                      backbones=("convnext_tiny", "vit_small_patch16_224")),
+        "reference": dict(image_size=128, train_cap=None, val_cap=None, test_cap=None, epochs=15, probe_epochs=10,
+                          contrast_cap=None, scratch_image_size=64, scratch_cap=None, scratch_epochs=30,
+                          scratch_kinds=("flat", "multilevel"), backbones=("convnext_atto", "vit_tiny_patch16_224")),
     },
     "05_vision_language": {
         "smoke": dict(train_cap=8, heldout_train_cap=8, probe_cap=8, epochs=1, heldout_epochs=1, embed_dim=64,
@@ -93,6 +107,8 @@ CHAPTER_SIZES: dict[str, dict[str, dict]] = {
                    text_trainable_layers=0, lr=1e-3, head_lr=3e-3, cam_images=6),
         "full": dict(train_cap=None, heldout_train_cap=None, probe_cap=None, epochs=20, heldout_epochs=10,
                      embed_dim=256, text_trainable_layers=2, lr=5e-4, head_lr=2e-3, cam_images=8),
+        "reference": dict(train_cap=None, heldout_train_cap=None, probe_cap=None, epochs=15, heldout_epochs=10,
+                          embed_dim=256, text_trainable_layers=0, lr=1e-3, head_lr=3e-3, cam_images=8),
     },
     "06_domain_generalization": {
         "smoke": dict(image_size=32, pbc_train_cap=6, pbc_val_cap=3, pbc_test_cap=3, small_cap=6,
@@ -101,6 +117,8 @@ CHAPTER_SIZES: dict[str, dict[str, dict]] = {
                    probe_cap=100, epochs=6, batch_size=48),
         "full": dict(image_size=128, pbc_train_cap=None, pbc_val_cap=None, pbc_test_cap=None, small_cap=None,
                      probe_cap=None, epochs=15, batch_size=64),
+        "reference": dict(image_size=96, pbc_train_cap=None, pbc_val_cap=None, pbc_test_cap=None, small_cap=None,
+                          probe_cap=None, epochs=12, batch_size=64),
     },
     "07_detection": {
         "smoke": dict(short_side=128, bccd_train_cap=8, txl_train_per_domain=2, epochs=1, batch_size=4, lr=1e-3,
@@ -115,6 +133,9 @@ CHAPTER_SIZES: dict[str, dict[str, dict]] = {
                      repeat_threshold=3.0,
                      lr=1e-3, test_cap=None, txl_test_per_domain=None, fractions=(0.1, 0.25, 0.5),
                      attr_train_cap=None, attr_test_cap=None, attr_epochs=150),
+        "reference": dict(short_side=320, bccd_train_cap=None, txl_train_per_domain=None, epochs=20, batch_size=8,
+                          repeat_threshold=3.0, lr=1e-3, test_cap=None, txl_test_per_domain=None,
+                          fractions=(0.1, 0.25, 0.5), attr_train_cap=None, attr_test_cap=None, attr_epochs=150),
     },
     "08_r3gan_hybrid": {
         "smoke": dict(image_size=32, hybrid_size=32, hybrid_variant="atto", train_cap=8, eval_cap=4,
@@ -129,11 +150,16 @@ CHAPTER_SIZES: dict[str, dict[str, dict]] = {
                      epochs=20, hybrid_epochs=60, lr=1e-3, hybrid_lr=1e-3, batch_size=128,
                      gan_size=64, gan_steps=20000, gan_batch=64, gan_net=dict(base=32, max_width=256),
                      gan_lr=2e-4, synthetic_per_class=2000, quality_real_cap=None),
+        "reference": dict(image_size=128, hybrid_size=128, hybrid_variant="atto", train_cap=None, eval_cap=None,
+                          epochs=15, hybrid_epochs=20, lr=1e-3, hybrid_lr=1e-3, batch_size=64,
+                          gan_size=64, gan_steps=6000, gan_batch=32, gan_net=dict(base=16, max_width=128),
+                          gan_lr=2e-4, synthetic_per_class=1000, quality_real_cap=None),
     },
     "09_explain": {
         "smoke": dict(per_class=1),
         "ci": dict(per_class=8),
         "full": dict(per_class=25),
+        "reference": dict(per_class=25),
     },
 }
 

@@ -272,7 +272,7 @@ class HierarchicalRun:
 
 def train_hierarchical(kind: str, backbone: str, data: LevelData, profile, config,
                        level: int | None = None, pretrained: bool = False, out_dir=None,
-                       meta: dict | None = None) -> HierarchicalRun:
+                       meta: dict | None = None, resume: bool = False) -> HierarchicalRun:
     """Fit one model of ``kind`` (see :func:`build_hierarchical_model`) with the shared
     engine; a ``level`` model trains and validates on the samples reaching its level."""
     import time
@@ -288,7 +288,7 @@ def train_hierarchical(kind: str, backbone: str, data: LevelData, profile, confi
         train, val = data.datasets["train"], data.datasets["val"]
     t0 = time.perf_counter()
     result = fit(model, make_loader(train, profile, True), make_loader(val, profile, False),
-                 data.codec.leaves, config, out_dir=out_dir, task=task,
+                 data.codec.leaves, config, out_dir=out_dir, resume=resume, task=task,
                  meta={"kind": kind, "backbone": backbone, "level": level, "pretrained": pretrained,
                        "taxonomy": data.codec.tax.name, **(meta or {})})
     elapsed = time.perf_counter() - t0

@@ -61,31 +61,24 @@ artifacts = "_build/artifacts"  # trained models shared with later chapters
 results_dir = "results"  # one results JSON per model: <results_dir>/<profile>/baseline_<model>.json
 
 # %%
-import json
 from pathlib import Path
 
 import pandas as pd
 from IPython.display import Markdown, display
 
-from leukemia_core.config import chapter_sizes, get_profile
-from leukemia_core.data.dataroot import REPO_ROOT
 from leukemia_core.engine.metrics import classification_metrics
 from leukemia_core.engine.train import ClassificationTask
+from leukemia_core.experiments import baseline as experiment
 from leukemia_core.models import create_model
-from leukemia_core.pipeline import train_classifier
 from leukemia_core.plots import (confusion_matrix_figure, image_grid, learning_curves,
                                  per_class_bars, show_source, use_offline_plotly)
-from leukemia_core.reproducibility.registry import combine_seed_results
 
 use_offline_plotly()
-P = get_profile(profile, **({"image_size": image_size} if image_size else {}))
-scratch_model = scratch_model or P.model
-epochs = epochs or P.epochs
-finetune_epochs = finetune_epochs or chapter_sizes("03_baseline", P)["finetune_epochs"]
-out = (REPO_ROOT / artifacts) / profile  # relative paths are taken from the repository root
-print(f"profile {P.name}: {P.image_size}px, batch {P.batch_size}, {epochs} epochs from scratch, "
-      f"{finetune_epochs} fine-tuning; per-class caps train={P.max_train_per_class} "
-      f"eval={P.max_eval_per_class}")
+params = dict(seed=seed, scratch_model=scratch_model, pretrained_model=pretrained_model, epochs=epochs,
+              finetune_epochs=finetune_epochs, image_size=image_size)
+cfg = experiment.settings(profile, **params)  # None: the profile's value
+P = cfg["profile"]
+print(experiment.describe(cfg))  # the sizes this run trains with
 
 # %% [markdown]
 # ## The method
@@ -194,30 +187,18 @@ show_source(ClassificationTask)
 # artefact folder, where later chapters pick them up instead of retraining. One results
 # file per model (all seeds) also goes to the results registry, `results/<profile>/`, which
 # the reproducibility report reads.
+#
+# The whole protocol (both models, every seed, the registered results) is one function,
+# `leukemia_core.experiments.baseline.run`, which `leukemia-core run 03_baseline` calls too;
+# the two functions below are the heart of it.
+
+# %% tags=["remove-input"]
+show_source(experiment.model_specs, experiment.train_models)
 
 # %%
-if seeds is None:  # one seed: the `seed` parameter; several: the profile's
-    seeds = [seed] if len(P.seeds) == 1 else list(P.seeds)
-seeds = list(seeds)
-MODELS = {
-    "ConvNeXt-Atto (scratch)": dict(model=scratch_model, profile=P.replace(epochs=epochs), pretrained=False,
-                                    folder=f"pbc_{scratch_model}"),
-    "EfficientNet-Lite0 (ImageNet, fine-tuned)": dict(
-        model=pretrained_model, profile=P.replace(epochs=finetune_epochs, lr=P.lr / 2), pretrained=True,
-        folder=f"pbc_{pretrained_model}_imagenet"),
-}
-all_runs = {name: [] for name in MODELS}
-for name, spec in MODELS.items():
-    for s in seeds:
-        run_dir = out / f"{spec['folder']}_s{s}"
-        all_runs[name].append(train_classifier(
-            "pbc", spec["model"], spec["profile"], root=data_root, seed=s, pretrained=spec["pretrained"],
-            out_dir=run_dir, results_path=run_dir / "results.json", overwrite=True, progress=False))
-runs = {name: rs[0] for name, rs in all_runs.items()}  # figures show the first seed
-registered = [combine_seed_results([r.results_path for r in all_runs[name]],
-                                   REPO_ROOT / results_dir / P.name / f"baseline_{spec['model']}.json",
-                                   chapter="03_baseline", paper="pbc_baseline", method=name)
-              for name, spec in MODELS.items()]
+res = experiment.run(profile, seeds=seeds, data_root=data_root, out=Path(artifacts) / profile,
+                     results_dir=results_dir, **params)
+all_runs, runs, seeds = res["all_runs"], res["runs"], res["seeds"]  # runs: the first seed's
 
 # %% [markdown]
 # ## Results on the test split
@@ -248,27 +229,12 @@ registered = [combine_seed_results([r.results_path for r in all_runs[name]],
 show_source(classification_metrics)
 
 # %%
-def _mean_std(values):
-    s = pd.Series(values)
-    return f"{s.mean():.2%}" + (f" ± {s.std():.2%}" if len(s) > 1 else "")
-
-
-summary = pd.DataFrame([{
-    "model": name, "seeds": len(rs),
-    "test accuracy": _mean_std([r.test["accuracy"] for r in rs]),
-    "test macro-F1": _mean_std([r.test["macro_f1"] for r in rs]),
-    "balanced accuracy": _mean_std([r.test["balanced_accuracy"] for r in rs]),
-    "test images": rs[0].test["n"], "epochs run": len(rs[0].fit.history),
-    "train time per seed (min)": f"{sum(h['train_time_s'] for h in rs[0].fit.history) / 60:.1f}",
-    "normalisation": rs[0].data.norm_source,
-} for name, rs in all_runs.items()]).set_index("model")
-display(summary)
-mean_acc = {name: sum(r.test["accuracy"] for r in rs) / len(rs) for name, rs in all_runs.items()}
-best_name = max(mean_acc, key=mean_acc.get)
-scratch = runs["ConvNeXt-Atto (scratch)"]
+display(res["summary"])
+mean_acc, best_name = res["mean_acc"], res["best_name"]
+scratch = runs[experiment.SCRATCH]
 display(Markdown(
     f"Under the **{P.name}** profile ({P.image_size} px), ConvNeXt-Atto trained from scratch "
-    f"reaches **{mean_acc['ConvNeXt-Atto (scratch)']:.2%}** test accuracy "
+    f"reaches **{mean_acc[experiment.SCRATCH]:.2%}** test accuracy "
     f"(macro-F1 {scratch.test['macro_f1']:.2%}, seed {seeds[0]}) on {scratch.test['n']:,} test images; "
     f"the best model here is {best_name} at **{mean_acc[best_name]:.2%}**."))
 
@@ -290,11 +256,8 @@ learning_curves({name: r.fit.history for name, r in runs.items()}).show()
 best = runs[best_name]
 confusion_matrix_figure(best.test["confusion_matrix"], best.data.classes,
                         title=f"{best_name}, test split").show()
-cm = pd.DataFrame(best.test["confusion_matrix"], index=best.data.classes, columns=best.data.classes)
-pairs = cm.stack().rename("images").rename_axis(["true", "predicted"]).reset_index()
-pairs = pairs[pairs["true"] != pairs["predicted"]].sort_values("images", ascending=False).head(5)
 display(Markdown("The most frequent confusions of the better model:\n\n" + "\n".join(
-    f"- {r.true} taken for {r.predicted}: {r.images} images" for r in pairs.itertuples())))
+    f"- {r.true} taken for {r.predicted}: {r.images} images" for r in experiment.top_confusions(best).itertuples())))
 per_class_bars({name: r.test["per_class"] for name, r in runs.items()}).show()
 
 # %% [markdown]
@@ -305,13 +268,33 @@ per_class_bars({name: r.test["per_class"] for name, r in runs.items()}).show()
 # (confidence).
 
 # %%
-wrong = best.predictions[best.predictions["label"] != best.predictions["pred"]]
-worst = wrong.sort_values("confidence", ascending=False).head(16)
+wrong, worst = experiment.worst_errors(best, 16)
 root = Path(best.data.table.attrs["root"])
 display(Markdown(f"{len(wrong)} of {len(best.predictions)} test images are misclassified."))
 if len(worst):
     fig = image_grid([root / p for p in worst["relpath"]],
                      [f"{t} → {p}\n({c:.2f})" for t, p, c in zip(worst["label"], worst["pred"], worst["confidence"])])
+
+# %% [markdown]
+# ## Reference checkpoints: the method at convergence
+#
+# The runs above are short: they show that the code learns on 2 CPU cores within the
+# book's build. What the method does when trained to convergence is shown by the
+# **reference checkpoints**: the same code (`leukemia-core run 03_baseline --profile
+# reference`: 128 px, all training images, long schedules) trained once, committed with a
+# model card and a SHA-256 manifest, and **evaluated live here** on the same test split.
+# Each file is checked against the manifest before it is loaded; a checkpoint that is not
+# trained yet, or fails the check, is listed with its message instead of a number.
+
+# %%
+ref = experiment.reference_rows(data_root=data_root, results_dir=results_dir)
+display(pd.DataFrame(ref["rows"]).style.format(
+    {"test accuracy": "{:.2%}", "test macro-F1": "{:.3f}", "training (h)": "{:.1f}"}, na_rep="–").hide(axis="index"))
+for c in ref["checks"]:
+    if c["status"] != "verified":
+        display(Markdown(f":::{{admonition}} {c['name']}: {c['status']}\n:class: warning\n{c['message']}\n:::"))
+if ref["logs"]:
+    learning_curves(ref["logs"]).show()
 
 # %% [markdown]
 # ## Against the public anchors
@@ -324,16 +307,8 @@ if len(worst):
 # keeps the 16 same-class duplicate pairs on one side of every boundary.
 
 # %%
-from leukemia_core.reproducibility.registry import load_claims
-
 # the published numbers live in results/claims.yaml, with their full sources
-anchors = pd.DataFrame([
-    {"result": a["statement"], "accuracy": a["value"], "source": a["source"]}
-    for a in load_claims()["papers"]["pbc_baseline"]["anchors"]
-] + [{"result": f"this book, {name} ({P.image_size} px, {P.name} profile)",
-      "accuracy": mean_acc[name], "source": f"measured above, mean of {len(all_runs[name])} seed(s)"}
-   for name in all_runs])
-display(anchors.style.format({"accuracy": "{:.2%}"}).hide(axis="index"))
+display(experiment.anchors_table(res).style.format({"accuracy": "{:.2%}"}).hide(axis="index"))
 
 # %% [markdown]
 # Anchors from {cite:t}`yang2023medmnist` and {cite:t}`doerrich2024medmnistplus`.
@@ -342,10 +317,8 @@ display(anchors.style.format({"accuracy": "{:.2%}"}).hide(axis="index"))
 
 # %%
 for name, r in ((n, r) for n, rs in all_runs.items() for r in rs):
-    print(f"{name}: results JSON {r.results_path}")
-    print(json.dumps({k: r.test[k] for k in ("accuracy", "macro_f1", "n")}))
-print("registry: " + ", ".join(str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p)
-                             for p in registered))
+    print(f"{name}: results JSON {r.results_path}\n" + str({k: r.test[k] for k in ("accuracy", "macro_f1", "n")}))
+print("registry: " + ", ".join(str(p) for p in res.results))
 
 # %% [markdown]
 # ## Exercises
@@ -433,31 +406,13 @@ print("registry: " + ", ".join(str(p.relative_to(REPO_ROOT) if p.is_relative_to(
 # ::::
 
 # %% tags=["remove-input"] mystnb={"markdown_format": "myst"}
-K = len(scratch.data.classes)
-mean_f1 = {name: sum(r.test["macro_f1"] for r in rs) / len(rs) for name, rs in all_runs.items()}
-other_name = next(n for n in mean_acc if n != best_name)
-gap = mean_f1[best_name] - mean_f1[other_name]
-spread = [pd.Series([r.test["macro_f1"] for r in rs]).std() for rs in all_runs.values()] if len(seeds) > 1 else []
-if spread:
-    gap_text = (f"the gap in macro-F1 to {other_name} ({gap:+.3f}) is "
-                + ("larger than" if abs(gap) > max(spread) else "within")
-                + f" the seed-to-seed spread (standard deviation up to {max(spread):.3f} over {len(seeds)} seeds)")
-else:
-    gap_text = (f"its macro-F1 differs from {other_name}'s by {gap:+.3f}, on one seed: "
-                "the spread over seeds is not measured here (the `full` profile trains three)")
-near = [n for n in mean_f1 if mean_f1[n] < 2 / K]  # below twice the chance level
-chance_text = (
-    f"- **Near chance:** {' and '.join(near)} {'is' if len(near) == 1 else 'are'} below twice the chance level of {1 / K:.1%} in "
-    f"macro-F1. The {P.name} profile trains on at most {P.max_train_per_class or 'all'} images per class for "
-    f"{epochs} epoch(s) at {P.image_size} px: it tests the code path, not the method. Run the `ci` or "
-    "`full` profile for a real baseline.\n" if near else
-    f"- Both models score above twice the chance level of {1 / K:.1%} ({K} classes) in macro-F1.\n")
+gap_text, chance_text = experiment.comparison_text(res)  # the gap against the seed spread; near chance?
 display(Markdown(f""":::{{admonition}} Takeaways
 :class: important takeaways
 - One engine (`fit`: cross-entropy, AdamW, warm-up then cosine, the epoch chosen on validation
   macro-F1) trains both baselines; the test split is scored once, at the end.
 - Under `{P.name}`, the better baseline by test accuracy is **{best_name}**: test accuracy {mean_acc[best_name]:.1%},
-  macro-F1 {mean_f1[best_name]:.3f} (mean of {len(seeds)} seed(s)); {gap_text}.
+  macro-F1 {res['mean_f1'][best_name]:.3f} (mean of {len(seeds)} seed(s)); {gap_text}.
 {chance_text}- Macro-F1 weighs every class equally, so a rare class the model gives up costs $1/K$ of it; the
   per-class F1 and the confusion matrix above show where the errors are.
 :::"""))

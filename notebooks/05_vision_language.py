@@ -72,62 +72,36 @@ data_root = None  # None: LEUKEMIA_DATA, else data/ in the repository
 seed = 0
 heldout_class = "monocyte"  # the class left out of the second training
 image_size = None  # None: the profile's image size
-artifacts = "_build/artifacts"  # checkpoints
-results_path = None  # None: results/<profile>/vision_language.json
+artifacts = "_build/artifacts"  # checkpoints (under <artifacts>/<profile>)
+results_dir = "results"  # the results registry: <results_dir>/<profile>/vision_language.json
+results_path = None  # None: <results_dir>/<profile>/vision_language.json
 
 # %%
-import time
-
-T0 = time.perf_counter()
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import torch
 from IPython.display import Markdown, display
-from sklearn.metrics import roc_auc_score
-from torch.utils.data import DataLoader, Subset
 
-from leukemia_core.config import get_profile
-from leukemia_core.data.dataroot import REPO_ROOT, data_root as resolve_root
-from leukemia_core.engine.train import FitConfig, evaluate, fit
-from leukemia_core.models import create_model
-from leukemia_core.pipeline import content_hash, subsample
-from leukemia_core.plots import confusion_matrix_figure, show_source, use_offline_plotly
-from leukemia_core.reproducibility.results import write_results
-from leukemia_core.vl import (GROUPS, IndexedDataset, LabelledView, TextBank, VisionLanguageModel,
-                              VLFitConfig, attribute_readout, attribute_sentence, build_vl_model,
-                              class_prompts, class_texts, embed_images, eval_view, fit_vl,
-                              heldout_split, linear_probe, load_vl_table, multi_positive_info_nce,
-                              prepare_vl, prompt_embeddings, retrieval_report, templates,
-                              text_class_groups, vl_sizes, zero_shot_logits, zero_shot_metrics)
-from leukemia_core.vl.cam import SimilarityTarget, similarity_cam
+from leukemia_core.config import chapter_sizes, get_profile
+from leukemia_core.experiments import vision_language as experiment
 from leukemia_core.losses.vision_language import soft_cross_entropy
-from leukemia_core.vl.texts import key_to_attributes
-from leukemia_core.vl.train import WEIGHTS, contrastive_step_loss
+from leukemia_core.plots import confusion_matrix_figure, show_source, use_offline_plotly
+from leukemia_core.vl import VisionLanguageModel, multi_positive_info_nce, prompt_embeddings, zero_shot_logits
+from leukemia_core.vl.cam import SimilarityTarget
+from leukemia_core.vl.train import contrastive_step_loss
 
 use_offline_plotly()
-timings, _last = {}, [T0]
-
-
-def tick(name):
-    """Seconds since the previous tick, kept per phase for the results JSON."""
-    now = time.perf_counter()
-    timings[name] = round(now - _last[0], 1)
-    _last[0] = now
-
-
 P = get_profile(profile, **({"image_size": image_size} if image_size else {}))
-S = vl_sizes(P)
-size = P.image_size
-out = REPO_ROOT / artifacts / profile
-results_path = Path(results_path) if results_path else REPO_ROOT / "results" / profile / "vision_language.json"
-torch.manual_seed(seed)
-WBC = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+S, size, WBC = chapter_sizes("05_vision_language", P), P.image_size, experiment.WBC
 print(f"profile {P.name}: {size}px, batch {P.batch_size}; chapter sizes {S}")
+# the whole protocol: data, both trainings, the supervised baseline, every evaluation, the results JSON
+res = experiment.run(profile, seeds=[seed], data_root=data_root, out=Path(artifacts) / P.name,
+                     results_dir=results_dir, heldout_class=heldout_class, image_size=image_size,
+                     results_path=results_path)
 
 # %% [markdown]
 # ## Data: three hospitals, four groups, eleven attributes
@@ -144,17 +118,10 @@ print(f"profile {P.name}: {size}px, batch {P.batch_size}; chapter sizes {S}")
 # the test split is used whole.
 
 # %%
-table = load_vl_table(data_root)
-data = prepare_vl(table, P, S["train_cap"], P.max_eval_per_class, seed)
-train, test = data.split("train"), data.split("test")
-counts = data.table.pivot_table(index=["group", "text_class", "source"], columns="split", values="relpath",
-                                aggfunc="count", fill_value=0)[["train", "test"]]
-counts["available for training"] = table[table["split"] == "train"].groupby(
-    ["group", "text_class", "source"]).size().reindex(counts.index)
-display(counts)
+train, test, data = res["train"], res["test"], res["data"]
+display(res["counts"])
 print(f"{len(train):,} training images ({(train['attr_key'] != '').sum():,} with WBCAtt attributes), "
       f"{len(test):,} test images; normalisation: {data.norm_source}")
-tick("imports and data tables")
 
 # %% [markdown]
 # ### The sentences
@@ -169,16 +136,10 @@ tick("imports and data tables")
 # cytoplasm.").
 
 # %%
-texts = class_texts()
-groups_of = text_class_groups()
-display(pd.DataFrame([{"class": c, "group": groups_of[c], "training paraphrases": len(t.sentences),
-                       "held-out prompts": len(t.heldout), "example": t.sentences[0],
-                       "images": "none public (prompts only)" if c in ("CML", "CLL") else "yes"}
-                      for c, t in texts.items()]).set_index("class"))
-cell = train[train["attr_key"] != ""].iloc[0]
-display(Markdown(f"One {cell['text_class']} of PBC, its sentence in every template:\n\n" + "\n".join(
-    [f"- *training template {t}*: {attribute_sentence(cell, t)}" for t in range(len(templates()))]
-    + [f"- *held-out template*: {attribute_sentence(cell, templates(heldout=True)[0])}"])))
+display(res["descriptions"])
+cell = res["example_cell"]
+display(Markdown(f"One {cell['text_class']} of PBC, its sentence in every template:\n\n"
+                 + "\n".join(f"- *{name}*: {sentence}" for name, sentence in res["example_sentences"])))
 
 # %% [markdown]
 # ## The model and its loss
@@ -297,27 +258,14 @@ show_source(contrastive_step_loss)
 # The text tower is frozen under `smoke` and `ci` (its sentence features are computed once
 # and cached); `full` fine-tunes its top two layers, through the same code.
 
+# %% tags=["remove-input"]
+show_source(experiment.train_joint)
+
 # %%
-model = build_vl_model(image_model="efficientnet_lite0", pretrained=True, image_size=size,
-                       embed_dim=S["embed_dim"], text_trainable_layers=S["text_trainable_layers"])
-bank = TextBank.build(train)
-if model.text_tower.frozen:  # every training sentence through MiniLM once
-    bank.cache_features(model.text_tower)
-print(bank.summary())
-per_text_class = train.groupby("text_class").size()
+per_text_class, history = res["per_text_class"], res["history"]
 display(Markdown(f"Training images per text class: smallest **{per_text_class.idxmin()}** "
                  f"({per_text_class.min():,}), largest **{per_text_class.idxmax()}** ({per_text_class.max():,}); "
                  "resampling evens them out within each epoch."))
-train_ds = data.dataset("train", size, preload=P.preload_images)
-tick("model, text features, training images decoded")
-config = VLFitConfig(epochs=S["epochs"], batch_size=P.batch_size, lr=S["lr"], head_lr=S["head_lr"],
-                     num_workers=P.num_workers, seed=seed)
-run_dir = out / f"vl_lite0_minilm_s{seed}"
-meta = {"profile": P.name, "image_size": size, "mean": data.mean, "std": data.std, "sources": data.classes,
-        "text_classes": bank.classes}
-joint = fit_vl(model, train_ds, bank, config, out_dir=run_dir, meta=meta)
-tick("joint training")
-history = pd.DataFrame(joint.history)
 display(history.set_index("epoch")[["train_class_loss", "train_attribute_loss", "train_clause_loss",
                                     "temperature", "train_images_per_s", "train_time_s"]].round(4))
 
@@ -337,26 +285,11 @@ fig.show()
 # those the model trained on) and a few images of every other source are embedded once
 # more without augmentation, by the trained tower and by the untouched ImageNet tower.
 
+# %% tags=["remove-input"]
+show_source(experiment.embed_splits)
+
 # %%
-test_ds = IndexedDataset(data.dataset("test", size, preload=P.preload_images))
-probe_rows = np.flatnonzero(np.array(train["dataset"] == "pbc")).tolist()
-others = train[train["dataset"] != "pbc"]
-probe_rows += sorted(subsample(others.reset_index().assign(label=others["source"].to_numpy()), S["probe_cap"],
-                               seed)["index"].tolist())
-probe = train.iloc[probe_rows].reset_index(drop=True)
-probe_ds = Subset(IndexedDataset(eval_view(train_ds, data, size)), probe_rows)
-test_emb, test_feat = embed_images(model, test_ds)
-_, probe_feat = embed_images(model, probe_ds)
-imagenet = build_vl_model(image_model="efficientnet_lite0", pretrained=True, image_size=size, embed_dim=8,
-                          text_tower=model.text_tower if model.text_tower.frozen else None)
-_, probe_feat_in = embed_images(imagenet, probe_ds)
-_, test_feat_in = embed_images(imagenet, test_ds)
-del imagenet
-tick("embedding test and probe images (two towers)")
-is_pbc, is_pbc_pr = np.array(test["dataset"] == "pbc"), np.array(probe["dataset"] == "pbc")
-# PBC cells with WBCAtt attributes (all of PBC's white cells but the copies WBCAtt drops across its splits)
-has_attr = is_pbc & np.array(test["attr_key"] != "")
-print(f"embedded {len(test_emb):,} test images and {len(probe):,} training images for the probes")
+print(f"embedded {len(res['test_emb']):,} test images and {len(res['probe']):,} training images for the probes")
 
 # %% [markdown]
 # ## Zero-shot classification of PBC's five leukocytes
@@ -385,13 +318,10 @@ print(f"embedded {len(test_emb):,} test images and {len(probe):,} training image
 show_source(prompt_embeddings, zero_shot_logits)
 
 # %%
-pbc_labels = test.loc[is_pbc, "text_class"].tolist()
-zs = {which: zero_shot_metrics(test_emb[is_pbc], pbc_labels, prompt_embeddings(model, class_prompts(WBC, which)), WBC)
-      for which in ("heldout", "sentences", "attributes")}
-display(pd.DataFrame([{"prompts": {"heldout": "held-out prompts", "sentences": "training paraphrases",
-                                   "attributes": "textbook attribute profile"}[w],
-                       "accuracy": m["accuracy"], "balanced accuracy": m["balanced_accuracy"],
-                       "macro-F1": m["macro_f1"], "test images": m["n"]} for w, m in zs.items()])
+zs = res["zs"]
+display(pd.DataFrame([{"prompts": experiment.PROMPT_SETS[w], "accuracy": m["accuracy"],
+                       "balanced accuracy": m["balanced_accuracy"], "macro-F1": m["macro_f1"], "test images": m["n"]}
+                      for w, m in zs.items()])
         .set_index("prompts").style.format("{:.2%}", subset=["accuracy", "balanced accuracy", "macro-F1"]))
 confusion_matrix_figure(zs["heldout"]["confusion_matrix"], WBC,
                         title="PBC, zero-shot by held-out prompts (test split)").show()
@@ -407,12 +337,7 @@ confusion_matrix_figure(zs["heldout"]["confusion_matrix"], WBC,
 # "around the 70% range" on its own four-class task (AML, CML, ALL, CLL).
 
 # %%
-CLASSES8 = [c for c in texts if groups_of[c] in GROUPS]
-group4 = zero_shot_metrics(test_emb, test["group"].tolist(), prompt_embeddings(model, class_prompts(CLASSES8)),
-                           CLASSES8, groups_of, GROUPS)
-from leukemia_core.reproducibility.registry import load_claims
-
-claim70 = next(c for c in load_claims()["papers"]["vlm_leukemia_2026"]["claims"] if c["id"] == "accuracy_70")
+group4, claim70 = res["group4"], res["claim70"]
 display(Markdown(f"**Zero-shot normal / benign / AML / ALL accuracy: {group4['accuracy']:.2%}** "
                  f"(balanced {group4['balanced_accuracy']:.2%}) on {group4['n']:,} test images; "
                  f"the paper: about {claim70['value']:.0%} on its own data and classes."))
@@ -435,30 +360,8 @@ confusion_matrix_figure(group4["confusion_matrix"], group4["classes"],
 #    the two classes' held-out prompts.
 
 # %%
-src_probe = {name: linear_probe(tr, probe["dataset"], te, test["dataset"])
-             for name, tr, te in (("ImageNet tower (no training)", probe_feat_in, test_feat_in),
-                                  ("vision-language tower", probe_feat, test_feat))}
-grp_probe_in = linear_probe(probe_feat_in, probe["group"], test_feat_in, test["group"])
-within = []
-for source, pair in (("matek", ["neutrophil", "AML"]), ("aria", ["hematogone", "ALL"])):
-    m = np.array(test["dataset"] == source)
-    r = zero_shot_metrics(test_emb[m], test.loc[m, "text_class"].tolist(),
-                          prompt_embeddings(model, class_prompts(pair)), pair)
-    within.append({"check": f"{source}: {pair[0]} vs {pair[1]} (zero-shot prompts)", "accuracy": r["accuracy"],
-                   "balanced accuracy": r["balanced_accuracy"], "test images": r["n"]})
-    g = zero_shot_metrics(test_emb[m], test.loc[m, "group"].tolist(), prompt_embeddings(model, class_prompts(CLASSES8)),
-                          CLASSES8, groups_of, GROUPS)
-    within.append({"check": f"{source}: four-group task on its images only", "accuracy": g["accuracy"],
-                   "balanced accuracy": np.nan, "test images": g["n"]})
-for name, r in src_probe.items():
-    within.append({"check": f"source dataset from the {name}, linear probe", "accuracy": r["accuracy"],
-                   "balanced accuracy": r["balanced_accuracy"], "test images": r["n_test"]})
-within.append({"check": "four groups from the ImageNet tower (no leukemia training), linear probe",
-               "accuracy": grp_probe_in["accuracy"], "balanced accuracy": grp_probe_in["balanced_accuracy"],
-               "test images": grp_probe_in["n_test"]})
-within = pd.DataFrame(within).set_index("check")
+src_probe, grp_probe_in, within, wm, wa = (res[k] for k in ("src_probe", "grp_probe_in", "within", "wm", "wa"))
 display(within.style.format("{:.2%}", subset=["accuracy", "balanced accuracy"], na_rep="–"))
-wm, wa = within.iloc[0], within.iloc[2]
 display(Markdown(
     f"A linear probe on the features of the ImageNet tower, which never saw a leukemia label, names the "
     f"source dataset of **{src_probe['ImageNet tower (no training)']['accuracy']:.1%}** of the test images and "
@@ -467,8 +370,7 @@ display(Markdown(
     f"benign from Aria ALL fields at **{wa['balanced accuracy']:.1%}**."))
 
 # %%
-src_in = src_probe["ImageNet tower (no training)"]["accuracy"]
-shortcut_ok = src_in >= 0.9 and grp_probe_in["accuracy"] >= 0.9
+src_in, shortcut_ok = res["src_in"], res["shortcut_ok"]
 display(Markdown(
     f"**What a four-group accuracy of {group4['accuracy']:.1%} means here.** The groups are nearly identical to "
     f"the sources, and features that know nothing about leukemia name the source of {src_in:.1%} of the test "
@@ -505,15 +407,8 @@ display(Markdown(
 # $$ (eq-vl-recall)
 
 # %%
-pbc_test = test[has_attr]
-keys = pbc_test["attr_key"].tolist()
-uniq = sorted(set(keys))
-sentences = [attribute_sentence(key_to_attributes(k), templates(heldout=True)[0]) for k in uniq]
-with torch.no_grad():
-    sent_emb = model.encode_text(sentences).cpu()
-retrieval = retrieval_report(test_emb[has_attr], keys, sent_emb, uniq)
+retrieval, r5, keys, uniq = res["retrieval"], res["r5"], res["keys"], res["uniq"]
 display(retrieval.pivot(index="direction", columns="k", values=["recall", "random"]).style.format("{:.1%}"))
-r5 = retrieval.set_index(["direction", "k"]).loc[("image → text", 5)]
 display(Markdown(f"{len(keys):,} test cells carry {len(uniq)} distinct attribute tuples. Image → text "
                  f"R@5 is **{r5['recall']:.1%}** against {r5['random']:.1%} for a random ranking."))
 fig = px.bar(retrieval.melt(id_vars=["direction", "k"], value_vars=["recall", "random"], var_name="ranking"),
@@ -534,16 +429,10 @@ fig.show()
 # chance.
 
 # %%
-from leukemia_core.data import ATTRIBUTES
-
-annotated = train[np.array((train["dataset"] == "pbc") & (train["attr_key"] != ""))]
-top_share = {a: annotated[a].value_counts(normalize=True) for a in ATTRIBUTES}
-most = max(top_share, key=lambda a: top_share[a].iloc[0])
+annotated, top_share, most, readout = (res[k] for k in ("annotated", "top_share", "most_unbalanced", "readout"))
 display(Markdown(f"The most unbalanced attribute among the {len(annotated):,} annotated training cells: "
                  f"{top_share[most].iloc[0]:.0%} of them "
                  f"have `{most}` = *{top_share[most].index[0]}*."))
-readout = attribute_readout(model, test_emb[has_attr], pbc_test, annotated)
-readout["above floor"] = readout["accuracy"] > readout["majority_floor"]
 display(readout.set_index("attribute").style.format(
     "{:.1%}", subset=["accuracy", "majority_floor", "balanced_accuracy", "chance_balanced"]))
 fig = go.Figure()
@@ -569,43 +458,12 @@ display(Markdown(f"{int(readout['above floor'].sum())} of {len(readout)} attribu
 # must be recognised from its description alone; a second variant describes every class by
 # its textbook WBCAtt attribute profile, whose words the model did learn from other cells.
 
+# %% tags=["remove-input"]
+show_source(experiment.train_heldout)
+
 # %%
-pool = train[np.array((train["dataset"] == "pbc") & (train["text_class"] != heldout_class))]
-pool = subsample(pool.assign(label=pool["text_class"]), S["heldout_train_cap"], seed)
-held_rows = train.reset_index().merge(pool[["relpath"]], on="relpath")["index"].tolist()
-held_table = heldout_split(train.iloc[held_rows].reset_index(drop=True), heldout_class)
-assert len(held_table) == len(held_rows) and heldout_class not in set(held_table["text_class"])
-held_bank = TextBank.build(held_table)
-assert heldout_class not in held_bank.classes
-held_model = build_vl_model(image_model="efficientnet_lite0", pretrained=True, image_size=size,
-                            embed_dim=S["embed_dim"], text_trainable_layers=S["text_trainable_layers"],
-                            text_tower=model.text_tower if model.text_tower.frozen else None)
-held_fit = fit_vl(held_model, Subset(train_ds, held_rows), held_bank,
-                  VLFitConfig(**(config.__dict__ | {"epochs": S["heldout_epochs"]})),
-                  out_dir=out / f"vl_without_{heldout_class}_s{seed}", meta=meta | {"heldout_class": heldout_class})
-tick("held-out-class training")
-held_emb, _ = embed_images(held_model, Subset(test_ds, np.flatnonzero(is_pbc).tolist()), features=False)
-held = {w: zero_shot_metrics(held_emb, pbc_labels, prompt_embeddings(held_model, class_prompts(WBC, w)), WBC)
-        for w in ("heldout", "attributes")}
-seen = [c for c in WBC if c != heldout_class]
-mask_seen = np.array([y != heldout_class for y in pbc_labels])
-held_seen = zero_shot_metrics(held_emb[mask_seen], [y for y in pbc_labels if y != heldout_class],
-                              prompt_embeddings(held_model, class_prompts(seen)), seen)
-is_held = np.array([y == heldout_class for y in pbc_labels])
-rows = []
-for w, m in held.items():
-    pc = m["per_class"][heldout_class]
-    sims = zero_shot_logits(held_emb, prompt_embeddings(held_model, class_prompts(WBC, w))).numpy()
-    k = WBC.index(heldout_class)
-    margin = sims[:, k] - np.delete(sims, k, axis=1).max(1)  # > 0: the unseen class wins
-    rank = (sims > sims[:, [k]]).sum(1)  # 0: its prompt is the most similar
-    rows.append({"prompts": {"heldout": "held-out class prompts", "attributes": "textbook attribute profiles"}[w],
-                 f"{heldout_class} recall (unseen class)": pc["recall"],
-                 f"{heldout_class} in top 2": float((rank[is_held] <= 1).mean()),
-                 f"AUROC, similarity to the {heldout_class} prompt": roc_auc_score(is_held, sims[:, k]),
-                 "AUROC, margin over the best seen class": roc_auc_score(is_held, margin),
-                 "5-class accuracy": m["accuracy"]})
-held_table_summary = pd.DataFrame(rows).set_index("prompts")
+held_table, held, held_seen, held_table_summary = (res[k] for k in ("held_table", "held", "held_seen",
+                                                                    "held_table_summary"))
 display(held_table_summary.style.format("{:.1%}"))
 display(Markdown(
     f"Trained on {len(held_table):,} images of four classes for {S['heldout_epochs']} epoch(s). The four seen "
@@ -619,10 +477,7 @@ confusion_matrix_figure(held["heldout"]["confusion_matrix"], WBC,
                         title=f"Trained without {heldout_class}: five classes by held-out prompts").show()
 
 # %%
-unseen = held_table_summary.iloc[0]
-unseen_recall, unseen_auc = unseen[f"{heldout_class} recall (unseen class)"], \
-    unseen[f"AUROC, similarity to the {heldout_class} prompt"]
-unseen_fails = unseen_recall <= 1 / len(WBC)
+unseen_recall, unseen_auc, unseen_fails = res["unseen_recall"], res["unseen_auc"], res["unseen_fails"]
 display(Markdown(
     (f"**Here the method fails:** the unseen {heldout_class} is recognised from its description no more often "
      f"than by chance ({unseen_recall:.1%} against {1 / len(WBC):.0%}); its cells go to the seen classes "
@@ -641,15 +496,8 @@ display(Markdown(
 # that class, and how many of its cells WBCAtt annotates with that value.
 
 # %%
-profile_attrs = texts[heldout_class].attributes
-if profile_attrs:
-    pbc_all = table[table["dataset"] == "pbc"]
-    own = pbc_all["text_class"] == heldout_class
-    display(pd.DataFrame([{"attribute": a, "textbook value": v,
-                           f"cells with this value that are {heldout_class}s": float((own[pbc_all[a] == v]).mean()),
-                           f"{heldout_class}s with this value": float((pbc_all.loc[own, a] == v).mean())}
-                          for a, v in profile_attrs.items()]).set_index("attribute").style.format(
-        "{:.0%}", subset=[f"cells with this value that are {heldout_class}s", f"{heldout_class}s with this value"]))
+if res["heldout_profile"] is not None:
+    display(res["heldout_profile"].style.format("{:.0%}", subset=list(res["heldout_profile"].columns[1:])))
 
 # %% [markdown]
 # For the monocyte (the default), the values that distinguish it (an indented nucleus,
@@ -673,31 +521,7 @@ if profile_attrs:
 # where both started.
 
 # %%
-y_tr, y_te = probe.loc[is_pbc_pr, "text_class"].tolist(), pbc_labels
-probe_vl = linear_probe(probe_feat[is_pbc_pr], y_tr, test_feat[is_pbc], y_te)
-probe_in = linear_probe(probe_feat_in[is_pbc_pr], y_tr, test_feat_in[is_pbc], y_te)
-sup_rows = [probe_rows[i] for i in np.flatnonzero(is_pbc_pr)]  # the PBC training images, as for the probes
-sup_train = LabelledView(train_ds, sup_rows, [WBC.index(c) for c in y_tr])
-sup_test = LabelledView(test_ds.base, np.flatnonzero(is_pbc).tolist(), [WBC.index(c) for c in y_te])
-torch.manual_seed(seed)
-sup = create_model("efficientnet_lite0", num_classes=len(WBC), pretrained=True)
-sup_fit = fit(sup, DataLoader(sup_train, batch_size=P.batch_size, shuffle=True, drop_last=True,
-                              num_workers=P.num_workers, persistent_workers=P.num_workers > 0),
-              None, WBC, FitConfig(epochs=S["epochs"], lr=S["lr"], warmup_epochs=config.warmup_epochs,
-                                   seed=seed, progress=False),
-              out_dir=out / f"pbc_efficientnet_lite0_supervised_equal_budget_s{seed}")
-sup_test_m = evaluate(sup, DataLoader(sup_test, batch_size=P.batch_size * 2), WBC)
-tick("supervised equal-budget training and test")
-probes = pd.DataFrame([
-    {"model": "linear probe, ImageNet tower (no training)", "accuracy": probe_in["accuracy"],
-     "balanced accuracy": probe_in["balanced_accuracy"]},
-    {"model": "linear probe, vision-language tower", "accuracy": probe_vl["accuracy"],
-     "balanced accuracy": probe_vl["balanced_accuracy"]},
-    {"model": "zero-shot by held-out prompts (no probe)", "accuracy": zs["heldout"]["accuracy"],
-     "balanced accuracy": zs["heldout"]["balanced_accuracy"]},
-    {"model": "supervised fine-tuning, equal budget", "accuracy": sup_test_m["accuracy"],
-     "balanced accuracy": sup_test_m["balanced_accuracy"]},
-]).set_index("model")
+probes, y_tr, y_te, sup_test_m = res["probes"], res["y_tr"], res["y_te"], res["sup_test_m"]
 display(probes.style.format("{:.2%}"))
 display(Markdown(f"PBC test, {len(y_te):,} images; probes trained on {len(y_tr):,} images "
                  f"(every PBC image of the joint training), supervised model {S['epochs']} epoch(s) "
@@ -726,16 +550,7 @@ display(Markdown(f"PBC test, {len(y_te):,} images; probes trained on {len(y_tr):
 show_source(SimilarityTarget)
 
 # %%
-picks = []
-for src in ["pbc:neutrophil", "pbc:monocyte", "matek:neutrophil", "matek:myeloblast", "aria:benign",
-            "aria:pro_b", "pbc:eosinophil", "pbc:lymphocyte"][:S["cam_images"]]:
-    rows_ = np.flatnonzero(np.array(test["source"] == src))
-    if len(rows_):
-        picks.append(int(rows_[0]))
-x = torch.stack([test_ds[i][0] for i in picks])
-class_emb = prompt_embeddings(model, class_prompts(CLASSES8))
-text_emb = torch.stack([class_emb[CLASSES8.index(test.loc[i, "text_class"])] for i in picks])
-maps = similarity_cam(model, x, text_emb)
+picks, x, maps = experiment.cam_examples(res)
 mean, std = torch.tensor(data.mean)[:, None, None], torch.tensor(data.std)[:, None, None]
 fig, axes = plt.subplots(2, len(picks), figsize=(1.9 * len(picks), 4.2), squeeze=False)
 for j, i in enumerate(picks):
@@ -769,74 +584,13 @@ plt.show()
 # cell looks like.
 
 # %%
-CLASSES10 = CLASSES8 + ["CML", "CLL"]
-pred10 = zero_shot_metrics(test_emb, test["text_class"].tolist(), prompt_embeddings(model, class_prompts(CLASSES10)),
-                           CLASSES10)["predictions"]
-open_set = pd.crosstab(test["text_class"], pd.Series(pred10, name="predicted", index=test.index))
-open_set = open_set.reindex(columns=["CML", "CLL"], fill_value=0)
-open_set["test images"] = test["text_class"].value_counts()
-display(open_set.loc[[c for c in CLASSES8 if c in open_set.index]])
-called_chronic = float(np.isin(pred10, ["CML", "CLL"]).mean())
+display(res["open_set"])
 
 # %% [markdown]
 # ## Summary against the paper
 
 # %%
-summary = pd.DataFrame([
-    {"result": "zero-shot PBC, 5 leukocytes (held-out prompts)", "value": zs["heldout"]["accuracy"],
-     "reference": "supervised equal-budget fine-tuning: " + f"{sup_test_m['accuracy']:.1%}"},
-    {"result": "zero-shot normal / benign / AML / ALL", "value": group4["accuracy"],
-     "reference": f"paper: about {claim70['value']:.0%} (its own data and task)"},
-    {"result": "within-source: Matek myeloblast vs neutrophil (balanced)", "value": wm["balanced accuracy"],
-     "reference": "no hospital shortcut possible"},
-    {"result": "within-source: Aria benign vs ALL (balanced)", "value": wa["balanced accuracy"],
-     "reference": "same hospital, different patients"},
-    {"result": "image → text R@5 (attribute sentences)", "value": r5["recall"],
-     "reference": f"random: {r5['random']:.1%}"},
-    {"result": f"unseen class ({heldout_class}) recall from its description", "value":
-     held["heldout"]["per_class"][heldout_class]["recall"], "reference": f"chance among {len(WBC)}: {1 / len(WBC):.0%}"},
-    {"result": "attributes read out above their majority floor", "value": readout["above floor"].mean(),
-     "reference": f"fraction of the {len(readout)} attributes"},
-]).set_index("result")
-display(summary.style.format({"value": "{:.1%}"}))
-tick("the rest (evaluation, probes, figures)")
-wall = time.perf_counter() - T0
-print(f"chapter wall time so far: {wall:.0f} s; by phase (s): {timings}")
-
-# %%
-test_metrics = lambda m: {k: v for k, v in m.items() if k not in ("predictions",)}  # noqa: E731
-results_file = write_results(
-    results_path, overwrite=True, kind="vision_language", chapter="05_vision_language", paper="vlm_leukemia_2026",
-    dataset="taxonomy:leukemia (pbc, matek, aria) + wbcatt",
-    model="efficientnet_lite0 (ImageNet) + all-MiniLM-L6-v2", pretrained=True, profile=P.name,
-    profile_sizes=P.to_dict(), chapter_sizes=S, seeds=[seed],
-    config={"model": model.config.to_dict(), "fit": config.__dict__, "balancing": "class-balanced resampling "
-            "by text class (stands in for the paper's GAN balancing)", "loss": "multi-positive symmetric InfoNCE "
-            "(soft targets) on class and attribute sentences + single-attribute clause loss",
-            "norm_source": data.norm_source, "bank": joint.bank},
-    data_root=str(resolve_root(data_root)), split_sha256=data.table.attrs.get("split_sha256"),
-    data_sha256=content_hash(data.table),
-    counts=data.table.groupby(["split", "source"]).size().unstack(fill_value=0).to_dict(orient="index"),
-    metrics={
-        "zero_shot_pbc": {w: test_metrics(m) for w, m in zs.items()},
-        "zero_shot_groups": test_metrics(group4),
-        "within_source": [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
-                          for r in within.reset_index().to_dict(orient="records")],
-        "source_probe": {k: {kk: vv for kk, vv in v.items() if kk != "predictions"} for k, v in src_probe.items()},
-        "retrieval": retrieval.to_dict(orient="records"),
-        "attribute_readout": readout.to_dict(orient="records"),
-        "heldout_class": {"class": heldout_class, "train_images": len(held_table),
-                          "five_class": {w: test_metrics(m) for w, m in held.items()},
-                          "seen_four_class_accuracy": held_seen["accuracy"],
-                          "unseen_class_summary": held_table_summary.reset_index().to_dict(orient="records"),
-                          "history": held_fit.history},
-        "linear_probe": probes.reset_index().to_dict(orient="records"),
-        "supervised_equal_budget": {k: v for k, v in sup_test_m.items() if k not in ("probs", "targets")},
-        "chronic_prompts_fraction_of_test_called_cml_or_cll": called_chronic,
-        "paper": {"accuracy": "about 0.70 (reported range)", "doi": "10.1007/s44163-026-01239-7"},
-    },
-    history=joint.history, wall_time_s=wall, timings_s=timings, checkpoint=str(run_dir / WEIGHTS))
-print(f"results: {results_file}")
+display(res["summary"].style.format({"value": "{:.1%}"}))
 
 # %% [markdown]
 # ## Exercises

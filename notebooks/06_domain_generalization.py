@@ -66,40 +66,30 @@ artifacts = "_build/artifacts"  # checkpoints: <artifacts>/<profile>/dg_*/ (rela
 supcon_weight = 0.5  # weight of the supervised contrastive term (rows SupCon and combined)
 
 # %%
-import hashlib
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import plotly.express as px
-import torch
 from IPython.display import Markdown, display
-from PIL import Image
 
 from leukemia_core import dg
-from leukemia_core.config import chapter_sizes, get_profile
-from leukemia_core.data.splits import SPLITS_DIR
-from leukemia_core.data.torch_dataset import read_image
 from leukemia_core.data.dataroot import REPO_ROOT
-from leukemia_core.data.domains import CLASSES, DOMAINS, SHARED, class_counts, load_domains
-from leukemia_core.pipeline import content_hash, subsample
+from leukemia_core.data.domains import CLASSES, DOMAINS, SHARED, class_counts
+from leukemia_core.data.torch_dataset import read_image
+from leukemia_core.experiments import domain_generalization as experiment
 from leukemia_core.plots import image_grid, show_source, use_offline_plotly
-from leukemia_core.dg import save_dg_checkpoint
-from leukemia_core.predict import predict_folder
 from leukemia_core.reproducibility.registry import load_claims
-from leukemia_core.reproducibility.results import write_results
 
 use_offline_plotly()
 CHAPTER_START = time.perf_counter()
-#: Sizes per profile. The code path is the same; only these numbers change.
-SIZES = chapter_sizes("06_domain_generalization", profile)  # leukemia_core/config.py: CHAPTER_SIZES
-P = get_profile(profile)
-if seeds is None:
-    seeds = [seed] if len(P.seeds) == 1 else list(P.seeds)
-S = SIZES["image_size"]
-SCALE = dg.ScaleNorm()
+# the whole protocol (leukemia_core/experiments/domain_generalization.py): data, every training,
+# the headline rule, the in-domain ceiling, the combined checkpoint and results/<profile>/dg_*.json
+res = experiment.run(profile, seeds=seeds, data_root=data_root, out=Path(artifacts) / profile,
+                     results_dir=results_dir, seed=seed, supcon_weight=supcon_weight)
+P, SIZES, seeds = res["P"], res["sizes"], res["seeds"]  # sizes: leukemia_core/config.py, CHAPTER_SIZES
+S, SCALE = SIZES["image_size"], experiment.SCALE
 print(f"profile {P.name}: EfficientNet-Lite0 (ImageNet) at {S}px, {SIZES['epochs']} epochs, "
       f"PBC train cap {SIZES['pbc_train_cap']}/class, seeds {seeds}")
 
@@ -112,11 +102,10 @@ print(f"profile {P.name}: EfficientNet-Lite0 (ImageNet) at {S}px, {SIZES['epochs
 # TXL-PBC, which reuses PBC and BCCD files, is not used here at all.
 
 # %%
-table, removed = load_domains(data_root)
+table, removed = res["table"], res["removed"]
 display(Markdown(f"Cross-domain duplicates removed: **{len(removed)}**" +
                  (f" ({removed.groupby(['domain', 'kept_in']).size().to_dict()})" if len(removed) else "")))
-counts = class_counts(table)
-display(counts.style.format(precision=1))
+display(class_counts(table).style.format(precision=1))
 
 # %% [markdown]
 # The class mix differs wildly. PBC is nearly balanced by design (the authors picked
@@ -126,12 +115,7 @@ display(counts.style.format(precision=1))
 # recall is reported where a domain has any. Matek contributes neutrophils only.
 
 # %%
-rng = np.random.default_rng(0)
-shown = []
-for dom in ["pbc", "bccd", "zheng", "matek"]:
-    for cls in (SHARED if dom != "matek" else ["neutrophil"] * 4):
-        rows = table[(table["domain"] == dom) & (table["label"] == cls)]
-        shown.append((rows.iloc[int(rng.integers(len(rows)))]["path"], f"{dom}: {cls}"))
+shown = experiment.example_images(table)  # (path, title): a random image per domain and class
 image_grid([p for p, _ in shown], [t for _, t in shown], ncols=8, size=1.5)
 
 # %% [markdown]
@@ -144,17 +128,7 @@ image_grid([p for p, _ in shown], [t for _, t in shown], ncols=8, size=1.5)
 #   Zheng image is a tight 120-pixel crop.
 
 # %%
-def image_stats(row):
-    rgb = np.asarray(read_image(row.path))
-    m = dg.nucleus_mask(rgb)
-    ys, xs = np.nonzero(m)
-    extent = (max(np.ptp(ys), np.ptp(xs)) + 1) / max(rgb.shape[:2]) if len(ys) else np.nan
-    return {"domain": row.domain, "label": row.label, "width": rgb.shape[1], "R": rgb[..., 0].mean(),
-            "G": rgb[..., 1].mean(), "B": rgb[..., 2].mean(), "nucleus extent / side": extent}
-
-
-stat_rows = pd.concat([subsample(g, 30 if profile != "smoke" else 4, 0) for _, g in table.groupby("domain")])
-stats = pd.DataFrame([image_stats(r) for r in stat_rows.itertuples()])
+stats = experiment.shift_stats(table, 30 if profile != "smoke" else 4)
 display(stats.drop(columns="label").groupby("domain").agg(["mean", "std"])
         .round(2).loc[:, [("width", "mean"), ("R", "mean"), ("G", "mean"), ("B", "mean"),
                           ("nucleus extent / side", "mean"), ("nucleus extent / side", "std")]])
@@ -173,23 +147,9 @@ px.box(stats, x="domain", y="nucleus extent / side", color="label", points=False
 # what the normalisation uses.
 
 # %%
-zheng = table[table["domain"] == "zheng"]
-if SIZES["small_cap"]:
-    zheng = subsample(zheng, SIZES["small_cap"], 0)
-ious, ratios = [], []
-for row in zheng.itertuples():
-    rgb = np.asarray(read_image(row.path))
-    gt = np.asarray(Image.open(row.mask_path))
-    gt = (gt[..., 0] if gt.ndim == 3 else gt) == 255
-    m = dg.nucleus_mask(rgb)
-    ious.append(dg.mask_iou(m, gt))
-    ext = lambda a: max(np.ptp(np.nonzero(a)[0]), np.ptp(np.nonzero(a)[1])) + 1 if a.any() else np.nan
-    ratios.append(ext(m) / ext(gt))
-seg_check = {"nucleus_iou_mean": float(np.mean(ious)), "nucleus_iou_median": float(np.median(ious)),
-             "extent_ratio_median": float(np.nanmedian(ratios)),
-             "extent_within_20pct": float(np.nanmean(np.abs(np.array(ratios) - 1) <= 0.2)), "n": len(ious)}
+seg_check = res["seg_check"]
 display(Markdown(
-    f"Zheng, {len(ious)} images: nucleus IoU mean **{seg_check['nucleus_iou_mean']:.2f}** (median "
+    f"Zheng, {seg_check['n']} images: nucleus IoU mean **{seg_check['nucleus_iou_mean']:.2f}** (median "
     f"{seg_check['nucleus_iou_median']:.2f}); predicted / true nucleus extent median "
     f"**{seg_check['extent_ratio_median']:.2f}**, within ±20% for "
     f"{seg_check['extent_within_20pct']:.0%} of the cells."))
@@ -275,37 +235,9 @@ image_grid(before[::2] + after[::2] + [dg.reinhard(im) for im in after[::2]], [t
 show_source(dg.macro_f1)
 
 # %%
-def arrays(rows: pd.DataFrame, scale: bool, stain_norm: bool) -> dg.Arrays:
-    ims = [dg.preprocess(np.asarray(read_image(p)), S, SCALE if scale else None, stain_norm)[0]
-           for p in rows["path"]]
-    x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous()
-    y = torch.tensor([CLASSES.index(c) for c in rows["label"]])
-    d = torch.tensor([list(DOMAINS).index(v) if v in DOMAINS else -1 for v in rows["domain"]])
-    return dg.Arrays(x, y, d)
-
-
-def pick(domain, split):
-    rows = table[(table["domain"] == domain) & (table["split"].isin(split))]
-    cap = (SIZES[f"pbc_{split[0]}_cap"] if domain == "pbc" and len(split) == 1 else
-           None if domain == "pbc" else SIZES["small_cap"])
-    return subsample(rows, cap, 0).reset_index(drop=True)
-
-
-parts = {}  # (domain, role) -> rows; role: train / val / heldout
-for dom in DOMAINS:
-    parts[dom, "train"], parts[dom, "val"] = pick(dom, ["train"]), pick(dom, ["val"])
-    parts[dom, "heldout"] = pick(dom, ["test"]) if dom == "pbc" else pick(dom, ["train", "val", "test"])
-parts["matek", "heldout"] = subsample(table[(table["domain"] == "matek") & (table["split"] == "test")],
-                                      SIZES["probe_cap"], 0).reset_index(drop=True)
-PREP = [(False, False), (True, True)]  # (scale norm, Reinhard stain norm): plain, normalised
-cache = {(k, pp): arrays(rows, *pp) for k, rows in parts.items() for pp in PREP}
-display(pd.DataFrame({f"{d} {r}": rows["label"].value_counts() for (d, r), rows in parts.items()})
+parts, cache = res["parts"], res["cache"]  # (domain, role) -> rows, and their decoded images
+display(pd.DataFrame({f"{d} {r}": rows["label"].value_counts() for (d, r), rows in parts.items() if r != "test"})
         .reindex(CLASSES).fillna(0).astype(int).T)
-
-
-def join(keys, scale):
-    a = [cache[k, scale] for k in keys]
-    return dg.Arrays(torch.cat([v.x for v in a]), torch.cat([v.y for v in a]), torch.cat([v.d for v in a]))
 
 # %% [markdown]
 # ## Methods
@@ -437,64 +369,8 @@ show_source(dg.sample_weights, dg.class_balanced_weights, dg.focal_loss, dg.DGNe
 # %% tags=["remove-input"]
 show_source(dg._reestimate_bn, dg.adapt_bn)
 
-# %%
-ERM = dg.Recipe("ERM-BN", swa=True)
-RECIPES = [
-    ERM,
-    dg.Recipe("ERM-GN", norm="gn"),
-    dg.Recipe("CB sampling + CB focal", sampler="balanced", loss="cb_focal"),
-    dg.Recipe("stain aug + scale norm", stain=True, scale_norm=True, stain_norm=True),
-    dg.Recipe("SupCon", supcon=supcon_weight),
-    dg.Recipe("combined", scale_norm=True, stain_norm=True, supcon=supcon_weight, domain_bn=True),
-]
-LABELS = [CLASSES.index(c) for c in SHARED]
-#: rows whose recipe was designed by sweeps that saw held-out scores: shown, never the headline
-DESIGNED_ON_HELDOUT = {"combined", "combined + TTA-BN"}
-HEADLINE_RULE = ("highest mean validation macro-F1 on the training domains (TTA-BN rows adapted per "
-                 "validation domain) among rows not designed on held-out scores")
-
-
-def score(model, key, scale):
-    a = cache[key, scale]
-    pred = dg.predict_probs(model, a.x).argmax(1)
-    out = {"macro_f1": dg.macro_f1(a.y, pred, LABELS), "accuracy": float((pred == a.y).float().mean()),
-           "n": len(a)}
-    for c in CLASSES:
-        if (a.y == CLASSES.index(c)).any():
-            out[f"recall {c}"] = float((pred[a.y == CLASSES.index(c)] == CLASSES.index(c)).float().mean())
-    return out, pred
-
-
-rows, trained, predictions = [], {}, {}
-for seed in seeds:
-    for held in DOMAINS:
-        train_doms = [d for d in DOMAINS if d != held]
-        for recipe in RECIPES:
-            sc = (recipe.scale_norm, recipe.stain_norm)
-            tr = join([(d, "train") for d in train_doms], sc)
-            va = join([(d, "val") for d in train_doms], sc)
-            res = dg.train_dg(recipe, tr, va, len(CLASSES), LABELS, SIZES["epochs"],
-                              batch_size=SIZES["batch_size"], seed=seed)
-            trained[recipe.name, held, seed] = res
-            variants = {recipe.name: res.model}
-            if recipe.swa:
-                variants[f"{recipe.name} + SWA"] = res.swa_model
-            if recipe.norm == "bn":
-                if recipe.name in ("ERM-BN", "combined"):
-                    variants[f"{recipe.name} + TTA-BN"] = dg.adapt_bn(res.model, cache[(held, "heldout"), sc].x)
-            for name, model in variants.items():
-                m, pred = score(model, (held, "heldout"), sc)
-                probe, _ = score(model, ("matek", "heldout"), sc)
-                predictions[name, held, seed] = pred
-                # selection score: the training domains' validation images, scored as the row is used
-                val_pred = (dg.predict_per_domain(res.model, va) if name.endswith("TTA-BN")
-                            else dg.predict_probs(model, va.x).argmax(1))
-                rows.append({"method": name, "held out": held, "seed": seed, **m,
-                             "matek neutrophil recall": probe["recall neutrophil"],
-                             "val macro-F1": dg.macro_f1(va.y, val_pred, LABELS),
-                             "train s": res.train_time_s, "best epoch": res.best_epoch})
-        print(f"seed {seed}, held out {held}: done at {(time.perf_counter() - CHAPTER_START) / 60:.1f} min")
-scores = pd.DataFrame(rows)
+# %% tags=["remove-input"]
+show_source(experiment.recipes, experiment.lodo)
 
 # %% [markdown]
 # ## The leave-one-domain-out table
@@ -513,16 +389,10 @@ scores = pd.DataFrame(rows)
 # $$ (eq-dg-headline)
 
 # %%
-order = list(dict.fromkeys(scores["method"]))
-per_fold = scores.pivot_table(index="method", columns="held out", values="macro_f1", aggfunc="mean").reindex(order)
-per_fold = per_fold[list(DOMAINS)]
-per_fold["mean"] = per_fold.mean(axis=1)
-acc = scores.pivot_table(index="method", columns="held out", values="accuracy", aggfunc="mean").reindex(order)
-lodo = pd.concat({"macro-F1": per_fold, "accuracy": acc[list(DOMAINS)]}, axis=1)
-lodo[("Matek", "neutrophil recall")] = scores.groupby("method")["matek neutrophil recall"].mean().reindex(order)
-lodo[("training domains", "val macro-F1")] = scores.groupby("method")["val macro-F1"].mean().reindex(order)
-val_mean = lodo[("training domains", "val macro-F1")]
-best = val_mean.drop(list(DESIGNED_ON_HELDOUT)).idxmax()  # the headline: chosen on validation only
+scores, order, per_fold, acc, val_mean = (res[k] for k in ("scores", "order", "per_fold", "acc", "val_mean"))
+best, erm_f1, best_f1, predictions = res["best"], res["erm_f1"], res["best_f1"], res["predictions"]
+DESIGNED_ON_HELDOUT, HEADLINE_RULE = experiment.DESIGNED_ON_HELDOUT, experiment.HEADLINE_RULE
+lodo = res["lodo"].copy()
 lodo.index = [f"{m} (selected on test)" if m in DESIGNED_ON_HELDOUT else m for m in lodo.index]
 display(lodo.style.format("{:.1%}").apply(
     lambda r: ["background-color: #d4edda" if r.name == best else "" for _ in r], axis=1))
@@ -530,8 +400,6 @@ if len(seeds) > 1:
     sd = scores.groupby(["method", "seed"])["macro_f1"].mean().groupby("method").std().reindex(order)
     display(Markdown("Std over seeds of the mean held-out macro-F1: " +
                      ", ".join(f"{m} {v:.1%}" for m, v in sd.items())))
-erm_f1 = per_fold.loc["ERM-BN", "mean"]
-best_f1 = per_fold.loc[best, "mean"]
 bccd_acc = acc.loc[best, "bccd"]
 top_test = per_fold["mean"].idxmax()
 display(Markdown(
@@ -552,7 +420,7 @@ display(Markdown(
        "is the next step for this chapter.")))
 
 # %%
-TARGETS = {"ci": 0.75, "smoke": 0.75, "full": 0.85}
+TARGETS = {"ci": 0.75, "smoke": 0.75, "reference": 0.85, "full": 0.85}
 DG_CLAIMS = load_claims()["papers"]["umer2023imbalanced"]
 tsutsui = max((a for a in DG_CLAIMS["anchors"] if a["id"].startswith("tsutsui_bccd")), key=lambda a: a["value"])
 gap = best_f1 - TARGETS[profile]
@@ -582,10 +450,7 @@ display(Markdown(
 
 # %%
 def top_class(method, held):
-    """The class a method's model predicts most on a held-out domain, and its share."""
-    pred = torch.cat([predictions[method, held, s] for s in seeds])
-    counts = torch.bincount(pred, minlength=len(CLASSES))
-    return CLASSES[int(counts.argmax())], float(counts.max() / counts.sum())
+    return experiment.top_class(predictions, seeds, method, held)
 
 
 erm_val = val_mean["ERM-BN"]
@@ -627,10 +492,7 @@ display(Markdown("\n".join(f"- {b}" for b in bullets)))
 # {eq}`eq-dg-macro-f1` on the same held-out images (no model involved).
 
 # %%
-guess = np.random.default_rng(0)
-chance = float(np.mean([dg.macro_f1(cache[(h, "heldout"), PREP[0]].y,
-                                    torch.from_numpy(guess.integers(0, len(CLASSES), len(parts[h, "heldout"]))),
-                                    LABELS) for h in DOMAINS]))
+chance = res["chance"]
 near_chance = best_f1 < chance + 0.10
 vs_chance = ("below random guessing" if best_f1 < chance else "close to random guessing" if near_chance
              else "above random guessing")
@@ -664,42 +526,11 @@ display(Markdown(
 # domain). The ratio says how much of the in-domain performance survives the move to a
 # new hospital.
 
+# %% tags=["remove-input"]
+show_source(experiment.in_domain_ceiling)
+
 # %%
-def recipe_of(method):
-    """The recipe a table row was trained with (a row name may add ' + SWA' / ' + TTA-BN')."""
-    names = {r.name: r for r in RECIPES}
-    return names[method] if method in names else names[method.split(" + ")[0]]
-
-
-def as_used(res, method, x_target):
-    """The model of a row as it is scored: SWA weights, or BN adapted to the target images."""
-    model = res.swa_model if method.endswith("+ SWA") else res.model
-    return dg.adapt_bn(model, x_target) if method.endswith("TTA-BN") else model
-
-
-headline_recipe = recipe_of(best)
-sc = (headline_recipe.scale_norm, headline_recipe.stain_norm)
-ceiling_rows = []
-for held in DOMAINS:
-    test_keys = (held, "test")
-    sel = torch.tensor((parts[held, "heldout"]["split"] == "test").to_numpy())  # all of PBC's held-out rows
-    parts[test_keys] = parts[held, "heldout"][sel.numpy()].reset_index(drop=True)
-    heldout = cache[(held, "heldout"), sc]  # already decoded: slice, do not read the images again
-    cache[test_keys, sc] = dg.Arrays(heldout.x[sel], heldout.y[sel], heldout.d[sel])
-    y_test = heldout.y[sel]
-    for seed in seeds:
-        res = dg.train_dg(headline_recipe, cache[(held, "train"), sc], cache[(held, "val"), sc], len(CLASSES),
-                          LABELS, SIZES["epochs"], batch_size=SIZES["batch_size"], seed=seed)
-        own, _ = score(as_used(res, best, cache[test_keys, sc].x), test_keys, sc)
-        row = {"domain": held, "seed": seed, "test images": own["n"], "in-domain macro-F1": own["macro_f1"],
-               "in-domain accuracy": own["accuracy"], "train s": res.train_time_s}
-        for name in dict.fromkeys([best, "ERM-BN + TTA-BN", "ERM-BN"]):
-            pred = predictions[name, held, seed][sel]
-            row[f"cross-domain {name}"] = dg.macro_f1(y_test, pred, LABELS)
-        ceiling_rows.append(row)
-ceiling = pd.DataFrame(ceiling_rows).groupby("domain", sort=False).mean(numeric_only=True).drop(columns="seed")
-ceiling["share of ceiling"] = ceiling[f"cross-domain {best}"] / ceiling["in-domain macro-F1"]
-ceiling.loc["mean"] = ceiling.mean()
+ceiling = res["ceiling"]
 display(ceiling.style.format({c: "{:.1%}" for c in ceiling.columns if c not in ("test images", "train s")}
                              | {"test images": "{:.0f}", "train s": "{:.0f}"}))
 display(Markdown(
@@ -774,26 +605,12 @@ def shown(path: Path):
     return path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
 
 
-with tempfile.TemporaryDirectory() as tmp:
-    tmp = Path(tmp)
-    recipe = RECIPES[-1]
-    # kept under <artifacts> (default _build/artifacts) so `leukemia-core predict` can use it after the build
-    ckpt = save_dg_checkpoint(REPO_ROOT / artifacts / P.name / "dg_combined_without_bccd" / "model.safetensors",
-                              trained[recipe.name, "bccd", seeds[0]].model, CLASSES, S,
-                              SCALE if recipe.scale_norm else None, recipe)
-    folder = tmp / "unseen"
-    folder.mkdir()
-    demo = pd.concat([parts["bccd", "heldout"].groupby("label").head(2), parts["matek", "heldout"].head(3)])
-    for i, row in enumerate(demo.itertuples()):
-        Image.open(row.path).convert("RGB").save(folder / f"{i:02d}_{row.domain}.png")
-    preds = predict_folder(ckpt, folder, tmp / "predictions.csv", adapt_bn=True)
-    preds["path"] = preds["path"].map(lambda p: Path(p).name)
-    preds.insert(1, "true", demo["label"].tolist())
-    display(preds.round(3))
-    display(Markdown(f"From the command line: `leukemia-core predict --images FOLDER --checkpoint "
-                     f"{shown(ckpt.parent)} --out predictions.csv [--adapt-bn]`. `--adapt-bn` re-estimates "
-                     "the BatchNorm statistics on the folder (TTA-BN): use it for a folder of many "
-                     "cells from one new hospital, not for a handful of images."))
+ckpt = res["ckpt"]  # the combined model trained without BCCD, under <artifacts>/<profile>/dg_combined_without_bccd/
+display(experiment.predict_demo(ckpt, parts).round(3))
+display(Markdown(f"From the command line: `leukemia-core predict --images FOLDER --checkpoint "
+                 f"{shown(ckpt.parent)} --out predictions.csv [--adapt-bn]`. `--adapt-bn` re-estimates "
+                 "the BatchNorm statistics on the folder (TTA-BN): use it for a folder of many "
+                 "cells from one new hospital, not for a handful of images."))
 
 # %% [markdown]
 # ## Try it on your hospital
@@ -807,22 +624,7 @@ with tempfile.TemporaryDirectory() as tmp:
 # names, once as it is and once with `--adapt-bn` (BatchNorm statistics from the folder).
 
 # %%
-import warnings
-
-from leukemia_core.predict import evaluate_folder
-
-HOSPITAL_NAMES = {"neutrophil": "Segmented neutrophils", "lymphocyte": "LYMPHOCYTE",
-                  "monocyte": "Monocytes", "eosinophil": "eosinophil", "basophil": "Basophil"}
-with tempfile.TemporaryDirectory() as tmp:
-    folder = Path(tmp) / "my_hospital"
-    for row in parts["bccd", "heldout"].itertuples():
-        dest = folder / HOSPITAL_NAMES[row.label]
-        dest.mkdir(parents=True, exist_ok=True)
-        Image.open(row.path).convert("RGB").save(dest / f"{Path(row.path).stem}.png")
-    with warnings.catch_warnings():  # without --adapt-bn the CLI warns that this model expects it
-        warnings.simplefilter("ignore", UserWarning)
-        hospital = {adapt: evaluate_folder(ckpt, folder, Path(tmp) / f"eval_{adapt}", adapt_bn=adapt)
-                    for adapt in (False, True)}
+hospital = experiment.hospital_demo(ckpt, parts["bccd", "heldout"])  # class folders: experiment.HOSPITAL_NAMES
 m = hospital[True]
 display(Markdown(
     f"`leukemia-core evaluate --images my_hospital/ --checkpoint {shown(ckpt.parent)} "
@@ -840,64 +642,8 @@ display(Markdown(
 # scores, per-class recall, the Matek probe and the segmentation check.
 
 # %%
-split_sha = hashlib.sha256(b"".join((SPLITS_DIR / f"{n}.csv").read_bytes()
-                                    for n in ["pbc", "bccd_crops", "zheng", "matek"])).hexdigest()
-used = pd.concat([rows for (_, role), rows in parts.items() if role != "test"], ignore_index=True)
-wall = time.perf_counter() - CHAPTER_START
-out = Path(results_dir)
-out = out if out.is_absolute() else REPO_ROOT / out
-written = []
-
-
-def lodo_metrics(s):
-    return {"lodo": {"mean_macro_f1": float(s["macro_f1"].mean()),
-                     "mean_accuracy": float(s["accuracy"].mean()),
-                     "mean_val_macro_f1": float(s["val macro-F1"].mean()),
-                     **{f"{h}_macro_f1": float(g["macro_f1"].mean()) for h, g in s.groupby("held out")},
-                     **{f"{h}_accuracy": float(g["accuracy"].mean()) for h, g in s.groupby("held out")}},
-            "per_fold": s.drop(columns=["method"]).to_dict(orient="records"),
-            "matek_neutrophil_recall": float(s["matek neutrophil recall"].mean()),
-            "segmentation_check": seg_check, "removed_duplicates": len(removed)}
-
-
-def dg_config(method):
-    return {"recipe": recipe_of(method).to_dict(), "variant": method, "classes": CLASSES, "shared": SHARED,
-            "scale_norm": SCALE.__dict__, "lab_target": dg.LAB_TARGET,
-            "heldout": "pbc: test split; bccd, zheng: all images"}
-
-
-common = dict(overwrite=True, kind="domain_generalization", chapter="06_domain_generalization",
-              paper="umer2023imbalanced", model="efficientnet_lite0", pretrained=True, profile=P.name,
-              profile_sizes=P.to_dict() | {"chapter": SIZES}, seeds=list(seeds), split_sha256=split_sha,
-              data_sha256=content_hash(used), wall_time_s=wall)
-for method in order:
-    slug = method.lower().replace(" + ", "_").replace(" ", "_").replace("-", "_")
-    # the combined recipe was designed by sweeps that saw held-out scores: say so in its file
-    selection = ({"selected_on": "test", "selection_note": "recipe designed in sweeps scored on the held-out "
-                  "domains (earlier sessions); shown, never the headline"} if method in DESIGNED_ON_HELDOUT else {})
-    written.append(write_results(
-        out / P.name / f"dg_{slug}.json", method=method, dataset="lodo:pbc,bccd_crops,zheng+matek_probe",
-        config=dg_config(method), metrics=lodo_metrics(scores[scores["method"] == method]), **selection, **common))
-written.append(write_results(
-    out / P.name / "dg_headline.json", method=best, dataset="lodo:pbc,bccd_crops,zheng+matek_probe",
-    selected_on="validation", selection_rule=HEADLINE_RULE,
-    config=dg_config(best) | {"candidates": [m for m in order if m not in DESIGNED_ON_HELDOUT]},
-    metrics=lodo_metrics(scores[scores["method"] == best]) | {"gain_over_erm_bn": float(best_f1 - erm_f1)},
-    **common))
-written.append(write_results(
-    out / P.name / "dg_in_domain_ceiling.json", method=f"in-domain ceiling ({best})",
-    dataset="pbc,bccd_crops,zheng (each on its own splits)", selected_on="validation",
-    config={"recipe": headline_recipe.to_dict(), "variant": best, "classes": CLASSES, "shared": SHARED,
-            "test": "each domain's test split (PBC subsampled per class as in LODO)"},
-    metrics={"in_domain_macro_f1": {d: float(ceiling.loc[d, "in-domain macro-F1"]) for d in DOMAINS},
-             "mean_in_domain_macro_f1": float(ceiling.loc["mean", "in-domain macro-F1"]),
-             "headline_method": best,
-             "cross_domain_macro_f1_same_test": {d: float(ceiling.loc[d, f"cross-domain {best}"]) for d in DOMAINS},
-             "mean_share_of_ceiling": float(ceiling.loc["mean", "share of ceiling"]),
-             "per_seed": ceiling_rows},
-    **common))
-display(Markdown(f"Wrote {len(written)} results files to `{out / P.name}`; chapter time "
-                 f"{wall / 60:.1f} min."))
+display(Markdown(f"Wrote {len(res.results)} results files to `{res['results_folder']}`; chapter time "
+                 f"{(time.perf_counter() - CHAPTER_START) / 60:.1f} min."))
 
 # %% [markdown]
 # ## Exercises

@@ -94,65 +94,39 @@ profile = "ci"  # smoke | ci | full
 data_root = None  # None: LEUKEMIA_DATA, else data/ in the repository
 seed = 0
 results_dir = "results"  # results JSON: <results_dir>/<profile>/detection_*.json
-runs_dir = "runs"  # the saved detector: <runs_dir>/<profile>/detection/detector_full.safetensors
+runs_dir = "runs"  # the saved detector: <runs_dir>/<profile>/detection/detector_full.safetensors;
+#                    each training run's resumable state: <runs_dir>/<profile>/detection_*/
 patch_fractions = None  # None: the profile's patch shares (SIZES below); e.g. [0.1, 0.5]
 
 # %%
-import hashlib
 import shutil
 import tempfile
 import time
 from argparse import Namespace
 from pathlib import Path
 
-import matplotlib.patches as mpatches
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 from IPython.display import Markdown, display
-from PIL import Image
 
-from leukemia_core.config import chapter_sizes, get_profile
-from leukemia_core.data import load_dataset
-from leukemia_core.data.dataroot import REPO_ROOT, data_root as resolve_root
 from leukemia_core.cli.detect import cmd_detect
-from leukemia_core.detection.data import (CLASSES, BoxDataset, attribute_table, attribute_values, bccd_boxes,
-                                          encode_attributes, link_sources, link_wbcatt, load_image,
-                                          txl_boxes)
-from leukemia_core.detection.model import AttributeHead, WBCDetector, WeightedFCOSHead
-from leukemia_core.detection.sparse import (OUTSIDE_WEIGHT, PSEUDO_CONF, PSEUDO_IOU, REGIMES, location_weights,
-                                            select_pseudo, sparsify)
-from leukemia_core.detection.train import (DetTrainConfig, attribute_metrics, attribute_predictions,
-                                           evaluate_detector, roi_features, save_detector, train_attribute_head,
-                                           train_detector)
-from leukemia_core.pipeline import content_hash
+from leukemia_core.detection.data import CLASSES
+from leukemia_core.detection.model import AttributeHead, WeightedFCOSHead
+from leukemia_core.detection.sparse import location_weights, select_pseudo
+from leukemia_core.experiments import detection as experiment
 from leukemia_core.plots import show_source
-from leukemia_core.reproducibility.results import write_results
 
 CHAPTER_START = time.perf_counter()
-SECTION_TIMES = {}  # section -> seconds, printed at the end of the chapter
-_lap = [CHAPTER_START]
-
-
-def lap(section):
-    """Record the seconds since the previous lap under ``section``."""
-    now = time.perf_counter()
-    SECTION_TIMES[section] = SECTION_TIMES.get(section, 0.0) + now - _lap[0]
-    _lap[0] = now
-
-
-torch.manual_seed(seed)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-#: Sizes per profile. The code path is the same; only these numbers change.
-SIZES = chapter_sizes("07_detection", profile)  # leukemia_core/config.py: CHAPTER_SIZES
-if patch_fractions is not None:  # an exercise's change: other patch shares than the profile's
-    SIZES["fractions"] = tuple(float(f) for f in patch_fractions)
-P = get_profile(profile)
-ROOT = resolve_root(data_root)
-S = SIZES["short_side"]
+#: The chapter's whole protocol (data, the three regimes per patch share, evaluation, the
+#: attribute head, the saved detector, the results JSONs) runs here; the cells below read it.
+res = experiment.run(profile, seeds=[seed], data_root=data_root, out=Path(runs_dir) / profile,
+                     results_dir=results_dir, runs_dir=runs_dir, patch_fractions=patch_fractions)
+SIZES, data, runs = res["sizes"], res["data"], res["runs"]  # sizes: leukemia_core/config.py, CHAPTER_SIZES
+bccd, txl, S, FRACTIONS = res["bccd"], res["txl"], SIZES["short_side"], SIZES["fractions"]
 print(f"profile {profile}: FCOS + EfficientNet-Lite0 FPN at shorter side {S}px, {SIZES['epochs']} epochs, "
-      f"patch fractions {SIZES['fractions']}, device {DEVICE}, {torch.get_num_threads()} threads")
+      f"patch fractions {FRACTIONS}, device {res['device']}, {torch.get_num_threads()} threads")
 
 # %% [markdown]
 # ## The boxes, checked
@@ -163,23 +137,10 @@ print(f"profile {profile}: FCOS + EfficientNet-Lite0 FPN at shorter side {S}px, 
 # and shown here, not dropped silently.
 
 # %%
-bccd = bccd_boxes(ROOT)
 excluded = pd.DataFrame(bccd.attrs["excluded_boxes"])
 display(excluded)
 display(Markdown(f"{len(excluded)} box(es) of the BCCD release excluded by the explicit list."))
-txl = link_wbcatt(link_sources(bccd, txl_boxes(ROOT)), load_dataset("wbcatt", ROOT, hashes=False))
-lap("read and check boxes")
-
-
-def class_counts(table):
-    return pd.Series({c: sum(lab.count(i) for lab in table["labels"]) for i, c in enumerate(CLASSES)})
-
-
-overview = pd.concat({("BCCD", s): class_counts(g).rename(None) for s, g in bccd.groupby("split")} |
-                     {(f"TXL-PBC {d}", s): class_counts(g) for (d, s), g in txl.groupby(["domain", "split"])}, axis=1).T
-overview["images"] = [len(bccd[bccd.split == s]) if n == "BCCD" else
-                      len(txl[(txl.domain == n.split()[1]) & (txl.split == s)]) for n, s in overview.index]
-display(overview)
+display(experiment.overview_table(bccd, txl))
 
 # %% [markdown]
 # TXL-PBC re-uses BCCD images (found by content hash, `txl_pbc/source_map.csv`; counted
@@ -195,35 +156,15 @@ display(overview)
 # (`leukemia_core.detection.data.link_wbcatt`).
 
 # %%
-bccd_train = bccd[bccd.split == "train"]
-if SIZES["bccd_train_cap"]:
-    bccd_train = bccd_train.sample(SIZES["bccd_train_cap"], random_state=seed)
-txl_pool = txl[(txl.split == "train") & txl.bccd_split.isna() & ~txl.wbcatt_heldout]
-cap = SIZES["txl_train_per_domain"]
-txl_train = pd.concat([g if cap is None else g.sample(min(cap, len(g)), random_state=seed)
-                       for _, g in txl_pool.groupby("domain")])
-train_table = pd.concat([bccd_train, txl_train], ignore_index=True)
-bccd_test = bccd[bccd.split == "test"]
-if SIZES["test_cap"]:
-    bccd_test = bccd_test.head(SIZES["test_cap"])
-txl_test_all = txl[txl.split == "test"]
-contaminated = txl_test_all.bccd_split == "train"
-txl_test = txl_test_all[~contaminated]
-if SIZES["txl_test_per_domain"]:
-    txl_test = txl_test.groupby("domain").head(SIZES["txl_test_per_domain"])
-copied = txl[txl.bccd_split.notna()]
+show_source(experiment.split_data)
+copied, txl_train = txl[txl.bccd_split.notna()], data["txl_train"]
 display(Markdown(
     f"TXL-PBC copies {len(copied)} BCCD images ({copied.bccd_split.value_counts().to_dict()} by BCCD split). "
-    f"Training: {len(bccd_train)} BCCD images + {len(txl_train)} TXL-PBC images "
+    f"Training: {len(data['bccd_train'])} BCCD images + {len(txl_train)} TXL-PBC images "
     f"({txl_train.domain.value_counts().to_dict()}; "
     f"{int((txl.wbcatt_heldout & (txl.split == 'train')).sum())} TXL training images left out as copies of "
-    f"WBCAtt validation/test cells). Test: {len(bccd_test)} BCCD test images; "
-    f"{len(txl_test)} TXL-PBC test images ({int(contaminated.sum())} removed as copies of BCCD training images)."))
-eval_sets = {"BCCD test": BoxDataset(bccd_test, S), "TXL-PBC test": BoxDataset(txl_test, S)}
-txl_groups = txl_test["domain"].tolist()
-lap("decode test images")
-split_sha = hashlib.sha256("\n".join(sorted(f"{r}\t{s}" for r, s in zip(
-    pd.concat([bccd.relpath, txl.relpath]), pd.concat([bccd.split, txl.split])))).encode()).hexdigest()
+    f"WBCAtt validation/test cells). Test: {len(data['bccd_test'])} BCCD test images; "
+    f"{len(data['txl_test'])} TXL-PBC test images ({data['contaminated']} removed as copies of BCCD training images)."))
 
 # %% [markdown]
 # ## Sparse annotation, simulated
@@ -235,43 +176,16 @@ split_sha = hashlib.sha256("\n".join(sorted(f"{r}\t{s}" for r, s in zip(
 # with the flips used as augmentation. Dashed boxes below lose their label.
 
 # %%
-FRACTIONS = SIZES["fractions"]
-sparse_tables = {f: sparsify(train_table, f, seed) for f in FRACTIONS}
-kept = pd.DataFrame({f"{f:.0%} patch": {"boxes kept": sum(map(len, t.boxes)) / sum(t.n_boxes_full),
-                                       **{f"{c} kept": class_counts(t)[c] / class_counts(train_table)[c]
-                                          for c in CLASSES}} for f, t in sparse_tables.items()}).T
+train_table, f_demo = data["train_table"], res["f_demo"]
+kept = experiment.kept_table(train_table, res["sparse_tables"])
 display(kept.style.format("{:.1%}"))
-PLATELET = CLASSES.index("Platelets")
-f_demo = 0.25 if 0.25 in FRACTIONS else FRACTIONS[0]
-is_bccd = (train_table["dataset"] == "bccd").to_numpy()  # sparsify keeps the rows and their order
-plt_full = sum(lab.count(PLATELET) for lab in train_table.loc[is_bccd, "labels"])
-plt_kept = sum(lab.count(PLATELET) for lab in sparse_tables[f_demo].loc[is_bccd, "labels"])
-plt_side = np.median([((b[2] - b[0]) + (b[3] - b[1])) / 2 * S / min(r.width, r.height)
-                      for r in train_table.itertuples() for b, lab in zip(r.boxes, r.labels) if lab == PLATELET])
+plt_stats = experiment.platelet_stats(train_table, res["sparse_tables"][f_demo], S)
 display(Markdown(
     f"Patch shares under `{profile}`: {', '.join(f'{f:.0%}' for f in FRACTIONS)}. Platelets are small (median "
-    f"box side {plt_side:.0f} px at shorter side {S} px) and rare: a {f_demo:.0%} patch keeps {plt_kept} of the "
-    f"{plt_full} platelets of the BCCD training images."))
-
-COLORS = {"WBC": "tab:purple", "RBC": "tab:red", "Platelets": "tab:green"}
-demo = sparse_tables[0.25 if 0.25 in FRACTIONS else FRACTIONS[0]]
-fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-for ax, i in zip(axes, [0, len(bccd_train), len(demo) - 1]):
-    r, full = demo.iloc[i], train_table.iloc[i]
-    with Image.open(r.path) as im:
-        ax.imshow(im.convert("RGB"))
-    kept_boxes = {tuple(b) for b in r.boxes}
-    for b, lab in zip(full.boxes, full.labels):
-        ax.add_patch(mpatches.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, lw=1.2,
-                                        ec=COLORS[CLASSES[lab]], ls="-" if tuple(b) in kept_boxes else ":"))
-    x0, y0, x1, y1 = r.patch
-    ax.add_patch(mpatches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2.5, ec="gold"))
-    ax.set_title(f"{r.domain}: {len(r.boxes)}/{len(full.boxes)} boxes kept", fontsize=9)
-    ax.axis("off")
-fig.suptitle("annotated patch (gold); solid boxes keep their label, dotted ones lose it", fontsize=10)
-plt.tight_layout()
+    f"box side {plt_stats['side']:.0f} px at shorter side {S} px) and rare: a {f_demo:.0%} patch keeps "
+    f"{plt_stats['kept']} of the {plt_stats['full']} platelets of the BCCD training images."))
+experiment.plot_sparse_patches(res)
 plt.show()
-lap("sparsify + figure")
 
 # %% [markdown]
 # ## Three training regimes
@@ -399,35 +313,8 @@ show_source(location_weights, select_pseudo)
 show_source(WeightedFCOSHead.compute_loss)
 
 # %%
-def make_detector(attributes=None):
-    return WBCDetector(attributes=attributes, short_side=S).to(DEVICE)
-
-
-def det_config(regime):
-    return DetTrainConfig(epochs=SIZES["epochs"], batch_size=SIZES["batch_size"], lr=SIZES["lr"], regime=regime,
-                          seed=seed, pseudo_start=1, pseudo_conf=PSEUDO_CONF, pseudo_iou=PSEUDO_IOU,
-                          outside_weight=OUTSIDE_WEIGHT, repeat_threshold=SIZES["repeat_threshold"])
-
-
-runs = {}  # (regime, fraction) -> dict(model, history, metrics, seconds)
-for regime in REGIMES:
-    for f in ([1.0] if regime == "full" else FRACTIONS):
-        start = time.perf_counter()
-        table = train_table if regime == "full" else sparse_tables[f]
-        model = make_detector()
-        history = train_detector(model, BoxDataset(table, S, train=True), det_config(regime))
-        lap(f"train {regime}")
-        metrics = {"BCCD test": evaluate_detector(model, eval_sets["BCCD test"])[0]["all"]}
-        if regime == "full":  # the sparse regimes are compared on BCCD's test list only
-            metrics["TXL-PBC test"] = evaluate_detector(model, eval_sets["TXL-PBC test"], groups=txl_groups)[0]
-        lap(f"evaluate {regime}")
-        runs[(regime, f)] = dict(model=model, history=history, metrics=metrics,
-                                 seconds=time.perf_counter() - start)
-
-summary = pd.DataFrame([{"regime": r, "patch": f"{f:.0%}", "BCCD mAP@0.5": m["metrics"]["BCCD test"]["map_50"],
-                         "BCCD mAP@[.5:.95]": m["metrics"]["BCCD test"]["map"],
-                         **{f"BCCD AP50 {c}": m["metrics"]["BCCD test"][f"AP50_{c}"] for c in CLASSES},
-                         "train s": m["seconds"]} for (r, f), m in runs.items()]).set_index(["regime", "patch"])
+show_source(experiment.train_regimes)
+summary = experiment.summary_table(runs)
 display(summary.style.format("{:.3f}", subset=[c for c in summary if c != "train s"]).format("{:.0f}", subset=["train s"]))
 
 # %% [markdown]
@@ -462,11 +349,7 @@ display(summary.style.format("{:.3f}", subset=[c for c in summary if c != "train
 # so they are not the same benchmark as BCCD's XML.
 
 # %%
-full_metrics = runs[("full", 1.0)]["metrics"]
-per_domain = {"BCCD (VOC test list)": full_metrics["BCCD test"]} | {
-    f"TXL-PBC {d}": m for d, m in full_metrics["TXL-PBC test"].items() if d != "all"} | {
-    "TXL-PBC all": full_metrics["TXL-PBC test"]["all"]}
-per_domain = pd.DataFrame(per_domain).T[["n_images", "map_50", "map", *[f"AP50_{c}" for c in CLASSES]]]
+per_domain = experiment.per_domain_table(runs)
 display(per_domain.style.format("{:.3f}", subset=per_domain.columns[1:]).format("{:.0f}", subset=["n_images"]))
 
 # %% [markdown]
@@ -481,22 +364,7 @@ display(per_domain.style.format("{:.3f}", subset=per_domain.columns[1:]).format(
 # evaluation (101-point interpolated AP), not Ultralytics' evaluator.
 
 # %%
-from leukemia_core.reproducibility.registry import load_claims
-
-bccd_m = full_metrics["BCCD test"]
-txl_m = full_metrics["TXL-PBC test"]["all"]
-ANCHOR = {a["id"]: a for a in load_claims()["papers"]["rehman2025lld"]["anchors"]}
-anchors = pd.DataFrame([
-    *({"model": a["statement"].split(" on BCCD")[0].strip(), "data": f"BCCD; {a['source']}",
-       "mAP@0.5": f"{a['value']:.3f}", "WBC AP@0.5": "–"} for a in ANCHOR.values()),
-    {"model": f"ours: FCOS + EfficientNet-Lite0 FPN, full labels ({profile})",
-     "data": f"BCCD test list, shorter side {S}px, {SIZES['epochs']} epochs",
-     "mAP@0.5": f"{bccd_m['map_50']:.3f}", "WBC AP@0.5": f"{bccd_m['AP50_WBC']:.3f}"},
-    {"model": f"ours, same model ({profile})", "data": f"TXL-PBC test ({len(txl_test)} images, leak-free)",
-     "mAP@0.5": f"{txl_m['map_50']:.3f}", "WBC AP@0.5": f"{txl_m['AP50_WBC']:.3f}"},
-]).set_index("model")
-display(anchors)
-lap("tables")
+display(experiment.anchors_table(res))
 
 # %% [markdown]
 # ## Attribute head
@@ -514,17 +382,9 @@ lap("tables")
 # partly correspond:
 
 # %%
-LLD_MAP = [("cell size", "cell_size", "same notion (big / small)"),
-           ("nuclear chromatin", "chromatin_density", "densely / loosely"),
-           ("nuclear shape", "nucleus_shape", "6 shapes"),
-           ("nucleoli", None, "no WBCAtt counterpart"),
-           ("cytoplasm amount", "nuclear_cytoplasmic_ratio", "inverse proxy: high N:C = little cytoplasm"),
-           ("cytoplasmic basophilia", "cytoplasm_colour", "proxy: blue / purple-blue vs light blue"),
-           ("vacuoles", "cytoplasm_vacuole", "yes / no")]
+LLD_MAP, attr_tab = experiment.LLD_MAP, res["attr_tab"]
 display(pd.DataFrame(LLD_MAP, columns=["LLD attribute", "WBCAtt attribute", "correspondence"]).fillna("–"))
-attr_tab = attribute_table(ROOT, txl)
-ATTRS = attr_tab.attrs["attributes"]
-unmatched = [a for a in ATTRS if a not in {m[1] for m in LLD_MAP}]
+unmatched = [a for a in attr_tab.attrs["attributes"] if a not in {m[1] for m in LLD_MAP}]
 display(Markdown(f"WBCAtt attributes with no LLD counterpart (trained and reported all the same): "
                  f"{', '.join(unmatched)}. LLD's *nucleoli* has none in WBCAtt. "
                  f"{len(attr_tab.attrs['txl_without_wbc_box'])} TXL-PBC fields copied from WBCAtt cells have "
@@ -562,54 +422,14 @@ display(Markdown(f"WBCAtt attributes with no LLD counterpart (trained and report
 show_source(AttributeHead)
 
 # %%
-VALUES = attribute_values(attr_tab, ATTRS)
-attr_train = attr_tab[(attr_tab.wbcatt_split == "train") &
-                      ((attr_tab.source == "pbc") | (attr_tab.txl_split == "train"))]
-attr_pbc = attr_train[attr_train.source == "pbc"]
-if SIZES["attr_train_cap"]:  # a random sample keeps WBCAtt's value frequencies
-    attr_pbc = attr_pbc.sample(min(SIZES["attr_train_cap"], len(attr_pbc)), random_state=seed)
-attr_train = pd.concat([attr_pbc, attr_train[attr_train.source == "txl_pbc"]])
-attr_test = attr_tab[(attr_tab.wbcatt_split == "test") & (attr_tab.source == "pbc")]
-attr_val = attr_tab[(attr_tab.wbcatt_split == "val") & (attr_tab.source == "pbc")]  # selects the head's epoch
-if SIZES["attr_test_cap"]:
-    attr_test = attr_test.sample(min(SIZES["attr_test_cap"], len(attr_test)), random_state=seed)
-    attr_val = attr_val.sample(min(SIZES["attr_test_cap"], len(attr_val)), random_state=seed)
-CELL_SIDE = int(S * 0.8)  # PBC crops: cell ~ as large as in a TXL-PBC field at side S
-
-
-def cell_inputs(table):
-    images, boxes = [], []
-    for r in table.itertuples():
-        img, s = load_image(r.path, CELL_SIDE if r.source == "pbc" else S)
-        images.append(img.float() / 255)
-        boxes.append(torch.tensor([r.box], dtype=torch.float32) * s)
-    return images, boxes
-
-
-detector = runs[("full", 1.0)]["model"]
-torch.manual_seed(seed)  # the head's initialisation, independent of what ran before
-detector.attr_head = AttributeHead(detector.config["fpn_channels"], {a: len(v) for a, v in VALUES.items()},
-                                   hidden=detector.config["attr_hidden"]).to(DEVICE)
-detector.config["attributes"] = {a: len(v) for a, v in VALUES.items()}
-t0 = time.perf_counter()
-feats = {name: roi_features(detector, *cell_inputs(t))
-         for name, t in (("train", attr_train), ("val", attr_val), ("test", attr_test))}
-y_train, y_val, y_test = (encode_attributes(t, VALUES) for t in (attr_train, attr_val, attr_test))
-attr_history = train_attribute_head(detector.attr_head, feats["train"], y_train, epochs=SIZES["attr_epochs"],
-                                    lr=3e-3, seed=seed, val=(feats["val"], y_val))
-attr_epoch = next(r for r in attr_history if r["selected"])
-pred = attribute_predictions(detector.attr_head, feats["test"]).numpy()
-attr_metrics = attribute_metrics(pred, y_test.numpy(), y_train.numpy(), ATTRS)
-attr_df = pd.DataFrame(attr_metrics).T
-attr_df["accuracy gain"] = attr_df["accuracy"] - attr_df["majority_accuracy"]
-attr_df["LLD name"] = [next((m[0] for m in LLD_MAP if m[1] == a), "–") for a in attr_df.index]
-attr_df.loc["mean"] = attr_df.drop(columns="LLD name").mean().tolist() + [""]
+show_source(experiment.train_attributes)
+attributes = res["attributes"]
+attr_df, attr_epoch, attr_train = attributes["table"], attributes["epoch"], attributes["splits"]["train"]
 print(f"attribute head: {len(attr_train)} training cells ({attr_train.source.value_counts().to_dict()}), "
-      f"{len(attr_test)} test cells; epoch {attr_epoch['epoch']} of {SIZES['attr_epochs']} selected by mean "
-      f"accuracy on {len(attr_val)} WBCAtt validation cells ({attr_epoch['val_accuracy']:.3f}); "
-      f"{time.perf_counter() - t0:.0f}s")
+      f"{len(attributes['splits']['test'])} test cells; epoch {attr_epoch['epoch']} of {SIZES['attr_epochs']} "
+      f"selected by mean accuracy on {len(attributes['splits']['val'])} WBCAtt validation cells "
+      f"({attr_epoch['val_accuracy']:.3f}); {attributes['seconds']:.0f}s")
 display(attr_df.style.format("{:.3f}", subset=[c for c in attr_df if c != "LLD name"]))
-lap("attribute head")
 
 # %% [markdown]
 # ### End to end: attributes of detected cells
@@ -619,28 +439,12 @@ lap("attribute head")
 # annotated one (IoU ≥ 0.5); a missed cell counts as wrong for every attribute.
 
 # %%
-e2e = attr_tab[(attr_tab.source == "txl_pbc") & (attr_tab.txl_split == "test") & (attr_tab.wbcatt_split == "test")]
-e2e_rows = []
-if len(e2e):
-    e2e_ds = BoxDataset(txl[txl.relpath.isin(e2e.relpath)].set_index("relpath").loc[e2e.relpath].reset_index(), S)
-    _, e2e_preds = evaluate_detector(detector, e2e_ds)
-    from torchvision.ops import box_iou
-    y_e2e = encode_attributes(e2e, VALUES).numpy()
-    hits, pred_e2e = [], []
-    for (img, t), d, r in zip(e2e_ds, e2e_preds, e2e.itertuples()):
-        wbc = d["labels"] == 0
-        gt = torch.tensor([r.box]) * (img.shape[-2] / txl.set_index("relpath").loc[r.relpath, "height"])
-        iou = box_iou(gt, d["boxes"][wbc])[0] if wbc.any() else torch.zeros(0)
-        ok = len(iou) > 0 and iou.max() >= 0.5
-        hits.append(bool(ok))
-        pred_e2e.append([int(d["attributes"][a][wbc][iou.argmax()].argmax()) if ok else -1 for a in ATTRS])
-    pred_e2e = np.array(pred_e2e)
-    e2e_acc = {a: float((pred_e2e[:, j] == y_e2e[:, j]).mean()) for j, a in enumerate(ATTRS)}
-    display(Markdown(f"{len(e2e)} fields; detected (IoU ≥ 0.5): {np.mean(hits):.1%}; mean attribute accuracy "
-                     f"end to end {np.mean(list(e2e_acc.values())):.3f} (on the ground-truth box above: "
-                     f"{attr_df.loc['mean', 'accuracy']:.3f})."))
+e2e = res["end_to_end"]
+if e2e["fields"]:
+    display(Markdown(f"{e2e['fields']} fields; detected (IoU ≥ 0.5): {np.mean(e2e['hits']):.1%}; mean attribute "
+                     f"accuracy end to end {np.mean(list(e2e['accuracy'].values())):.3f} (on the ground-truth box "
+                     f"above: {attr_df.loc['mean', 'accuracy']:.3f})."))
 else:
-    e2e_acc, hits = {}, []
     display(Markdown("No TXL-PBC test field is copied from a WBCAtt test cell under this profile."))
 
 # %% [markdown]
@@ -650,31 +454,8 @@ else:
 # attributes the head predicts for it (four shown).
 
 # %%
-SHOW = ["cell_size", "nucleus_shape", "chromatin_density", "cytoplasm_colour"]
-picks = [("BCCD test", 0), ("BCCD test", 1)] + [("TXL-PBC test", txl_groups.index(d)) for d in
-                                                  ("pbc", "raabin", "bcd", "bccd") if d in txl_groups]
-fig, axes = plt.subplots(2, 3, figsize=(13, 8.5))
-for ax, (name, i) in zip(axes.ravel(), picks[:6]):
-    ds = eval_sets[name]
-    img, _ = ds[i]
-    with torch.no_grad():
-        d = detector([img.to(DEVICE)])[0]
-    ax.imshow(img.permute(1, 2, 0).numpy())
-    for j in torch.where(d["scores"].cpu() >= 0.4)[0].tolist():
-        b, cls = d["boxes"][j].tolist(), CLASSES[int(d["labels"][j])]
-        ax.add_patch(mpatches.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, lw=1.2, ec=COLORS[cls]))
-        if cls == "WBC":
-            cap = "\n".join(f"{a.replace('_', ' ')}: {VALUES[a][int(d['attributes'][a][j].argmax())]}" for a in SHOW)
-            ax.text(b[0], b[1], cap, fontsize=6, va="bottom", color="white",
-                    bbox=dict(facecolor="tab:purple", alpha=0.75, pad=1, lw=0))
-    ax.set_title(f"{name} ({ds.table.iloc[i].domain})", fontsize=9)
-    ax.axis("off")
-for ax in axes.ravel()[len(picks):]:
-    ax.axis("off")
-fig.legend(handles=[mpatches.Patch(color=c, label=k) for k, c in COLORS.items()], loc="lower center", ncol=3)
-plt.tight_layout()
+experiment.plot_detections(res)
 plt.show()
-lap("end to end + figure")
 
 # %% [markdown]
 # ## The detect command
@@ -686,58 +467,19 @@ lap("end to end + figure")
 # test images.
 
 # %%
-run_dir = REPO_ROOT / runs_dir / profile / "detection"
-run_dir.mkdir(parents=True, exist_ok=True)
-ckpt = run_dir / "detector_full.safetensors"
-detector.cpu()
-save_detector(detector, ckpt, VALUES)
-detector.to(DEVICE)
+ckpt = res["checkpoint"]  # <runs_dir>/<profile>/detection/detector_full.safetensors, written by the run
 demo_dir = Path(tempfile.mkdtemp(prefix="detect_demo_"))
-for p in bccd_test.path.head(3):
+for p in data["bccd_test"].path.head(3):
     shutil.copy(p, demo_dir)
 cmd_detect(Namespace(folder=str(demo_dir), checkpoint=str(ckpt), out=str(demo_dir / "boxes.csv"), score_thresh=0.4))
 display(pd.read_csv(demo_dir / "boxes.csv").assign(image=lambda d: d.image.map(lambda p: Path(p).name)).head(12))
-lap("save + detect CLI")
 
 # %% [markdown]
 # ## Results
 
 # %%
-out = Path(results_dir) if Path(results_dir).is_absolute() else REPO_ROOT / results_dir
-out = out / profile
-full_map = runs[("full", 1.0)]["metrics"]["BCCD test"]["map_50"]
-data_sha = content_hash(pd.concat([train_table, bccd_test, txl_test])[["relpath", "split", "sha256"]])
-common = dict(chapter="07_detection", paper="rehman2025lld", profile=profile, seeds=[seed],
-              split_sha256=split_sha, data_sha256=data_sha, model="fcos_efficientnet_lite0_fpn",
-              profile_sizes=P.to_dict() | {"chapter": SIZES})
-written = []
-for (regime, f), r in runs.items():
-    bm = r["metrics"]["BCCD test"]
-    written.append(write_results(
-        out / f"detection_{regime}{'' if regime == 'full' else f'_{round(f * 100)}'}.json", overwrite=True,
-        kind="detection", method=regime, dataset="bccd+txl_pbc", **common,
-        config={"short_side": S, "train": det_config(regime).__dict__, "patch_fraction": f,
-                "train_images": len(train_table), "pseudo": {"conf": PSEUDO_CONF, "iou": PSEUDO_IOU,
-                                                             "weight": OUTSIDE_WEIGHT}},
-        metrics={"bccd_test": bm, "txl_pbc_test": r["metrics"].get("TXL-PBC test"),
-                 "relative_map50_to_full": bm["map_50"] / full_map if full_map else None,
-                 "history": r["history"]},
-        wall_time_s=r["seconds"]))
-attr_summary = {a: attr_metrics[a] for a in ATTRS}
-written.append(write_results(
-    out / "detection_attributes.json", overwrite=True, kind="detection_attributes", method="roi_attribute_head",
-    dataset="wbcatt", **common,
-    config={"train_cells": len(attr_train), "val_cells": len(attr_val), "test_cells": len(attr_test),
-            "epochs": SIZES["attr_epochs"], "selected_epoch": attr_epoch["epoch"],
-            "cell_side": CELL_SIDE, "values": VALUES, "lld_map": LLD_MAP},
-    metrics={"test": attr_summary, "mean_accuracy": float(attr_df.loc["mean", "accuracy"]),
-             "mean_majority_accuracy": float(attr_df.loc["mean", "majority_accuracy"]),
-             "mean_macro_f1": float(attr_df.loc["mean", "macro_f1"]),
-             "mean_majority_macro_f1": float(attr_df.loc["mean", "majority_macro_f1"]),
-             "end_to_end": {"fields": len(hits), "detected": float(np.mean(hits)) if hits else None,
-                            "accuracy": e2e_acc}},
-    wall_time_s=time.perf_counter() - t0))
-print("\n".join(str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p) for p in written))
+show_source(experiment.write_detection_results)
+print("\n".join(str(p) for p in res.results))
 
 # %% [markdown]
 # ## What it shows
@@ -748,22 +490,13 @@ print("\n".join(str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) els
 # mean majority floor.
 
 # %%
-TARGETS = {"wbc_ap50": 0.90, "masked_share_of_full": 0.90, "attribute_gain": 0.10}  # protocol, not results
-f25 = 0.25 if 0.25 in FRACTIONS else FRACTIONS[0]
-masked_map = runs[("masked", f25)]["metrics"]["BCCD test"]["map_50"]
-naive_map = runs[("naive", f25)]["metrics"]["BCCD test"]["map_50"]
-attr_gain = attr_df.loc["mean", "accuracy"] - attr_df.loc["mean", "majority_accuracy"]
-checks = pd.DataFrame([
-    (f"BCCD test WBC AP@0.5 ≥ {TARGETS['wbc_ap50']:.2f}", bccd_m["AP50_WBC"], bccd_m["AP50_WBC"] >= TARGETS["wbc_ap50"]),
-    (f"masked ≥ {TARGETS['masked_share_of_full']:.0%} of full mAP@0.5 ({f25:.0%} patch)",
-     masked_map / full_map if full_map else float("nan"), masked_map >= TARGETS["masked_share_of_full"] * full_map),
-    ("masked above naive (mAP@0.5)", masked_map - naive_map, masked_map > naive_map),
-    (f"mean attribute accuracy − majority floor ≥ {TARGETS['attribute_gain']:.2f}", attr_gain,
-     attr_gain >= TARGETS["attribute_gain"]),
-], columns=["target", "value", "met"]).set_index("target")
+TARGETS = experiment.TARGETS  # protocol, not results
+h = experiment.headline(res)
+f25, full_map, masked_map, naive_map, attr_gain = h["f25"], h["full_map"], h["masked_map"], h["naive_map"], h["attr_gain"]
+bccd_m, masked_m, naive_m = h["full"], h["masked"], h["naive"]
+checks = experiment.checks_table(res)
 display(checks)
-masked_m, naive_m = runs[("masked", f25)]["metrics"]["BCCD test"], runs[("naive", f25)]["metrics"]["BCCD test"]
-n_test, n_seeds = int(bccd_m["n_images"]), len(common["seeds"])
+n_test, n_seeds = int(bccd_m["n_images"]), 1  # the chapter trains one seed
 ap = lambda m, c: m[f"AP50_{c}"]  # noqa: E731
 vs_naive = {c: ap(masked_m, c) - ap(naive_m, c) for c in CLASSES}  # + : masked ahead
 cost = {c: ap(bccd_m, c) - ap(masked_m, c) for c in CLASSES}  # full minus masked: what the sparse labels cost
@@ -791,10 +524,9 @@ display(Markdown(
     "masked run without pseudo-labels was trained**, so these rows do not say which of the two accounts for any "
     "difference. The naive regime's handicap is known by construction (it treats the unlabelled cells as "
     "background); how much of it the mask and the pseudo-labels each recover is not measured here."))
-lap("results, checks")
 print(f"chapter wall time {time.perf_counter() - CHAPTER_START:.0f}s, {torch.get_num_threads()} torch threads; "
       "by section:")
-print("\n".join(f"  {k:<24} {v:6.1f}s" for k, v in SECTION_TIMES.items()))
+print("\n".join(f"  {k:<24} {v:6.1f}s" for k, v in res["section_times"].items()))
 
 # %% [markdown]
 # Limits, stated plainly. The LLD images, and with them the paper's leukemia classes

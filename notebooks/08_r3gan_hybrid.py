@@ -78,54 +78,31 @@ gan_steps = None  # None: the profile's R3GAN training steps (SIZES below); an i
 synthetic_per_class = None  # None: the profile's count each minority class is topped up to; an int overrides it
 
 # %%
-import re
-import time
+from functools import partial
 
-import numpy as np
 import pandas as pd
 import plotly.express as px
-import torch
 from IPython.display import Markdown, display
 
-from leukemia_core.config import chapter_sizes, get_profile
-from leukemia_core.data import load_dataset
-from leukemia_core.data.records import WBC_CLASSES
-from leukemia_core.data.splits import apply_split
-from leukemia_core.data.torch_dataset import read_image
 from leukemia_core.data.dataroot import REPO_ROOT
-from leukemia_core.engine.train import FitConfig, evaluate, fit
+from leukemia_core.data.transforms import CLAHE
+from leukemia_core.experiments import r3gan_hybrid as experiment
 from leukemia_core.gan import quality
-from leukemia_core.gan.balance import evaluation_rows, top_up_counts, training_set
-from leukemia_core.gan.provenance import generate, is_synthetic
-from leukemia_core.gan.r3gan import R3GANConfig, R3GANTrainer, rpgan_losses, zero_centred_penalty
-from leukemia_core.gan.train import train_r3gan
-from leukemia_core.data.imbalance import RAABIN_RATIOS, imbalanced_train
-from leukemia_core.models import create_model, size_kwargs
+from leukemia_core.gan.r3gan import R3GANTrainer, rpgan_losses, zero_centred_penalty
 from leukemia_core.models.hybrid import ConvNeXtV2SwinHybrid, swin_kwargs
-from leukemia_core.pipeline import content_hash, make_loader, prepare_table, subsample
 from leukemia_core.plots import confusion_matrix_figure, image_grid, show_source, use_offline_plotly
 from leukemia_core.reproducibility.registry import load_claims
-from leukemia_core.reproducibility.results import write_results
-from leukemia_core.data.transforms import CLAHE, static_transform
 
 use_offline_plotly()
-CHAPTER_START = time.perf_counter()
-#: Sizes per profile. The code path is the same; only these numbers change.
-SIZES = chapter_sizes("08_r3gan_hybrid", profile)  # leukemia_core/config.py: CHAPTER_SIZES
-SIZES |= {k: int(v) for k, v in (("gan_steps", gan_steps), ("synthetic_per_class", synthetic_per_class))
-          if v is not None}  # the exercises' overrides; none by default
-P = get_profile(profile, batch_size=SIZES["batch_size"])
-if seeds is None:
-    seeds = [seed] if len(P.seeds) == 1 else list(P.seeds)
-seeds = list(seeds)
-CLASSES = list(WBC_CLASSES)  # neutrophil, lymphocyte, monocyte, eosinophil, basophil
-MINORITY = ["monocyte", "eosinophil", "basophil"]  # the classes the GAN synthesises
-OUT = REPO_ROOT / artifacts / P.name / "r3gan_hybrid"
-OUT.mkdir(parents=True, exist_ok=True)
-print(f"profile {P.name}: classifier {SIZES['image_size']} px, hybrid {SIZES['hybrid_size']} px, "
-      f"GAN {SIZES['gan_size']} px x {SIZES['gan_steps']} steps, seeds {seeds}")
-PAPER = load_claims()["papers"]["convnextv2_swin_r3gan_2025"]
-HEADLINE = PAPER["headline"]["row"]  # pre-registered in claims.yaml: the paper's method
+# The whole protocol (leukemia_core/experiments/r3gan_hybrid.py): the imbalanced training list, every
+# classifier row, the R3GAN, its samples and their quality, and the results JSONs. Sizes per profile:
+# leukemia_core/config.py, CHAPTER_SIZES; the code path is the same, only the numbers change.
+res = experiment.run(profile, seeds=seeds, data_root=data_root, out=REPO_ROOT / artifacts / profile,
+                     results_dir=results_dir, seed=seed, imbalance_seed=imbalance_seed, gan_steps=gan_steps,
+                     synthetic_per_class=synthetic_per_class)
+P, SIZES, ROWS, OUT, HEADLINE = res["P"], res["sizes"], res["rows"], res["out"], res["headline"]
+CLASSES, MINORITY, METRICS = experiment.CLASSES, experiment.MINORITY, experiment.METRICS
+PAPER = load_claims()["papers"][experiment.PAPER_ID]
 display(Markdown("The paper's claims: " + "; ".join(
     f"{c['statement'].strip()}" + (f" (**{c['value']:.1%}**)" if c.get("value") is not None else "")
     for c in PAPER["claims"]) + f". Headline row of this chapter: **{HEADLINE}**."))
@@ -167,26 +144,18 @@ display(Markdown("The paper's claims: " + "; ".join(
 # }
 # ```
 
+# %% tags=["remove-input"]
+show_source(experiment.imbalanced_table)
+
 # %%
-full_table = apply_split(load_dataset("pbc", data_root))
-table = imbalanced_train(full_table, RAABIN_RATIOS, seed=imbalance_seed)
-protocol = table.attrs["imbalance"]
-if SIZES["train_cap"]:  # smoke only: a few images per class, the protocol's code path
-    table = pd.concat([subsample(table[table["split"] == "train"], SIZES["train_cap"], 0),
-                       subsample(table[table["split"] == "val"], SIZES["eval_cap"], 0),
-                       subsample(table[table["split"] == "test"], SIZES["eval_cap"], 0)], ignore_index=True)
-    table.attrs = full_table.attrs | {"imbalance": protocol}
-table[table["split"] == "train"][["relpath", "label"]].to_csv(OUT / "imbalanced_train.csv", index=False)
-counts = table.groupby(["label", "split"]).size().unstack(fill_value=0).reindex(CLASSES)[["train", "val", "test"]]
-counts["train / neutrophil"] = counts["train"] / counts.loc["neutrophil", "train"]
-counts["Raabin ratio"] = pd.Series(RAABIN_RATIOS)
-counts["committed train"] = full_table[full_table["split"] == "train"].groupby("label").size().reindex(CLASSES)
+table, full_table, protocol, counts = res["table"], res["full_table"], res["protocol"], res["counts"]
 display(counts.style.format({"train / neutrophil": "{:.4f}", "Raabin ratio": "{:.4f}"}))
+csv = OUT / "imbalanced_train.csv"
 display(Markdown(
     f"Training images kept: **{counts['train'].sum():,}** of {counts['committed train'].sum():,} "
     f"(basophils: **{counts.loc['basophil', 'train']}**); list SHA-256 "
     f"`{protocol['train_relpaths_sha256'][:16]}…` (seed {protocol['seed']}), saved to "
-    f"`{(OUT / 'imbalanced_train.csv').relative_to(REPO_ROOT) if OUT.is_relative_to(REPO_ROOT) else OUT / 'imbalanced_train.csv'}`."))
+    f"`{csv.relative_to(REPO_ROOT) if csv.is_relative_to(REPO_ROOT) else csv}`."))
 
 # %% [markdown]
 # ## CLAHE
@@ -218,28 +187,14 @@ display(Markdown(
 show_source(CLAHE.__call__)
 
 # %%
-clahe = CLAHE(2.0, (8, 8))
-rng = np.random.default_rng(0)
+clahe = res["clahe"]  # CLAHE(2.0, (8, 8))
 train_rows = table[table["split"] == "train"]
-shown = [train_rows[train_rows["label"] == c].iloc[int(rng.integers((train_rows["label"] == c).sum()))]
-         for c in CLASSES]
-before = [read_image(r["path"]) for r in shown]
-after = [clahe(im) for im in before]
-image_grid(before + after, [f"{r['label']}" for r in shown] + [f"{r['label']}, CLAHE" for r in shown],
-           ncols=len(CLASSES), size=1.8)
+image_grid(*experiment.clahe_examples(train_rows, clahe), ncols=len(CLASSES), size=1.8)
 
 # %%
-hist_rows = subsample(train_rows, 40 if profile != "smoke" else 2, 0)
-bins = np.arange(0, 257, 8)
-hists = []
-for name, fn in (("original", lambda im: im), ("CLAHE", clahe)):
-    pix = np.concatenate([np.asarray(fn(read_image(p))).reshape(-1, 3) for p in hist_rows["path"]])
-    for ch, colour in enumerate(("red", "green", "blue")):
-        h, _ = np.histogram(pix[:, ch], bins)
-        hists += [{"image": name, "channel": colour, "intensity": b, "share of pixels": v}
-                  for b, v in zip(bins[:-1], h / h.sum())]
-fig = px.line(pd.DataFrame(hists), x="intensity", y="share of pixels", color="image", facet_col="channel",
-              title=f"per-channel histograms of {len(hist_rows)} training images, before and after CLAHE")
+hists = experiment.clahe_histograms(train_rows, clahe, 40 if profile != "smoke" else 2)
+fig = px.line(hists, x="intensity", y="share of pixels", color="image", facet_col="channel",
+              title=f"per-channel histograms of {hists.attrs['n']} training images, before and after CLAHE")
 fig.update_layout(height=340).show()
 
 # %% [markdown]
@@ -252,71 +207,8 @@ fig.update_layout(height=340).show()
 # pass through `gan.balance.evaluation_rows`, which raises on any synthetic row; generated
 # images can only enter through `gan.balance.training_set`.
 
-# %%
-_prepared = {}
-
-
-def prepared(size, use_clahe, model):
-    """Preloaded train/val/test images at ``size`` (with or without CLAHE) and their normalisation."""
-    pretrained = model == "efficientnet_lite0"
-    key = (size, use_clahe, pretrained)
-    if key not in _prepared:
-        data = prepare_table(table, P.replace(image_size=size), CLASSES, seed=0,
-                             clahe=clahe if use_clahe else None, model=model, pretrained=pretrained)
-        for s in ("val", "test"):
-            evaluation_rows(data.table, s)  # raises on any synthetic row
-        _prepared[key] = (data, {s: data.dataset(s, size, preload=True) for s in ("train", "val", "test")})
-    return _prepared[key]
-
-
-def synthetic_for(size, use_clahe, seed):
-    """The generated training images (``SYNTH``), resized (and CLAHE'd) like the real ones."""
-    static = static_transform(size, clahe if use_clahe else None)
-    from PIL import Image
-    ims = [np.asarray(static(Image.fromarray(a))) for a in SYNTH[seed][0]]
-    return ims, SYNTH[seed][1]
-
-
-ROWS = {}  # row name -> list of per-seed results
-
-
-def run_row(name, model="efficientnet_lite0", use_clahe=False, sampler=False, class_weights=False,
-            synthetic=False):
-    """Train ``model`` once per seed under one recipe; test on the natural-balance test split."""
-    size = SIZES["image_size"] if model == "efficientnet_lite0" else SIZES["hybrid_size"]
-    data, ds = prepared(size, use_clahe, model)
-    results = []
-    for s in seeds:
-        t0 = time.perf_counter()
-        extra = synthetic_for(size, use_clahe, s) if synthetic else (None, None)
-        train_ds = training_set(ds["train"].cache, data.split("train"), CLASSES, ds["train"].transform, *extra)
-        loaders = {"train": make_loader(train_ds, P, True, weighted_sampler=sampler),
-                   "val": make_loader(ds["val"], P, False), "test": make_loader(ds["test"], P, False)}
-        weights = None
-        if class_weights:
-            n = torch.bincount(torch.tensor(train_ds.targets), minlength=len(CLASSES)).float()
-            weights = (n.sum() / (len(n) * n)).tolist()
-        pretrained = model == "efficientnet_lite0"
-        cfg = FitConfig(epochs=SIZES["epochs"] if pretrained else SIZES["hybrid_epochs"],
-                        lr=SIZES["lr"] if pretrained else SIZES["hybrid_lr"], warmup_epochs=0.3,
-                        seed=s, class_weights=weights, progress=False)
-        torch.manual_seed(s)
-        net = create_model(model, len(CLASSES), pretrained=pretrained, **size_kwargs(model, size))
-        fitted = fit(net, loaders["train"], loaders["val"], CLASSES, cfg)
-        val = evaluate(net, loaders["val"], CLASSES)  # what any choice between rows may look at
-        test = evaluate(net, loaders["test"], CLASSES)
-        results.append({"seed": s, "model": net, "val": val, "test": test, "history": fitted.history,
-                        "n_train": len(train_ds), "n_synthetic": int(is_synthetic(train_ds.records).sum()),
-                        "size": size, "wall_s": time.perf_counter() - t0, "data": data,
-                        "recipe": dict(model=model, clahe=use_clahe, sampler=sampler,
-                                       class_weights=class_weights, synthetic=synthetic, image_size=size,
-                                       epochs=cfg.epochs, lr=cfg.lr)})
-    ROWS[name] = results
-    r = results[0]
-    print(f"{name}: acc {r['test']['accuracy']:.3f}, macro-F1 {r['test']['macro_f1']:.3f}, basophil recall "
-          f"{r['test']['per_class']['basophil']['recall']:.3f} ({r['wall_s']:.0f} s per seed; "
-          f"chapter at {(time.perf_counter() - CHAPTER_START) / 60:.1f} min)")
-    return results
+# %% tags=["remove-input"]
+show_source(experiment.run_row)
 
 # %% [markdown]
 # ## The baseline and the two classic remedies
@@ -327,10 +219,8 @@ def run_row(name, model="efficientnet_lite0", use_clahe=False, sampler=False, cl
 # the rare classes twice).
 
 # %%
-BASELINE = "baseline (imbalanced, Lite0)"
-run_row(BASELINE)
-run_row("+ class-weighted loss", class_weights=True)
-run_row("+ oversampling", sampler=True);
+BASELINE = experiment.BASELINE
+display(experiment.table_of(ROWS, [BASELINE, "+ class-weighted loss", "+ oversampling"]))
 
 # %% [markdown]
 # ## R3GAN for the rare classes
@@ -384,33 +274,9 @@ run_row("+ oversampling", sampler=True);
 show_source(rpgan_losses, zero_centred_penalty, R3GANTrainer.step)
 
 # %%
-lite_data, lite_ds = prepared(SIZES["image_size"], False, "efficientnet_lite0")
-to_gan_size = static_transform(SIZES["gan_size"])
-
-
-def at_gan_size(split, classes):
-    """Real images of ``classes`` in ``split``, downsampled from the preloaded ones to the GAN's size."""
-    from PIL import Image
-    rows = lite_data.split(split)
-    keep = rows["label"].isin(classes).to_numpy()
-    ims = np.stack([np.asarray(to_gan_size(Image.fromarray(a))) for a, k in zip(lite_ds[split].cache, keep) if k])
-    return ims, rows.loc[keep, "label"].to_numpy(), rows[keep]
-
-
-gan_images, train_labels, gan_rows = at_gan_size("train", MINORITY)  # real training images only
-gan_targets = [MINORITY.index(c) for c in train_labels]
-threads = torch.get_num_threads()
-if not torch.cuda.is_available():  # a GAN this small gains nothing from a second CPU thread; one avoids contention
-    torch.set_num_threads(1)
-gan = train_r3gan(gan_images, gan_targets, len(MINORITY), SIZES["gan_steps"], SIZES["gan_batch"], seed=0,
-                  net=SIZES["gan_net"], config=(gan_config := R3GANConfig(gamma=0.05, lr=SIZES["gan_lr"])),
-                  out=OUT / "r3gan_generator.safetensors", meta={"classes": MINORITY})
-torch.set_num_threads(threads)
+gan, gan_config, gen_rate = res["gan"], res["gan_config"], res["gen_rate"]
+gan_images, train_labels, gan_targets = res["gan_images"], res["train_labels"], res["gan_targets"]
 print(f"R3GAN objective: gamma {gan_config.gamma} for R1 + R2, Adam betas {gan_config.betas}, lr {gan_config.lr}")
-gen_t0 = time.perf_counter()
-with torch.no_grad():
-    gan.generator(torch.randn(256, gan.generator.z_dim), torch.arange(256) % len(MINORITY))
-gen_rate = 256 / (time.perf_counter() - gen_t0)
 display(Markdown(
     f"{len(gan_images)} real training images ({pd.Series(train_labels).value_counts().to_dict()}), "
     f"{SIZES['gan_steps']} steps of {SIZES['gan_batch']}: **{gan.train_images_per_s:.0f} training images/s**, "
@@ -428,34 +294,16 @@ px.line(hist, x="step", y="value", color="term", title="R3GAN losses and penalti
 # images at the GAN's size; bottom: samples.
 
 # %%
-train_counts = train_rows["label"].value_counts().to_dict()
-n_new = top_up_counts(train_counts, MINORITY, SIZES["synthetic_per_class"])
-SYNTH = {}
-for s in seeds:
-    draws = [generate(gan.generator, i, c, n_new[c], seed=1000 * s + i, checkpoint_sha256=gan.checkpoint_sha256)
-             for i, c in enumerate(MINORITY)]
-    SYNTH[s] = (np.concatenate([d[0] for d in draws]), pd.concat([d[1] for d in draws], ignore_index=True))
-synth_images, synth_records = SYNTH[seeds[0]]
+train_counts, n_new = res["train_counts"], res["n_new"]
+synth_images, synth_records = res["synth_images"], res["synth_records"]
 display(pd.DataFrame({"real training images": pd.Series(train_counts).reindex(MINORITY),
                       "generated": pd.Series(n_new)}))
-k = 8
-real_show = [gan_images[np.flatnonzero(np.array(gan_targets) == i)[:k]] for i in range(len(MINORITY))]
-fake_show = [synth_images[(synth_records["label"] == c).to_numpy()][:k] for c in MINORITY]
-image_grid([im for i in range(len(MINORITY)) for im in list(real_show[i]) + list(fake_show[i])],
-           [f"{c} real" if j < len(real_show[i]) else f"{c} R3GAN" for i, c in enumerate(MINORITY)
-            for j in range(len(real_show[i]) + len(fake_show[i]))], ncols=k, size=1.1)
+image_grid(*experiment.real_and_generated(res.objects, 8), ncols=8, size=1.1)
 display(synth_records.head(3))
 
 # %% tags=["remove-input"] mystnb={"markdown_format": "myst"}
-# How different the samples of a class are from one another: the per-pixel standard deviation across
-# images (0-255), averaged over pixels, for the generated images and for the real ones the GAN learnt from.
-def spread_of(ims):
-    return float(ims.std(0).mean()) if len(ims) > 1 else np.nan
-
-
-spread = pd.DataFrame({c: {"real": spread_of(gan_images[train_labels == c]),
-                           "generated": spread_of(synth_images[(synth_records["label"] == c).to_numpy()])}
-                       for c in MINORITY}).T
+# How different the samples of a class are from one another (experiment.sample_spread).
+spread = experiment.sample_spread(res.objects)
 ratio = (spread["generated"] / spread["real"]).dropna()
 steps_txt = f"{SIZES['gan_steps']} steps of {SIZES['gan_batch']} images at {SIZES['gan_size']} px"
 spread_txt = ", ".join(f"{c} {v:.2f}" for c, v in ratio.items())
@@ -535,33 +383,11 @@ display(Markdown(verdict))
 # %% tags=["remove-input"]
 show_source(quality.knn_precision_recall)
 
+# %% tags=["remove-input"]
+show_source(experiment.gan_quality)
+
 # %%
-base_run = ROWS[BASELINE][0]
-extractor = quality.ClassifierFeatures(base_run["model"].cpu(), SIZES["image_size"], base_run["data"].mean,
-                                       base_run["data"].std, name="EfficientNet-Lite0 fine-tuned on the "
-                                       "imbalanced real PBC training split (ImageNet init), pooled 1280-d")
-val_images, val_labels, _ = at_gan_size("val", MINORITY)
-feats = {"train": quality.embed(extractor, gan_images), "val": quality.embed(extractor, val_images),
-         "fake": quality.embed(extractor, synth_images)}
-cap = SIZES["quality_real_cap"]
-qrows = []
-for c in MINORITY:
-    tr, va, fk = train_labels == c, val_labels == c, np.array(synth_records["label"] == c)
-    va_idx = np.flatnonzero(va)[:cap] if cap else np.flatnonzero(va)
-    row = {"class": c, "real train": int(tr.sum()), "real val": len(va_idx), "generated": int(fk.sum())}
-    if fk.sum() > 3 and tr.sum() > 3:
-        g = quality.kid_fid(extractor, val_images[va_idx], synth_images[fk])
-        floor = quality.kid_fid(extractor, val_images[va_idx], gan_images[tr])
-        pr = quality.knn_precision_recall(feats["val"][va_idx], feats["fake"][fk])
-        _, d_fake = quality.nearest_real(feats["fake"][fk], feats["train"][tr])
-        _, d_val = quality.nearest_real(feats["val"][va_idx], feats["train"][tr])
-        row |= {"KID": g["kid"], "KID real train vs val": floor["kid"], "FID": g["fid"],
-                "FID real train vs val": floor["fid"], "precision": pr["precision"], "recall": pr["recall"],
-                "NN distance, generated": float(d_fake.median()), "NN distance, real val": float(d_val.median())}
-    qrows.append(row)
-q = pd.DataFrame(qrows).set_index("class")
-tstr = quality.train_on_test_on(feats["fake"], synth_records["label"], feats["val"], val_labels)
-trtr = quality.train_on_test_on(feats["train"], train_labels, feats["val"], val_labels)
+extractor, q, tstr, trtr, val_labels = res["extractor"], res["q"], res["tstr"], res["trtr"], res["val_labels"]
 display(q.style.format(precision=3))
 display(Markdown(
     f"Features: *{extractor.name}*. Train on synthetic, test on real (3 minority classes, "
@@ -574,16 +400,12 @@ display(Markdown(
 # %% tags=["remove-input"] mystnb={"markdown_format": "myst"}
 # The verdict on the generator, from the table above: what the gallery's samples are, in numbers.
 chance = 1 / len(MINORITY)
-GAN_OK = None  # whether the samples pass the checks; None where they cannot be measured
-if "recall" in q and q["recall"].notna().any():
-    rec, prec = q["recall"].mean(), q["precision"].mean()
-    fid_x = q["FID"] / q["FID real train vs val"]
+checks = experiment.gan_checks(q, tstr, trtr)  # None where the samples cannot be measured
+GAN_OK = None if checks is None else checks["good"]  # whether the samples pass the checks
+if checks is not None:
+    rec, prec, fid_x, nn_x, good = (checks[k] for k in ("recall", "precision", "fid_x", "nn_x", "good"))
     kid_txt = ", ".join(f"{c} {r['KID']:.3f} (real floor {r['KID real train vs val']:.3f})"
                         for c, r in q.dropna(subset=["KID"]).iterrows())
-    nn_x = (q["NN distance, generated"] / q["NN distance, real val"]).dropna()
-    useful = tstr >= chance + 0.5 * (trtr - chance)  # at least halfway from chance to the real-data score
-    good = rec >= 0.3 and fid_x.max() <= 2 and useful
-    GAN_OK = bool(good)
     gan_txt = (f"{SIZES['gan_steps']} steps of {SIZES['gan_batch']} images ({SIZES['gan_steps'] * SIZES['gan_batch']:,} "
                f"draws from {len(gan_images)} real images) at {SIZES['gan_size']} px")
     if good:
@@ -622,18 +444,9 @@ if "recall" in q and q["recall"].notna().any():
     display(Markdown(text))
 
 # %%
-fake_idx = np.arange(len(synth_images))
-nn_idx, nn_dist = [], []
-for c in MINORITY:
-    fk, tr = np.flatnonzero(np.array(synth_records["label"] == c)), np.flatnonzero(train_labels == c)
-    if len(fk) and len(tr):
-        i, d = quality.nearest_real(feats["fake"][fk], feats["train"][tr])
-        nn_idx += list(zip(fk, tr[i.numpy()]))
-        nn_dist += d.tolist()
-order = np.argsort(nn_dist)[:8]
-pairs = [nn_idx[i] for i in order]
-image_grid([synth_images[f] for f, _ in pairs] + [gan_images[t] for _, t in pairs],
-           [f"R3GAN {synth_records['label'][f]}\nd={nn_dist[i]:.1f}" for (f, _), i in zip(pairs, order)]
+pairs = experiment.nearest_pairs(res.objects, 8)
+image_grid([synth_images[f] for f, _, _ in pairs] + [gan_images[t] for _, t, _ in pairs],
+           [f"R3GAN {synth_records['label'][f]}\nd={d:.1f}" for f, _, d in pairs]
            + ["nearest training image"] * len(pairs), ncols=max(1, len(pairs)), size=1.3)
 display(Markdown("The memorisation gallery: the eight generated images closest to a real training image "
                  "(top) and that image (bottom), distance in the features above."))
@@ -646,8 +459,7 @@ display(Markdown("The memorisation gallery: the eight generated images closest t
 # on every image, real and generated, for training, validation and test alike.
 
 # %%
-run_row("+ R3GAN synthetic", sampler=True, synthetic=True)
-run_row("+ CLAHE", sampler=True, synthetic=True, use_clahe=True);
+display(experiment.table_of(ROWS, ["+ oversampling", "+ R3GAN synthetic", "+ CLAHE"]))
 
 # %% [markdown]
 # ## The hybrid and its branches
@@ -712,14 +524,6 @@ display(Markdown(
        f"Attention mixes the {sw['window_size'] ** 2} tokens of each window, and shifted windows connect "
        "neighbouring ones.")))
 
-# %%
-HV = SIZES["hybrid_variant"]
-run_row("hybrid", model=f"convnextv2_swin_hybrid_{HV}", sampler=True)
-run_row("ConvNeXtV2 branch alone", model=f"convnextv2_branch_{HV}", sampler=True)
-run_row("Swin branch alone", model=f"swin_branch_{HV}", sampler=True)
-run_row("hybrid + CLAHE + R3GAN", model=f"convnextv2_swin_hybrid_{HV}", sampler=True, synthetic=True,
-        use_clahe=True);
-
 # %% [markdown]
 # ## The ablation table
 #
@@ -729,46 +533,16 @@ run_row("hybrid + CLAHE + R3GAN", model=f"convnextv2_swin_hybrid_{HV}", sampler=
 # shown for scale, not as a like-for-like target.
 
 # %%
-claims = load_claims()["papers"]["convnextv2_swin_r3gan_2025"]
-claim = next(c for c in claims["claims"] if c["id"] == "raabin_headline")
-ABLATION = [BASELINE, "+ class-weighted loss", "+ oversampling", "+ R3GAN synthetic", "+ CLAHE", "hybrid",
-            "hybrid + CLAHE + R3GAN"]
-METRICS = {"accuracy": lambda t: t["accuracy"], "macro-F1": lambda t: t["macro_f1"],
-           "basophil recall": lambda t: t["per_class"]["basophil"]["recall"],
-           "monocyte recall": lambda t: t["per_class"]["monocyte"]["recall"]}
-
-
-def mean_std(name, metric):
-    v = pd.Series([METRICS[metric](r["test"]) for r in ROWS[name]])
-    return v.mean(), (v.std() if len(v) > 1 else np.nan)
-
-
-def fmt(name, metric):
-    m, s = mean_std(name, metric)
-    return f"{m:.1%}" + ("" if np.isnan(s) else f" ± {s:.1%}")
-
-
-def table_of(names):
-    return pd.DataFrame([{"row": n, "model": ROWS[n][0]["recipe"]["model"],
-                          "px": ROWS[n][0]["size"], **{m: fmt(n, m) for m in METRICS},
-                          "training images (generated)": f"{ROWS[n][0]['n_train']:,} ({ROWS[n][0]['n_synthetic']})",
-                          "min per seed": f"{np.mean([r['wall_s'] for r in ROWS[n]]) / 60:.1f}"}
-                         for n in names]).set_index("row")
-
-
-ablation = table_of(ABLATION)
+claim = next(c for c in PAPER["claims"] if c["id"] == "raabin_headline")
+ABLATION = experiment.ABLATION
+mean_std, val_f1 = partial(experiment.mean_std, ROWS), partial(experiment.val_f1, ROWS)
+ablation = experiment.table_of(ROWS, ABLATION)
 ablation["paper (Raabin-WBC, accuracy)"] = ""
 ablation.loc["hybrid + CLAHE + R3GAN", "paper (Raabin-WBC, accuracy)"] = f"{claim['value']:.1%}"
 display(ablation)
-def val_f1(name):
-    return float(np.mean([r["val"]["macro_f1"] for r in ROWS[name]]))
-
-
-best = max(ABLATION, key=val_f1)  # the strongest row, chosen on validation only
-h_f1, h_baso = mean_std(HEADLINE, "macro-F1")[0], mean_std(HEADLINE, "basophil recall")[0]
-b_f1, b_baso = mean_std(best, "macro-F1")[0], mean_std(best, "basophil recall")[0]
-TARGETS = {"macro-F1": 0.93, "basophil recall": 0.85}  # this chapter's ci targets, set before results
-met = h_f1 >= TARGETS["macro-F1"] and h_baso >= TARGETS["basophil recall"]
+summary, TARGETS = experiment.headline_summary(ROWS, HEADLINE), experiment.TARGETS  # best: on validation
+best, h_f1, h_baso, b_f1, b_baso, met, delta = (summary[k] for k in ("best", "h_f1", "h_baso", "b_f1", "b_baso",
+                                                                     "met", "delta"))
 display(Markdown(
     f"**Headline row (pre-registered): {HEADLINE}**: test macro-F1 **{h_f1:.1%}**, basophil recall "
     f"**{h_baso:.1%}**; this chapter's targets (macro-F1 ≥ {TARGETS['macro-F1']:.0%}, basophil recall ≥ "
@@ -782,13 +556,12 @@ display(Markdown(
        f"It is not the paper's method: at this profile's budget, {best} "
        f"{'beats' if b_f1 > h_f1 else 'does not beat'} the headline row on test macro-F1 "
        f"({100 * (b_f1 - h_f1):+.1f} points).")))
-delta = {m: mean_std("+ R3GAN synthetic", m)[0] - mean_std("+ oversampling", m)[0] for m in METRICS}
 display(Markdown("Adding the R3GAN images to the oversampling recipe changes " +
                  ", ".join(f"{m} by **{v:+.1%}**" for m, v in delta.items()) +
                  "; the from-scratch hybrid reaches macro-F1 "
                  f"{mean_std('hybrid', 'macro-F1')[0]:.1%} against {mean_std('+ oversampling', 'macro-F1')[0]:.1%} "
                  "for the fine-tuned ImageNet EfficientNet-Lite0 with the same recipe."))
-long = pd.DataFrame([{"row": n, "metric": m, "value": mean_std(n, m)[0]} for n in ABLATION for m in METRICS])
+long = experiment.ablation_long(ROWS)
 fig = px.bar(long, x="metric", y="value", color="row", barmode="group", title="ablation, test split")
 fig.update_layout(yaxis_range=[max(0, long["value"].min() - 0.05), 1], height=400).show()
 
@@ -833,7 +606,7 @@ for name in dict.fromkeys([HEADLINE, best]):
 # schedule, from scratch.
 
 # %%
-display(table_of(["hybrid", "ConvNeXtV2 branch alone", "Swin branch alone"]))
+display(experiment.table_of(ROWS, experiment.BRANCHES))
 
 # %% [markdown]
 # ## What differs from the paper, and why
@@ -850,53 +623,8 @@ display(table_of(["hybrid", "ConvNeXtV2 branch alone", "Swin branch alone"]))
 # 224 px and three seeds.
 
 # %%
-split_sha = full_table.attrs.get("split_sha256")
-written = []
-
-
-def slug(name):
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
-for name, rs in ROWS.items():
-    tests = [r["test"] for r in rs]
-    selection = {"selected_on": "pre-registered"} if name == HEADLINE else {}
-    per_seed = [{k: v for k, v in t.items() if k not in ("probs", "targets")} for t in tests]
-    scalar = {m: float(np.mean([METRICS[m](t) for t in tests])) for m in METRICS}
-    metrics = {"test": {"accuracy": scalar["accuracy"], "macro_f1": scalar["macro-F1"],
-                        "basophil_recall": scalar["basophil recall"], "monocyte_recall": scalar["monocyte recall"],
-                        "n": tests[0]["n"], "per_class": per_seed[0]["per_class"] if len(rs) == 1 else None},
-               "val": {"macro_f1": val_f1(name)}, "per_seed": per_seed}
-    if len(rs) > 1:
-        metrics["test_std"] = {k: float(np.std([METRICS[m](t) for t in tests], ddof=1)) for k, m in
-                               (("accuracy", "accuracy"), ("macro_f1", "macro-F1"),
-                                ("basophil_recall", "basophil recall"), ("monocyte_recall", "monocyte recall"))}
-    written.append(write_results(
-        REPO_ROOT / results_dir / P.name / f"r3gan_ablation_{slug(name)}.json", overwrite=True, kind="classification",
-        chapter="08_r3gan_hybrid", paper="convnextv2_swin_r3gan_2025", method=name,
-        model=rs[0]["recipe"]["model"], dataset="pbc:5 WBC classes, Raabin-like training imbalance",
-        pretrained=rs[0]["recipe"]["model"] == "efficientnet_lite0", profile=P.name,
-        profile_sizes=P.to_dict() | {"chapter": SIZES}, seeds=[r["seed"] for r in rs],
-        config={"recipe": rs[0]["recipe"], "classes": CLASSES, "imbalance": protocol,
-                "clahe": repr(clahe), "gan_checkpoint_sha256": gan.checkpoint_sha256,
-                "n_train": rs[0]["n_train"], "n_synthetic": rs[0]["n_synthetic"]},
-        split_sha256=split_sha, data_sha256=content_hash(rs[0]["data"].table), metrics=metrics,
-        history=[r["history"] for r in rs], wall_time_s=float(sum(r["wall_s"] for r in rs)), **selection))
-written.append(write_results(
-    REPO_ROOT / results_dir / P.name / "r3gan_gan_quality.json", overwrite=True, kind="generative",
-    chapter="08_r3gan_hybrid", paper="convnextv2_swin_r3gan_2025", method="R3GAN, minority classes",
-    model="r3gan", dataset="pbc:monocyte, eosinophil, basophil (imbalanced training split)", pretrained=False,
-    profile=P.name, profile_sizes=P.to_dict() | {"chapter": SIZES}, seeds=[0],
-    config={"classes": MINORITY, "image_size": SIZES["gan_size"], "steps": SIZES["gan_steps"],
-            "batch": SIZES["gan_batch"], "net": SIZES["gan_net"], "lr": SIZES["gan_lr"], "gamma": 0.05,
-            "checkpoint_sha256": gan.checkpoint_sha256, "features": extractor.name, "reference": "validation split"},
-    split_sha256=split_sha, data_sha256=content_hash(gan_rows),
-    metrics={"per_class": q.reset_index().to_dict(orient="records"), "tstr_accuracy": tstr,
-             "trtr_accuracy": trtr, "train_images_per_s": gan.train_images_per_s,
-             "generator_samples_per_s": gen_rate},
-    wall_time_s=gan.wall_s))
-print("\n".join(str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p) for p in written))
-print(f"chapter wall time {(time.perf_counter() - CHAPTER_START) / 60:.1f} min")
+print("\n".join(str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p) for p in res.results))
+print(f"chapter wall time {res['wall_s'] / 60:.1f} min")
 
 # %% [markdown]
 # ## Exercises

@@ -60,7 +60,7 @@ root = REPO_ROOT / results_dir
 claims = load_claims(root / "claims.yaml")
 registry = load_registry(root, claims=claims)
 # the committed profiles, plus the one this book was just built with
-PROFILES = ["ci", "full"] + ([profile] if profile not in ("ci", "full") else [])
+PROFILES = ["ci", "reference", "full"] + ([profile] if profile not in ("ci", "reference", "full") else [])
 if registry.problems:
     raise ValueError("invalid results files:\n" + "\n".join(registry.problems))
 papers = claims["papers"]
@@ -93,12 +93,14 @@ def split_hashes(text):
 # ## At a glance
 #
 # Each paper's first headline number with a published reference: the paper's claim (or
-# the public anchor, for the baseline) beside our `ci` and `full` results. A paper with
+# the public anchor, for the baseline) beside our `ci` results (trained live by this
+# build), our reference checkpoints (trained to convergence once, committed, evaluated
+# live by this build; `results/reference/`) and `full` results. A paper with
 # no bar of ours has not been run at that profile; hover a bar for the metric and file.
 
 # %%
 fig = go.Figure()
-series = {"reference": ([], [], []), **{p: ([], [], []) for p in PROFILES}}
+series = {"claim": ([], [], []), **{p: ([], [], []) for p in PROFILES}}
 for key, paper in papers.items():
     rows = headline_rows(claims, registry, key, PROFILES)
     row = next((r for r in rows if r["reference_value"] is not None), None)
@@ -106,21 +108,23 @@ for key, paper in papers.items():
     if row is None:  # no headline of ours: show the paper's own number, if it has one
         ref = next((c for c in paper.get("claims") or [] if c.get("value") is not None), None)
         if ref:
-            series["reference"][0].append(label)
-            series["reference"][1].append(ref["value"])
-            series["reference"][2].append(f"{ref['statement']}<br>{ref['source']}<br>not yet run here")
+            series["claim"][0].append(label)
+            series["claim"][1].append(ref["value"])
+            series["claim"][2].append(f"{ref['statement']}<br>{ref['source']}<br>not yet run here")
         continue
-    series["reference"][0].append(label)
-    series["reference"][1].append(row["reference_value"])
-    series["reference"][2].append(f"{row['reference']}")
+    series["claim"][0].append(label)
+    series["claim"][1].append(row["reference_value"])
+    series["claim"][2].append(f"{row['reference']}")
     for p in PROFILES:
         if row[p] is not None:
             res = row["results"][p]
             series[p][0].append(label)
             series[p][1].append(row[p])
             series[p][2].append(f"{row['metric']}<br>{res.path.parent.name}/{res.name}<br>{res.machine()}")
-colours = {"reference": "#9e9e9e", "ci": "#1f77b4", "full": "#2ca02c", profile: "#ff7f0e"}
-names = {"reference": "paper's claim / public anchor", "ci": "ours, ci (CPU)", "full": "ours, full (GPU)"}
+colours = {"claim": "#9e9e9e", "ci": "#1f77b4", "reference": "#9467bd", "full": "#2ca02c", profile: "#ff7f0e"}
+names = {"claim": "paper's claim / public anchor", "ci": "ours, ci (CPU, trained live)",
+         "reference": "ours, reference checkpoint (trained to convergence once, evaluated live)",
+         "full": "ours, full (GPU)"}
 for name, (x, y, text) in series.items():
     fig.add_bar(x=x, y=y, name=names.get(name, f"ours, {name} (this build)"), marker_color=colours[name],
                 hovertext=text, hovertemplate="%{x}: %{y:.1%}<br>%{hovertext}<extra></extra>")
@@ -168,10 +172,10 @@ for key, paper in papers.items():
     if rows:
         table = pd.DataFrame([{
             "our metric": r["metric"],
-            "reference": (f"{pct(r['reference_value'], r['reference_approximate'])} ({r['reference_kind']})"
+            "paper / anchor": (f"{pct(r['reference_value'], r['reference_approximate'])} ({r['reference_kind']})"
                           if r["reference_value"] is not None else (r["reference"] or "–")),
             **{f"ours, {p}": pct(r[p]) for p in PROFILES},
-            "Δ ci − reference": (f"{100 * (r['ci'] - r['reference_value']):+.1f} pts"
+            "Δ ci − paper/anchor": (f"{100 * (r['ci'] - r['reference_value']):+.1f} pts"
                                  if r["ci"] is not None and r["reference_value"] is not None else "–"),
             "row selected on": selected_on(r),
         } for r in rows])

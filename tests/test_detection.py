@@ -377,3 +377,36 @@ def test_detector_and_attribute_head_resume_exactly(tmp_path):
     h1, r1 = head_run(tmp_path / "head")
     h2, r2 = head_run(tmp_path / "head", resume=True)  # resuming a finished run changes nothing
     assert r1 == r2 and all(torch.equal(a, b) for a, b in zip(h1.state_dict().values(), h2.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------- the chapter's protocol
+def _box_table(rows):
+    return pd.DataFrame([{"relpath": r[0], "split": r[1], "domain": r[2], "bccd_split": r[3],
+                          "wbcatt_heldout": r[4], "boxes": [[0, 0, 4, 4]], "labels": [0]} for r in rows])
+
+
+def test_chapter_split_closes_the_leaks():
+    """leukemia_core.experiments.detection.split_data: no TXL image copied from BCCD or from a
+    WBCAtt validation/test cell trains, and no TXL test image copied from a BCCD training
+    image is scored; the profile's caps apply."""
+    from leukemia_core.experiments.detection import run, run_name, sizes, split_data
+
+    assert list(run.__code__.co_varnames[:6]) == ["profile", "seeds", "data_root", "out", "results_dir", "resume"]
+    bccd = _box_table([(f"b{i}", s, "bccd", None, False) for i, s in enumerate(["train"] * 3 + ["test"] * 2)])
+    txl = _box_table([("t_own", "train", "pbc", None, False), ("t_copy_test", "train", "bccd", "test", False),
+                      ("t_copy_train", "train", "bccd", "train", False), ("t_held", "train", "pbc", None, True),
+                      ("t_raabin", "train", "raabin", None, False),
+                      ("x_leak", "test", "bccd", "train", False), ("x_ok", "test", "bccd", "test", False),
+                      ("x_pbc", "test", "pbc", None, False)])
+    sz = dict(bccd_train_cap=None, txl_train_per_domain=None, test_cap=None, txl_test_per_domain=None)
+    d = split_data(bccd, txl, sz, seed=0)
+    assert set(d["txl_train"].relpath) == {"t_own", "t_raabin"}
+    assert set(d["train_table"].relpath) == {"b0", "b1", "b2", "t_own", "t_raabin"}
+    assert set(d["txl_test"].relpath) == {"x_ok", "x_pbc"} and d["contaminated"] == 1
+    assert set(d["bccd_test"].relpath) == {"b3", "b4"}
+    capped = split_data(bccd, txl, sz | dict(bccd_train_cap=2, txl_train_per_domain=1, test_cap=1,
+                                             txl_test_per_domain=1), seed=0)
+    assert len(capped["bccd_train"]) == 2 and len(capped["txl_train"]) == 2 and len(capped["bccd_test"]) == 1
+    assert capped["txl_test"].domain.value_counts().max() == 1
+    assert sizes("smoke", [0.1, 0.5])["fractions"] == (0.1, 0.5)
+    assert run_name("full", 1.0) == "full" and run_name("masked", 0.25) == "masked_25"

@@ -311,3 +311,70 @@ def test_dg_training_resumes_exactly(tmp_path):
         assert torch.equal(a, b), name
     for (name, a), b in zip(whole.swa_model.state_dict().items(), again.swa_model.state_dict().values()):
         assert torch.equal(a, b), f"SWA {name}"
+
+
+# --------------------------------------------------------------------------- the chapter's protocol
+def _tiny_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, len(CLASSES)))
+
+
+def _domain_cache():
+    """Every (domain, role) of the chapter, both preprocessings, as tiny random arrays whose
+    domain ids say where they came from."""
+    from leukemia_core.data.domains import DOMAINS
+    from leukemia_core.experiments import domain_generalization as experiment
+
+    g = torch.Generator().manual_seed(0)
+
+    def arr(n, dom, cls=None):
+        y = torch.full((n,), cls) if cls is not None else torch.arange(n) % len(CLASSES)
+        x = torch.randint(0, 255, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
+        return dg.Arrays(x, y, torch.full((n,), dom))
+
+    cache = {}
+    for pp in experiment.PREP:
+        for i, dom in enumerate(DOMAINS):
+            for role in ("train", "val", "heldout"):
+                cache[(dom, role), pp] = arr(10, i)
+        cache[("matek", "heldout"), pp] = arr(4, -1, CLASSES.index("neutrophil"))
+    return cache
+
+
+def test_dg_lodo_trains_on_the_other_domains_and_selects_on_validation(monkeypatch, tmp_path):
+    """Leave one domain out: every training sees only the other domains' train and val
+    splits, has its own resumable out_dir, and the headline row is chosen on validation
+    among the rows not designed on held-out scores (training replaced by a stub)."""
+    from leukemia_core.data.domains import DOMAINS
+    from leukemia_core.experiments import domain_generalization as experiment
+
+    calls = []
+
+    def fake_train_dg(recipe, train, val, num_classes, labels, epochs, batch_size, seed, resume, out_dir):
+        calls.append((recipe.name, set(train.d.tolist()), set(val.d.tolist()), out_dir, resume))
+        return dg.TrainResult(_tiny_net(), swa_model=_tiny_net() if recipe.swa else None, best_epoch=0)
+
+    monkeypatch.setattr(dg, "train_dg", fake_train_dg)
+    recipes = experiment.recipes(0.5)
+    scores, trained, predictions = experiment.lodo(_domain_cache(), recipes, [0], {"epochs": 1, "batch_size": 4},
+                                                   tmp_path, resume=True, log=lambda *a: None)
+    assert len(calls) == len(DOMAINS) * len(recipes) == len(trained)
+    index = {d: i for i, d in enumerate(DOMAINS)}
+    for held in DOMAINS:
+        for name, tr, va, _, resume in calls[index[held] * len(recipes):(index[held] + 1) * len(recipes)]:
+            assert tr == va == {index[d] for d in DOMAINS if d != held}, (name, held)
+            assert resume
+    assert len({c[3] for c in calls}) == len(calls) and all(c[3].parent == tmp_path / "dg_runs" for c in calls)
+    methods = list(dict.fromkeys(scores["method"]))
+    assert methods[:3] == ["ERM-BN", "ERM-BN + SWA", "ERM-BN + TTA-BN"] and methods[-1] == "combined + TTA-BN"
+    assert set(scores.groupby("method").size()) == {len(DOMAINS)}
+    assert set(predictions) == {(m, h, 0) for m in methods for h in DOMAINS}
+
+    # the headline rule: highest validation score, the combined rows excluded even when higher
+    scores["val macro-F1"] = [0.9 if m.startswith("combined") else 0.5 + 0.01 * methods.index(m)
+                              for m in scores["method"]]
+    table = experiment.lodo_table(scores)
+    assert table["best"] == "SupCon" and table["order"] == methods
+    assert table["best_f1"] == pytest.approx(scores[scores["method"] == "SupCon"]["macro_f1"].mean())
+    assert experiment.recipe_of("ERM-BN + TTA-BN", recipes).name == "ERM-BN"

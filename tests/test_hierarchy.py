@@ -136,3 +136,36 @@ def test_leukemia_table_on_the_mirror(data_root):
     assert len(dups) > 0
     assert dups.groupby("sha256")["split"].nunique().max() == 1
     assert "aria:" in table.attrs["split_sha256"] and "matek:" in table.attrs["split_sha256"]
+
+
+def test_chapter_experiment_scores_every_decoder_and_the_binary_contrasts(toy):
+    """The chapter's protocol functions (leukemia_core.experiments.hierarchy) on the toy tree."""
+    from leukemia_core.experiments import hierarchy as experiment
+
+    codec = LevelCodec(toy)
+    logits = torch.tensor([[0.0, 0.0, 3.0, 5.0, 0.0, 1.0, 0.0, 2.0]])  # see the decoder test above
+    rows = list(experiment.score_rows(codec, "multilevel", "multilevel", logits, ["y"], seed=0))
+    assert [r["decoder"] for r in rows] == ["path_probability", "top_down", "independent"]
+    assert list(rows[0])[:3] == ["model", "seed", "decoder"] and "level 3 acc" in rows[0]
+    by = {r["decoder"]: r for r in rows}
+    assert by["path_probability"]["leaf acc"] == 1.0 and by["independent"]["path consistency"] == 0.0
+    flat = list(experiment.score_rows(codec, "flat", "flat", torch.eye(5)[[3]], ["x"]))  # argmax: leaf x
+    assert [r["decoder"] for r in flat] == ["argmax leaf"] and flat[0]["leaf acc"] == 1.0
+    # balanced accuracy: malignant 1/2 called, benign 2/2 right
+    assert experiment.binary_scores([True, True, False, False], [True, False, False, False]) == {
+        "accuracy": 0.75, "balanced accuracy": 0.75, "test images": 4}
+
+
+def test_chapter_experiment_profiles():
+    from leukemia_core.config import chapter_sizes, get_profile
+    from leukemia_core.experiments import hierarchy as experiment
+
+    sizes, P, PS = experiment.profiles("smoke")
+    base = get_profile("smoke")
+    assert sizes == chapter_sizes("04_hierarchy", "smoke")
+    assert (P.image_size, P.lr, P.warmup_epochs, P.max_eval_per_class) == (sizes["image_size"], base.lr / 2, 0.3,
+                                                                           None)
+    assert (PS.image_size, PS.lr, PS.max_train_per_class) == (sizes["scratch_image_size"], base.lr,
+                                                              sizes["scratch_cap"])
+    c = experiment.fit_config(3, 2, P)
+    assert (c.epochs, c.seed, c.lr, c.patience, c.progress) == (2, 3, P.lr, None, False)

@@ -173,3 +173,76 @@ def test_r3gan_training_resumes_exactly(tmp_path):
     assert again.history == whole.history
     for (k, a), b in zip(whole.generator.state_dict().items(), again.generator.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+# --- the chapter's experiment (leukemia_core.experiments.r3gan_hybrid) ---------------------
+def _fake_rows(val_f1: dict, test_f1: dict, baso: float = 0.5) -> dict:
+    """Rows of one seed each with the given validation/test macro-F1 (what ``run_row`` keeps)."""
+    def result(name):
+        per_class = {c: {"recall": baso if c == "basophil" else 0.9, "precision": 0.9, "f1": 0.9, "support": 2}
+                     for c in ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")}
+        test = {"accuracy": 0.8, "macro_f1": test_f1[name], "n": 10, "per_class": per_class,
+                "probs": [[0.2] * 5], "targets": [0]}
+        return {"seed": 0, "val": {"macro_f1": val_f1[name]}, "test": test, "history": [{"epoch": 0}],
+                "n_train": 20, "n_synthetic": 4 if "R3GAN" in name else 0, "size": 32, "wall_s": 1.0,
+                "data": type("Data", (), {"table": pd.DataFrame({"relpath": ["a.jpg"], "split": ["train"]})})(),
+                "recipe": {"model": "efficientnet_lite0" if "hybrid" not in name else "convnextv2_swin_hybrid_atto"}}
+    return {n: [result(n)] for n in val_f1}
+
+
+def test_r3gan_experiment_rows_and_headline_are_chosen_on_validation():
+    from leukemia_core.experiments import r3gan_hybrid as exp
+    from leukemia_core.reproducibility.registry import load_claims
+
+    assert list(exp.run.__code__.co_varnames[:6]) == ["profile", "seeds", "data_root", "out", "results_dir", "resume"]
+    headline = load_claims()["papers"][exp.PAPER_ID]["headline"]["row"]
+    assert headline in exp.ABLATION  # the pre-registered row is one the experiment trains
+    names = exp.ABLATION + exp.BRANCHES[1:]
+    assert exp.slug("+ R3GAN synthetic") == "r3gan_synthetic" and len({exp.slug(n) for n in names}) == len(names)
+    # validation picks the best row, even where another row has the better test score
+    val = {n: 0.5 for n in exp.ABLATION} | {"hybrid": 0.9}
+    test = {n: 0.5 for n in exp.ABLATION} | {"+ CLAHE": 0.99, "+ R3GAN synthetic": 0.6, "+ oversampling": 0.4}
+    s = exp.headline_summary(_fake_rows(val, test), headline)
+    assert s["best"] == "hybrid" and s["b_f1"] == 0.5 and not s["met"]
+    assert s["delta"]["macro-F1"] == pytest.approx(0.2) and s["delta"]["accuracy"] == 0
+    table = exp.table_of(_fake_rows(val, test), ["+ CLAHE", "+ R3GAN synthetic"])
+    assert table.loc["+ CLAHE", "macro-F1"] == "99.0%" and table.loc["+ R3GAN synthetic", "training images (generated)"] == "20 (4)"
+
+
+def test_r3gan_experiment_gan_checks():
+    from leukemia_core.experiments.r3gan_hybrid import gan_checks
+
+    q = pd.DataFrame({"recall": [0.5, 0.4], "precision": [0.7, 0.6], "FID": [10.0, 12.0],
+                      "FID real train vs val": [8.0, 8.0], "NN distance, generated": [2.0, 3.0],
+                      "NN distance, real val": [1.0, 1.0]}, index=["monocyte", "basophil"])
+    good = gan_checks(q, tstr=0.8, trtr=0.9)
+    assert good["good"] and good["recall"] == pytest.approx(0.45) and list(good["nn_x"]) == [2.0, 3.0]
+    assert not gan_checks(q, tstr=0.4, trtr=0.9)["good"]  # TSTR not halfway from chance (1/3) to TRTR
+    assert not gan_checks(q.assign(recall=0.0), tstr=0.8, trtr=0.9)["good"]  # collapsed: no recall
+    assert gan_checks(q.drop(columns="recall"), 0.8, 0.9) is None  # nothing measured (too few images)
+
+
+def test_r3gan_experiment_writes_one_results_file_per_row(tmp_path):
+    """The ablation's results: one valid JSON per row, only the headline row marked
+    pre-registered, metrics from the test split and validation macro-F1 beside them."""
+    import json
+
+    from leukemia_core.config import get_profile
+    from leukemia_core.experiments import r3gan_hybrid as exp
+    from leukemia_core.reproducibility.results import validate
+
+    names = ["+ oversampling", "hybrid + CLAHE + R3GAN"]
+    rows = _fake_rows(dict(zip(names, (0.6, 0.7))), dict(zip(names, (0.5, 0.8))), baso=0.25)
+    full = pd.DataFrame({"relpath": ["a.jpg"], "split": ["train"]})
+    full.attrs["split_sha256"] = "0" * 64
+    P = get_profile("smoke")
+    ctx = exp.Context(P, {"image_size": 32}, [0], full, full, {"seed": 0}, tmp_path, rows=rows)
+    gan = type("GAN", (), {"checkpoint_sha256": "f" * 64})()
+    written = exp.write_ablation_results(ctx, tmp_path, "hybrid + CLAHE + R3GAN", gan)
+    assert [p.name for p in written] == ["r3gan_ablation_oversampling.json", "r3gan_ablation_hybrid_clahe_r3gan.json"]
+    a, b = (json.loads(p.read_text()) for p in written)
+    assert not validate(a) and not validate(b)
+    assert "selected_on" not in a and b["selected_on"] == "pre-registered"
+    assert b["metrics"]["test"]["macro_f1"] == 0.8 and b["metrics"]["val"]["macro_f1"] == 0.7
+    assert b["metrics"]["test"]["basophil_recall"] == 0.25 and "probs" not in b["metrics"]["per_seed"][0]
+    assert b["config"]["gan_checkpoint_sha256"] == "f" * 64 and b["config"]["n_synthetic"] == 4

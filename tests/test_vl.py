@@ -340,3 +340,50 @@ def test_vl_training_resumes_exactly(vl_table, tmp_path):
         [{k: v for k, v in h.items() if k not in timing} for h in ref.history]
     for (k, a), b in zip(whole.trainable_state_dict().items(), again.trainable_state_dict().values()):
         assert torch.equal(a, b), k
+
+
+# --------------------------------------------------------------------------- the chapter's experiment
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return build_vl_model(pretrained=False, image_size=32, embed_dim=16)
+
+
+def test_experiment_scores_the_heldout_class_on_tiny_data(small_model):
+    """The held-out-class evaluation of chapter 05 (leukemia_core.experiments.vision_language):
+    five-class zero-shot under both prompt sets, the four seen classes among themselves, and one
+    summary row per prompt set whose recall is the confusion matrix's."""
+    import numpy as np
+
+    from leukemia_core.experiments import vision_language as vl
+
+    labels = [c for c in vl.WBC for _ in range(2)]
+    ds = torch.utils.data.TensorDataset(torch.randn(len(labels) + 2, 3, 32, 32), torch.zeros(len(labels) + 2))
+    is_pbc = np.array([True] * len(labels) + [False, False])  # two non-PBC images are left out
+    r = vl.score_heldout(small_model, ds, is_pbc, labels, "monocyte")
+    assert set(r["held"]) == {"heldout", "attributes"} and r["held"]["heldout"]["n"] == len(labels)
+    assert r["held_seen"]["n"] == len(labels) - 2
+    summary = r["held_table_summary"]
+    assert list(summary.index) == ["held-out class prompts", "textbook attribute profiles"]
+    for which, (_, row) in zip(("heldout", "attributes"), summary.iterrows()):
+        assert row["monocyte recall (unseen class)"] == r["held"][which]["per_class"]["monocyte"]["recall"]
+        assert 0 <= row["monocyte in top 2"] <= 1 and 0 <= row["AUROC, margin over the best seen class"] <= 1
+    assert r["unseen_fails"] == (r["unseen_recall"] <= 1 / len(vl.WBC))
+
+
+def test_experiment_chronic_prompts_and_arguments(small_model):
+    import pandas as pd
+
+    from leukemia_core.errors import LeukemiaError
+    from leukemia_core.experiments import vision_language as vl
+
+    classes8 = vl.WBC + ["hematogone", "AML", "ALL"]
+    test = pd.DataFrame({"text_class": ["AML", "lymphocyte", "lymphocyte", "ALL"]})
+    r = vl.chronic_prompts(small_model, test, F.normalize(torch.randn(4, 16), dim=1), classes8)
+    assert list(r["open_set"].columns) == ["CML", "CLL", "test images"]
+    assert list(r["open_set"].index) == ["lymphocyte", "AML", "ALL"]  # the eight's order, present ones only
+    assert r["open_set"][["CML", "CLL"]].to_numpy().sum() == round(4 * r["called_chronic"])
+    with pytest.raises(LeukemiaError, match="one seed"):
+        vl.run("smoke", seeds=[0, 1])
+    with pytest.raises(LeukemiaError, match="heldout_class"):
+        vl.run("smoke", heldout_class="AML")

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from leukemia_core.config import PROFILES
 from leukemia_core.errors import CheckpointError, LeukemiaError
 
 
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a classifier under a profile")
     t.add_argument("--dataset", default="pbc")
     t.add_argument("--model", help="registry or timm name (default: the profile's)")
-    t.add_argument("--profile", default="ci", choices=["smoke", "ci", "full"])
+    t.add_argument("--profile", default="ci", choices=sorted(PROFILES))
     t.add_argument("--pretrained", action="store_true", help="offline ImageNet weights (efficientnet_lite0)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--classes", help="comma-separated subset of classes")
@@ -279,8 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluates and writes to results/<profile>/)")
     rn.add_argument("chapter", choices=sorted(EXPERIMENTS), metavar="CHAPTER",
                     help=f"one of {', '.join(EXPERIMENTS)}")
-    from leukemia_core.config import PROFILES
-
     rn.add_argument("--profile", default="ci", choices=sorted(PROFILES))
     rn.add_argument("--seeds", type=int, nargs="+", help="default: the profile's seeds")
     rn.add_argument("--resume", action="store_true",

@@ -60,7 +60,9 @@ def bench_loader(data_root=None, sizes=(64, 128), workers=(0, 2), n_raw: int = 1
 
 
 def _bare_loop(model, loader, lr=1e-3):
-    """The reference: a plain timm/torch training loop (NHWC like fit()), nothing else."""
+    """The reference: a plain timm/torch training loop (NHWC like fit()), nothing else.
+    The one optimiser step outside the engine's loop and the GAN's, on purpose: it is what
+    the loop's overhead is measured against (tests/test_loop.py lists it)."""
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
@@ -306,30 +308,28 @@ def bench_gan(image_size: int = 64, batch: int = 64, steps: int = 10, num_classe
 
 def bench_classifier_train(model_name: str, image_size: int, batch: int = 64, steps: int = 10,
                            device=None) -> dict:
-    """Training images/s of any registered or timm classifier (AdamW, cross-entropy, bf16
-    autocast on CUDA) on random tensors at ``image_size``."""
+    """Training images/s of any registered or timm classifier on random tensors at
+    ``image_size``, trained by the one loop (:func:`leukemia_core.engine.loop.train`:
+    AdamW, cross-entropy, bf16 autocast on CUDA), after one warm-up step."""
+    from leukemia_core.engine.loop import LoopConfig, Task
+    from leukemia_core.engine.loop import train as train_loop
     from leukemia_core.models import create_model, size_kwargs
+
+    class _CrossEntropy(Task):
+        def training_step(self, net, batch, state):
+            x, y = batch
+            return {"loss": torch.nn.functional.cross_entropy(net(x), y), "n": len(y)}
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
-    model = create_model(model_name, 5, **size_kwargs(model_name, image_size)).to(device)
-    model = model.to(memory_format=torch.channels_last).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 5, (batch,), device=device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()
+    model = create_model(model_name, 5, **size_kwargs(model_name, image_size))
+    x = torch.randn(batch, 3, image_size, image_size)
+    y = torch.randint(0, 5, (batch,))
+    config = LoopConfig(epochs=1, lr=1e-3, warmup_epochs=0.0, monitor=None, progress=False)
+    train_loop(model, [(x, y)] * 2, _CrossEntropy(), config, device=device)  # warm-up
     _sync(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
+    train_loop(model, [(x, y)] * steps, _CrossEntropy(), config, device=device)
     _sync(device)
     return {"model": model_name, "image_size": image_size, "batch": batch, "steps": steps,
             "device": str(device), "params_M": sum(p.numel() for p in model.parameters()) / 1e6,

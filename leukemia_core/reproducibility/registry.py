@@ -32,7 +32,7 @@ from leukemia_core.reproducibility.results import (OPTIONAL, REQUIRED, SCHEMA, S
 CLAIMS_FILE = REPO_ROOT / "results" / "claims.yaml"
 RESULTS_DIR = REPO_ROOT / "results"
 #: Folders of ``results/`` that hold run results (``bench/`` holds benchmark files).
-PROFILE_DIRS = ("smoke", "ci", "full")
+PROFILE_DIRS = ("smoke", "ci", "reference", "full")
 #: Metrics compared for freshness in a file no headline metric of claims.yaml names.
 DEFAULT_FRESHNESS_METRICS = ("metrics/test/accuracy", "metrics/test/macro_f1")
 REASONS = ("private_data", "no_cml_cll", "no_public_code", "contradictory_code",
@@ -347,7 +347,8 @@ def freshness(profile: str = "ci", root: str | Path = REPO_ROOT, since: float | 
     root = Path(root)
     claims = claims or load_claims(root / "results" / "claims.yaml")
     baseline = baseline or (lambda p: committed_text(p, root))
-    report = Freshness(profile, float(claims["freshness"]["tolerance"]))
+    tol = claims["freshness"].get("reference_tolerance") if profile == "reference" else None
+    report = Freshness(profile, float(tol if tol is not None else claims["freshness"]["tolerance"]))
     for path in sorted((root / "results" / profile).glob("*.json")):
         rel = path.relative_to(root).as_posix()
         if since is not None and path.stat().st_mtime < since:
@@ -364,6 +365,8 @@ def freshness(profile: str = "ci", root: str | Path = REPO_ROOT, since: float | 
                                         report.tolerance, "unreadable"))
             continue
         for spec in headline_specs(claims, path.name):
+            if tol is not None:  # fixed weights: the tight tolerance, whatever the paper's rows say
+                spec = {**spec, "tolerance": float(tol)}
             a, b = as_number(metric(old, spec["metric"])), as_number(metric(new, spec["metric"]))
             if a is None and b is None:
                 continue  # this metric is not part of this file

