@@ -124,3 +124,16 @@ def test_live_evaluation_reproduces_and_drift_is_caught_at_the_tight_tolerance(t
     assert [r.status for r in fresh.rows if r.metric == "metrics/test/accuracy"] == ["DRIFT"]
     same = freshness("reference", root=tmp_path / "repo", claims=claims, baseline=lambda p: json.dumps(first))
     assert all(r.status == "ok" for r in same.rows) and same.rows
+
+
+def test_cli_reference_check_lists_every_expected_checkpoint(capsys):
+    from leukemia_core.cli import main
+
+    rc = main(["reference", "check"])
+    out = capsys.readouterr().out
+    statuses = {r["name"]: r["status"] for r in ref.status()}
+    assert rc == (1 if "corrupt" in statuses.values() else 0)
+    for chapter, names in ref.EXPECTED.items():
+        for name in names:
+            assert f"reference/{chapter}/{name}:" in out
+    assert all(s in ("verified", "missing", "corrupt") for s in statuses.values())

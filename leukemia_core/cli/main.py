@@ -168,6 +168,24 @@ def cmd_run(args):
         print(f"wrote {path}")
 
 
+def cmd_reference(args):
+    from leukemia_core.reproducibility import reference
+
+    if args.ref_cmd == "check":
+        rows = reference.status()
+        for r in rows:
+            print(f"{r['status']:>9}  reference/{r['chapter']}/{r['name']}: {r['message']}")
+        return 1 if any(r["status"] == "corrupt" for r in rows) else 0
+    from leukemia_core.experiments import get_experiment
+
+    experiment = get_experiment(args.chapter)
+    if not hasattr(experiment, "publish_reference"):
+        raise LeukemiaError(f"chapter {args.chapter} has no reference checkpoints to publish yet")
+    for folder in experiment.publish_reference(args.out, data_root=args.data_root):
+        print(f"published {folder}")
+    return 0
+
+
 def cmd_explore(args):
     from leukemia_core.cli.explore import main as explore
 
@@ -290,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="another parameter of the chapter's notebook (repeatable), e.g. --set epochs=2")
     _add_root(rn)
     rn.set_defaults(func=cmd_run)
+
+    rf = sub.add_parser("reference", help="reference checkpoints: check them against the manifest, "
+                        "or publish a chapter's finished reference runs").add_subparsers(dest="ref_cmd", required=True)
+    rf.add_parser("check", help="verify every expected reference checkpoint").set_defaults(func=cmd_reference)
+    rp = rf.add_parser("publish", help="copy a chapter's finished `run --profile reference` into reference/")
+    rp.add_argument("chapter", choices=sorted(EXPERIMENTS), metavar="CHAPTER")
+    rp.add_argument("--out", required=True, help="the --out of the reference run")
+    _add_root(rp)
+    rp.set_defaults(func=cmd_reference)
 
     x = sub.add_parser("explore", help="serve the prediction explorer (Voila) on a run folder or predictions CSV")
     x.add_argument("run")

@@ -221,3 +221,43 @@ def reference_rows(data_root=None, results_dir=None, root=None) -> dict:
             logs[labels.get(name, name)] = reference.training_log(CHAPTER, name, root).to_dict("records")
         rows.append(row)
     return {"rows": rows, "logs": logs, "checks": checks}
+
+
+REFERENCE_USE = ("Teaching and reproducibility: the chapter's baseline at convergence, evaluated live by the "
+                 "book. A research artefact, not a medical device: never for diagnosis.")
+REFERENCE_LIMITS = ("Trained on PBC (one hospital, one scanner, CellaVision DM96, healthy donors, 8 normal "
+                    "cell classes) at 128 px with this book's split: no leukemic cells, no other stain, "
+                    "scanner or magnification. Expect lower accuracy elsewhere (see the "
+                    "domain-generalization chapter).")
+
+
+def publish_reference(out, data_root=None, root=None, seed: int = 0) -> list[Path]:
+    """Publish the finished ``reference`` runs under ``out`` (``leukemia-core run
+    03_baseline --profile reference --out OUT``) into ``reference/03_baseline/<model>/``:
+    fp16 when the live test metrics of the fp16 weights are within 0.1 point of the
+    fp32 run's, else fp32."""
+    import tempfile
+
+    from leukemia_core.reproducibility import reference
+
+    root = reference.REFERENCE_DIR if root is None else Path(root)
+    cfg = settings("reference", seed)
+    published = []
+    for label, spec in model_specs(cfg).items():
+        run_dir = Path(out) / f"{spec['folder']}_s{seed}"
+        results = json.loads((run_dir / "results.json").read_text())
+        fp32 = {k: results["metrics"]["test"][k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "n")}
+        common = dict(description=f"{label}, PBC 8 classes, {cfg['profile'].image_size} px, seed {seed}.",
+                      command=f"leukemia-core run {CHAPTER} --profile reference --out {out} [--resume]",
+                      intended_use=REFERENCE_USE, limits=REFERENCE_LIMITS, results=results, root=root)
+        for fp16 in (True, False):
+            reference.publish(run_dir, CHAPTER, spec["model"], metrics={**fp32, "weights": "fp32 run"},
+                              fp16=fp16, **common)
+            with tempfile.TemporaryDirectory() as tmp:
+                live = json.loads(reference.evaluate_classifier(CHAPTER, spec["model"], data_root, tmp,
+                                                                root).read_text())["metrics"]["test"]
+            if not fp16 or max(abs(live[k] - fp32[k]) for k in ("accuracy", "macro_f1")) <= 0.001:
+                break
+        metrics = {**{k: live[k] for k in fp32}, "fp32_accuracy": fp32["accuracy"], "fp32_macro_f1": fp32["macro_f1"]}
+        published.append(reference.publish(run_dir, CHAPTER, spec["model"], metrics=metrics, fp16=fp16, **common))
+    return published

@@ -283,8 +283,8 @@ def check(chapter: str, name: str, root: Path = REFERENCE_DIR) -> dict:
     if not listed and not folder.exists():
         return {**row, "status": "missing",
                 "message": f"reference/{chapter}/{name} is not published yet: train it with `leukemia-core run "
-                           f"{chapter} --profile reference` (resumable: `--resume`), then publish it "
-                           f"(leukemia_core.reproducibility.reference.publish)"}
+                           f"{chapter} --profile reference --out DIR` (resumable: `--resume`), then "
+                           f"`leukemia-core reference publish {chapter} --out DIR`"}
     try:
         verify(folder, root)
     except CheckpointError as exc:
