@@ -231,11 +231,14 @@ REFERENCE_LIMITS = ("Trained on PBC (one hospital, one scanner, CellaVision DM96
                     "domain-generalization chapter).")
 
 
-def publish_reference(out, data_root=None, root=None, seed: int = 0) -> list[Path]:
+def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print,
+                      commands: dict[str, str] | None = None) -> list[Path]:
     """Publish the finished ``reference`` runs under ``out`` (``leukemia-core run
     03_baseline --profile reference --out OUT``) into ``reference/03_baseline/<model>/``:
     fp16 when the live test metrics of the fp16 weights are within 0.1 point of the
-    fp32 run's, else fp32."""
+    fp32 run's, else fp32. A run without its ``results.json`` (not finished) is reported
+    through ``log`` and left out. ``commands`` (model -> command line) records, in the
+    model card, a run started otherwise than by ``leukemia-core run``."""
     import tempfile
 
     from leukemia_core.reproducibility import reference
@@ -245,10 +248,14 @@ def publish_reference(out, data_root=None, root=None, seed: int = 0) -> list[Pat
     published = []
     for label, spec in model_specs(cfg).items():
         run_dir = Path(out) / f"{spec['folder']}_s{seed}"
+        if not (run_dir / "results.json").exists():
+            log(f"{label}: {run_dir} has no results.json (not finished): not published")
+            continue
         results = json.loads((run_dir / "results.json").read_text())
         fp32 = {k: results["metrics"]["test"][k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "n")}
         common = dict(description=f"{label}, PBC 8 classes, {cfg['profile'].image_size} px, seed {seed}.",
-                      command=f"leukemia-core run {CHAPTER} --profile reference --out {out} [--resume]",
+                      command=(commands or {}).get(
+                          spec["model"], f"leukemia-core run {CHAPTER} --profile reference --out {out} [--resume]"),
                       intended_use=REFERENCE_USE, limits=REFERENCE_LIMITS, results=results, root=root)
         for fp16 in (True, False):
             reference.publish(run_dir, CHAPTER, spec["model"], metrics={**fp32, "weights": "fp32 run"},
