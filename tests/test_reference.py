@@ -89,6 +89,22 @@ def test_committed_references_match_their_manifest():
         ref.verify(ref.reference_folder(chapter, name))
 
 
+def test_every_manifest_file_is_committable():
+    """A file the manifest lists but git ignores exists only on the machine that published
+    it: a clean clone then fails verification (this happened: ``*.safetensors`` was ignored)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ref.REFERENCE_DIR.parent / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = [f"reference/{rel}" for rel in ref.read_manifest()]
+    if not listed:
+        pytest.skip("no reference checkpoint published yet")
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *listed], cwd=ref.REFERENCE_DIR.parent,
+                             capture_output=True, text=True).stdout.split()
+    assert ignored == [], f"listed in the manifest but ignored by .gitignore: {ignored}"
+
+
 @pytest.mark.slow
 def test_live_evaluation_reproduces_and_drift_is_caught_at_the_tight_tolerance(tmp_path):
     """A reference classifier evaluated live on the real PBC test split writes the same
