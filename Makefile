@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 venv: $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest tests
+	$(PY) -m pytest --durations=25 tests
 
 # The development tier: every test not marked slow (no training beyond a few steps, no
 # book, no browser), a few minutes on 2 cores. `make test` (and CI) still runs everything.
