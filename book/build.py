@@ -50,13 +50,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PROFILES = {"smoke": "a quick look: seconds, a few images per class",
             "ci": "the sizes this book is built with (CPU, minutes)",
             "full": "paper scale (hours; a GPU helps)"}
-#: Wall-time budgets in seconds; the ``ci`` book must fit CI (2 cores).
-BUDGETS = {"ci": {"total": 45 * 60, "notebooks/02_data": 2 * 60, "notebooks/03_baseline": 8 * 60,
-                  "notebooks/04_hierarchy": 6 * 60, "notebooks/05_vision_language": 6 * 60,
-                  "notebooks/06_domain_generalization": 7 * 60, "notebooks/07_detection": 8 * 60,
+#: Wall-time budgets in seconds; the ``ci`` book must fit CI (2 cores): at most 30 minutes
+#: on a quiet machine, so that a machine twice as slow still lands within CI's 90 (issue 18).
+BUDGETS = {"ci": {"total": 30 * 60, "notebooks/02_data": 60, "notebooks/03_baseline": 5 * 60,
+                  "notebooks/04_hierarchy": 5 * 60, "notebooks/05_vision_language": 4 * 60,
+                  "notebooks/06_domain_generalization": 5 * 60, "notebooks/07_detection": 6 * 60,
                   "notebooks/08_r3gan_hybrid": 7 * 60,
-                  "notebooks/09_explain": 3 * 60, "notebooks/10_explorer": 60,
-                  "notebooks/11_reproducibility": 60, "notebooks/12_benchmarks": 2 * 60}}
+                  "notebooks/09_explain": 2 * 60, "notebooks/10_explorer": 60,
+                  "notebooks/11_reproducibility": 60, "notebooks/12_benchmarks": 60}}
 #: The build folder, for chapters that read what this build measured so far
 #: (``build_progress.json``, rewritten after every chapter).
 BUILD_ENV = "LEUKEMIA_BOOK_BUILD"

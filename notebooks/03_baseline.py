@@ -56,6 +56,7 @@ pretrained_model = "efficientnet_lite0"
 epochs = None  # None: the profile's epochs (scratch model)
 finetune_epochs = None  # None: the profile's fine-tuning epochs
 image_size = None  # None: the profile's image size
+train_per_class = None  # None: the chapter's cap on training images per class (400 under ci, all under full)
 seeds = None  # None: the profile's seeds (one under ci, three under full)
 artifacts = "_build/artifacts"  # trained models shared with later chapters
 results_dir = "results"  # one results JSON per model: <results_dir>/<profile>/baseline_<model>.json
@@ -75,7 +76,7 @@ from leukemia_core.plots import (confusion_matrix_figure, image_grid, learning_c
 
 use_offline_plotly()
 params = dict(seed=seed, scratch_model=scratch_model, pretrained_model=pretrained_model, epochs=epochs,
-              finetune_epochs=finetune_epochs, image_size=image_size)
+              finetune_epochs=finetune_epochs, image_size=image_size, train_per_class=train_per_class)
 cfg = experiment.settings(profile, **params)  # None: the profile's value
 P = cfg["profile"]
 print(experiment.describe(cfg))  # the sizes this run trains with
@@ -285,6 +286,14 @@ if len(worst):
 # model card and a SHA-256 manifest, and **evaluated live here** on the same test split.
 # Each file is checked against the manifest before it is loaded; a checkpoint that is not
 # trained yet, or fails the check, is listed with its message instead of a number.
+
+# %% tags=["remove-input"]
+n_train_used = len(scratch.data.split("train"))
+display(Markdown(
+    f"This build's own runs: {P.image_size} px, {cfg['epochs']} epoch(s) from scratch and {cfg['finetune_epochs']} of "
+    f"fine-tuning, on {n_train_used:,} training images (" + (
+        f"at most {P.max_train_per_class} per class" if P.max_train_per_class else "all of them") +
+    "); the reference runs below use every training image and the sizes in their model cards."))
 
 # %%
 ref = experiment.reference_rows(data_root=data_root, results_dir=results_dir)

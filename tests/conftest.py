@@ -16,6 +16,19 @@ if not os.environ.get("LEUKEMIA_DATA") and MIRROR.is_dir():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+#: Test modules that read the session's smoke book (built once, ~6 min): under
+#: ``pytest -n 2 --dist loadgroup`` (``make test``) they share one worker, so the book is
+#: built once; every other module is one group of its own (its module fixtures built once).
+SMOKE_BOOK_MODULES = {"test_book", "test_browser", "test_experiments", "test_notebooks"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.stem
+        smoke = module in SMOKE_BOOK_MODULES or module.startswith("test_exercise_")
+        item.add_marker(pytest.mark.xdist_group("smoke_book" if smoke else module))
+
+
 def load_module(name: str, relpath: str):
     """A repository file as a module, imported once per session (a test file that
     pytest already imported under ``name`` is reused, so its caches are shared)."""

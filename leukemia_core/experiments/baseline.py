@@ -31,18 +31,23 @@ PRETRAINED = "EfficientNet-Lite0 (ImageNet, fine-tuned)"
 
 def settings(profile: str | Profile = "ci", seed: int = 0, scratch_model: str | None = None,
              pretrained_model: str = "efficientnet_lite0", epochs: int | None = None,
-             finetune_epochs: int | None = None, image_size: int | None = None) -> dict:
+             finetune_epochs: int | None = None, image_size: int | None = None,
+             train_per_class: int | None = None) -> dict:
     """The chapter's parameters with every ``None`` replaced by the profile's value:
-    ``profile`` (a :class:`Profile`, ``image_size`` applied), ``scratch_model``, ``epochs``
-    (scratch), ``finetune_epochs``, ``pretrained_model`` and ``seed``."""
+    ``profile`` (a :class:`Profile`, ``image_size`` and the chapter's ``train_per_class``
+    cap applied as its ``max_train_per_class``), ``scratch_model``, ``epochs`` (scratch),
+    ``finetune_epochs``, ``pretrained_model`` and ``seed``."""
     overrides = {"image_size": image_size} if image_size else {}
     if isinstance(profile, Profile):
         P = profile.replace(**overrides) if overrides else profile
     else:
         P = get_profile(profile, **overrides)
+    sizes = chapter_sizes(CHAPTER, P)
+    cap = train_per_class or sizes["train_per_class"]
+    if cap:
+        P = P.replace(max_train_per_class=cap)
     return dict(profile=P, seed=seed, scratch_model=scratch_model or P.model, pretrained_model=pretrained_model,
-                epochs=epochs or P.epochs,
-                finetune_epochs=finetune_epochs or chapter_sizes(CHAPTER, P)["finetune_epochs"])
+                epochs=epochs or P.epochs, finetune_epochs=finetune_epochs or sizes["finetune_epochs"])
 
 
 def describe(cfg: dict) -> str:
@@ -91,7 +96,7 @@ def train_models(specs: dict[str, dict], seeds: list[int], out: Path, data_root=
 def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, resume=False, *,
         seed: int = 0, scratch_model: str | None = None, pretrained_model: str = "efficientnet_lite0",
         epochs: int | None = None, finetune_epochs: int | None = None,
-        image_size: int | None = None) -> ExperimentRun:
+        image_size: int | None = None, train_per_class: int | None = None) -> ExperimentRun:
     """Train both baselines over the seeds and register one results JSON per model,
     ``<results_dir>/<profile>/baseline_<model>.json`` (all seeds combined).
 
@@ -100,7 +105,8 @@ def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, re
     the first seed's run, for the figures), ``mean_acc`` / ``mean_f1`` (name -> mean test
     accuracy / macro-F1 over seeds), ``best_name`` (the better model by mean test
     accuracy), ``summary`` (:func:`summary_table`) and ``registered`` (the results JSONs)."""
-    cfg = settings(profile, seed, scratch_model, pretrained_model, epochs, finetune_epochs, image_size)
+    cfg = settings(profile, seed, scratch_model, pretrained_model, epochs, finetune_epochs, image_size,
+                   train_per_class)
     P = cfg["profile"]
     out, results_dir = resolve_paths(P.name, out, results_dir)
     seeds = resolve_seeds(seeds, seed, P)
