@@ -21,12 +21,12 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 venv: $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest -n 2 --dist loadgroup --durations=25 tests
+	$(PY) -m pytest -n 2 --durations=25 tests
 
 # The development tier: every test not marked slow (no training beyond a few steps, no
 # book, no browser), a few minutes on 2 cores. `make test` (and CI) still runs everything.
 test-fast: venv
-	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow" tests
+	$(PY) -m pytest -n 2 -m "not slow" tests
 
 # The book: execute every chapter of _toc.yml with papermill under PROFILE (smoke, ci,
 # full), then build the HTML with Jupyter Book 1 into _build/html (open index.html).

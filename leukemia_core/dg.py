@@ -39,7 +39,7 @@ from torchvision.transforms import v2
 from leukemia_core.engine.checkpoint import load_weights, read_meta, save_weights
 from leukemia_core.losses.imbalance import class_balanced_weights, focal_loss, supcon_loss
 from leukemia_core.models.dg import DGNet, build_backbone
-from leukemia_core.engine.loop import Callback, LoopConfig, Task
+from leukemia_core.engine.loop import Callback, EpochGenerators, LoopConfig, Task
 from leukemia_core.engine.loop import train as train_loop
 from leukemia_core.models.pretrained import PRETRAINED_CFGS
 
@@ -321,26 +321,6 @@ class _EpochBatches:
         return iter(idx.view(self.steps, -1))
 
 
-class _Generators(Callback):
-    """The recipe's sampling and augmentation generators, reseeded from the epoch and saved
-    with the training state (exact resume)."""
-
-    def __init__(self, seed: int):
-        self.seed, self.sampler, self.augment = seed, torch.Generator(), torch.Generator()
-
-    def on_epoch_start(self, state):
-        self.sampler.manual_seed(self.seed * 10007 + state.epoch)
-        self.augment.manual_seed(self.seed * 10007 + state.epoch + 7919)
-
-    def state_dict(self):
-        return {"sampler": self.sampler.get_state(), "augment": self.augment.get_state()}
-
-    def load_state_dict(self, tensors):
-        if tensors:
-            self.sampler.set_state(tensors["sampler"])
-            self.augment.set_state(tensors["augment"])
-
-
 class _SWA(Callback):
     """Stochastic weight averaging of every epoch's weights from the second on; BatchNorm
     statistics of the average recomputed on the training images at the end."""
@@ -379,7 +359,7 @@ class DGTask(Task):
 
     def training_step(self, net, b, state):
         recipe, train, device = self.recipe, self.train, state.device
-        x = augment(train.x[b].float() / 255, recipe.stain, self.callbacks[0].augment)
+        x = augment(train.x[b].float() / 255, recipe.stain, self.callbacks[0]["augment"])
         x = ((x - 0.5) / 0.5).to(device).contiguous(memory_format=torch.channels_last)
         y, d = train.y[b].to(device), train.d[b].to(device)
         if recipe.domain_bn:  # each domain's share of the batch normalised on its own
@@ -418,11 +398,11 @@ def train_dg(recipe: Recipe, train: Arrays, val: Arrays, num_classes: int, eval_
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = DGNet(build_backbone(recipe.norm, num_classes)).to(device, memory_format=torch.channels_last)
-    gens = _Generators(seed)
+    gens = EpochGenerators(seed, sampler=torch.Generator(), augment=torch.Generator())
     swa = _SWA(model, epochs, train.x) if recipe.swa else None
     task = DGTask(recipe, train, val, num_classes, eval_labels, (gens,) + ((swa,) if swa else ()))
     probs = sample_weights(train.y, train.d) if recipe.sampler == "balanced" else None
-    batches = _EpochBatches(len(train), batch_size, probs, gens.sampler)
+    batches = _EpochBatches(len(train), batch_size, probs, gens["sampler"])
     config = LoopConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_frac * epochs,
                         min_lr_ratio=0.0, seed=seed, monitor="macro_f1", progress=False)
     start = time.perf_counter()

@@ -16,17 +16,31 @@ if not os.environ.get("LEUKEMIA_DATA") and MIRROR.is_dir():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-#: Test modules that read the session's smoke book (built once, ~6 min): under
-#: ``pytest -n 2 --dist loadgroup`` (``make test``) they share one worker, so the book is
-#: built once; every other module is one group of its own (its module fixtures built once).
+#: Test modules that read the session's smoke book (built once per process, ~6 min). Under
+#: ``pytest -n 2`` (``make test``) they form one work unit, so one worker builds the book
+#: once while the other runs the rest; every other module is a unit of its own (its module
+#: fixtures built once). xdist's ``--dist loadgroup`` marks would say the same, but
+#: pytest-xdist 3.8 cannot rename node ids under pytest 9, so the units come from this
+#: scheduler instead (``pytest_xdist_make_scheduler``, xdist's hook).
 SMOKE_BOOK_MODULES = {"test_book", "test_browser", "test_experiments", "test_notebooks"}
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.path.stem
-        smoke = module in SMOKE_BOOK_MODULES or module.startswith("test_exercise_")
-        item.add_marker(pytest.mark.xdist_group("smoke_book" if smoke else module))
+def work_unit(nodeid: str) -> str:
+    """The work unit of a test: ``"smoke_book"`` or its module's path."""
+    module = nodeid.split("::")[0]
+    stem = Path(module).stem
+    return "smoke_book" if stem in SMOKE_BOOK_MODULES or stem.startswith("test_exercise_") else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SmokeBookScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return SmokeBookScheduling(config, log)
 
 
 def load_module(name: str, relpath: str):

@@ -153,3 +153,16 @@ def test_cli_reference_check_lists_every_expected_checkpoint(capsys):
         for name in names:
             assert f"reference/{chapter}/{name}:" in out
     assert all(s in ("verified", "missing", "corrupt") for s in statuses.values())
+
+
+def test_publish_reference_names_an_unknown_model(tmp_path):
+    """``leukemia-core reference publish --model NAME`` with a name the chapter does not
+    train fails before touching reference/, naming the choices."""
+    from leukemia_core.errors import UnknownNameError
+    from leukemia_core.experiments import baseline
+
+    with pytest.raises(UnknownNameError, match=r"convnext_atto.*efficientnet_lite0"):
+        baseline.publish_reference(tmp_path, root=tmp_path / "reference", models=["resnet18"])
+    assert not (tmp_path / "reference").exists()
+    assert baseline.publish_reference(tmp_path, root=tmp_path / "reference", models=["convnext_atto"],
+                                      log=lambda m: None) == []  # no finished run under tmp_path

@@ -181,7 +181,7 @@ def cmd_reference(args):
     experiment = get_experiment(args.chapter)
     if not hasattr(experiment, "publish_reference"):
         raise LeukemiaError(f"chapter {args.chapter} has no reference checkpoints to publish yet")
-    for folder in experiment.publish_reference(args.out, data_root=args.data_root):
+    for folder in experiment.publish_reference(args.out, data_root=args.data_root, models=args.model):
         print(f"published {folder}")
     return 0
 
@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp = rf.add_parser("publish", help="copy a chapter's finished `run --profile reference` into reference/")
     rp.add_argument("chapter", choices=sorted(EXPERIMENTS), metavar="CHAPTER")
     rp.add_argument("--out", required=True, help="the --out of the reference run")
+    rp.add_argument("--model", action="append", default=None, metavar="NAME",
+                    help="publish only this model (repeatable; default: every finished run, which "
+                         "republishes those already published)")
     _add_root(rp)
     rp.set_defaults(func=cmd_reference)
 

@@ -111,6 +111,32 @@ class Callback:
     def load_extra_state(self, extra: dict) -> None: ...
 
 
+class EpochGenerators(Callback):
+    """Named :class:`torch.Generator` s (a sampler's, an augmentation's, ...) reseeded at the
+    start of every epoch from ``(seed, epoch)`` and saved with the training state, so that
+    an epoch draws the same numbers whether the run was resumed or not. The ``i``-th
+    generator (in the order given) gets ``seed * 10007 + epoch + i * 7919``. Read one with
+    ``callback["name"]``."""
+
+    def __init__(self, seed: int, **generators: torch.Generator):
+        self.seed, self.generators = seed, generators
+
+    def __getitem__(self, name: str) -> torch.Generator:
+        return self.generators[name]
+
+    def on_epoch_start(self, state):
+        for i, gen in enumerate(self.generators.values()):
+            gen.manual_seed(self.seed * 10007 + state.epoch + i * 7919)
+
+    def state_dict(self):
+        return {name: gen.get_state() for name, gen in self.generators.items()}
+
+    def load_state_dict(self, tensors):
+        for name, gen in self.generators.items():
+            if name in tensors:
+                gen.set_state(tensors[name])
+
+
 class Task:
     """What the loop optimises. Subclasses implement :meth:`training_step` and, to select
     epochs, :meth:`validate`; the defaults cover the rest."""

@@ -9,9 +9,8 @@ Data-parallel across processes when ``torch.distributed`` is initialised (see
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,36 +19,21 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from leukemia_core.engine import distributed as ddp
-from leukemia_core.engine.loop import LoopConfig, Task, train
+from leukemia_core.engine.loop import LoopConfig, LoopResult, Task, train
 from leukemia_core.engine.metrics import classification_metrics
 
 
 @dataclass
-class FitConfig:
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01
+class FitConfig(LoopConfig):
+    """The loop's settings (:class:`~leukemia_core.engine.loop.LoopConfig`: epochs, AdamW,
+    warm-up + cosine, selection, checkpoints) plus the classification loss's."""
+    monitor: str = "macro_f1"  # validation metric for model selection / early stopping
     label_smoothing: float = 0.0
     class_weights: list[float] | None = None  # class-weighted cross-entropy
-    monitor: str = "macro_f1"  # validation metric for model selection / early stopping
-    patience: int | None = None  # epochs without improvement before stopping
-    seed: int = 0
-    amp: bool = True  # bf16 autocast, CUDA only
-    grad_clip: float | None = None
-    channels_last: bool = True  # NHWC: ~1.25x (ConvNeXt) to 2x (EfficientNet) faster on CPU
-    checkpoint_every_s: float = 180.0  # training state written at least this often (and per epoch)
-    progress: bool = True
 
 
-@dataclass
-class FitResult:
-    history: list[dict] = field(default_factory=list)
-    best_epoch: int = -1
-    best_score: float = -math.inf
-    stopped_early: bool = False
-    out_dir: str | None = None
+#: What :func:`fit` returns: the loop's result (history, best epoch and score, ...).
+FitResult = LoopResult
 
 
 def default_device() -> torch.device:
@@ -161,15 +145,9 @@ def fit(model, train_loader, val_loader, classes: list[str], config: FitConfig,
     inner = task or ClassificationTask(weight, config.label_smoothing)
     if weight is not None and task is None:
         inner.weight = weight.to(torch.device(device) if device else default_device())
-    loop_config = LoopConfig(
-        epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
-        warmup_epochs=config.warmup_epochs, min_lr_ratio=config.min_lr_ratio, seed=config.seed,
-        amp=config.amp, grad_clip=config.grad_clip, channels_last=config.channels_last,
-        monitor=config.monitor, patience=config.patience, checkpoint_every_s=config.checkpoint_every_s,
-        progress=config.progress)
+    loop_config = LoopConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(LoopConfig)})
     meta = {**(meta or {}), "classes": list(classes), "fit_config": dataclasses.asdict(config)}
     stop = None if stop_after_epoch is None else (stop_after_epoch + 1) * len(train_loader)
     r = train(model, train_loader, _FitTask(inner, val_loader, list(classes), config.amp), loop_config,
               out_dir=out_dir, resume=resume, device=device, meta=meta, stop_after_steps=stop)
-    return FitResult(history=r.history, best_epoch=r.best_epoch, best_score=r.best_score,
-                     stopped_early=r.stopped_early, out_dir=r.out_dir)
+    return r

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from leukemia_core.config import Profile, chapter_sizes, get_profile
+from leukemia_core.errors import UnknownNameError
 from leukemia_core.experiments import ExperimentRun, resolve_paths
 from leukemia_core.pipeline import RunResult, train_classifier
 from leukemia_core.reproducibility.registry import combine_seed_results, load_claims
@@ -238,13 +239,14 @@ REFERENCE_LIMITS = ("Trained on PBC (one hospital, one scanner, CellaVision DM96
 
 
 def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print,
-                      commands: dict[str, str] | None = None) -> list[Path]:
+                      commands: dict[str, str] | None = None, models=None) -> list[Path]:
     """Publish the finished ``reference`` runs under ``out`` (``leukemia-core run
     03_baseline --profile reference --out OUT``) into ``reference/03_baseline/<model>/``:
     fp16 when the live test metrics of the fp16 weights are within 0.1 point of the
     fp32 run's, else fp32. A run without its ``results.json`` (not finished) is reported
     through ``log`` and left out. ``commands`` (model -> command line) records, in the
-    model card, a run started otherwise than by ``leukemia-core run``."""
+    model card, a run started otherwise than by ``leukemia-core run``. ``models`` (model
+    names, e.g. ``["convnext_atto"]``): publish only these; None: every finished run."""
     import tempfile
 
     from leukemia_core.reproducibility import reference
@@ -252,7 +254,14 @@ def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print,
     root = reference.REFERENCE_DIR if root is None else Path(root)
     cfg = settings("reference", seed)
     published = []
-    for label, spec in model_specs(cfg).items():
+    specs = model_specs(cfg)
+    unknown = set(models or ()) - {spec["model"] for spec in specs.values()}
+    if unknown:
+        raise UnknownNameError(f"no reference model {sorted(unknown)} in {CHAPTER}; choose from "
+                               f"{sorted(spec['model'] for spec in specs.values())}")
+    for label, spec in specs.items():
+        if models and spec["model"] not in models:
+            continue
         run_dir = Path(out) / f"{spec['folder']}_s{seed}"
         if not (run_dir / "results.json").exists():
             log(f"{label}: {run_dir} has no results.json (not finished): not published")

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from leukemia_core.engine.checkpoint import read_meta
-from leukemia_core.engine.loop import Callback, LoopConfig, Task, train
+from leukemia_core.engine.loop import Callback, EpochGenerators, LoopConfig, Task, train
 from leukemia_core.engine.train import default_device, to_device
 from leukemia_core.errors import CheckpointError
 from leukemia_core.vl.data import IndexedDataset, TextBank, class_balanced_weights
@@ -164,27 +164,11 @@ def attribute_value_loss(image_emb: torch.Tensor, values: torch.Tensor, value_em
     return (torch.stack(i2t).mean() + t2i) / 2
 
 
-class _EpochGenerators(Callback):
-    """The vision-language step's own randomness (which paraphrase and template each image
-    meets) and the sampler's, reseeded from the epoch and saved for an exact resume."""
-
-    def __init__(self, seed: int, sampler_gen: torch.Generator):
-        self.seed, self.sampler_gen, self.gen = seed, sampler_gen, torch.Generator()
-
-    def on_epoch_start(self, state):
-        self.gen.manual_seed(self.seed * 10007 + state.epoch)
-        self.sampler_gen.manual_seed(self.seed * 10007 + state.epoch + 7919)
+class _Temperature(Callback):
+    """Records the contrastive temperature ``1 / scale`` after every epoch."""
 
     def on_epoch_end(self, state, record):
         record["temperature"] = float(1 / state.model.scale.detach())
-
-    def state_dict(self):
-        return {"gen": self.gen.get_state(), "sampler_gen": self.sampler_gen.get_state()}
-
-    def load_state_dict(self, tensors):
-        if tensors:
-            self.gen.set_state(tensors["gen"])
-            self.sampler_gen.set_state(tensors["sampler_gen"])
 
 
 class VLTask(Task):
@@ -194,7 +178,9 @@ class VLTask(Task):
 
     def __init__(self, bank: TextBank, config: VLFitConfig, sampler_gen: torch.Generator):
         self.bank, self.config = bank, config
-        self.callbacks = (_EpochGenerators(config.seed, sampler_gen),)
+        # the step's own randomness (which paraphrase and template each image meets) and the sampler's
+        self.callbacks = (EpochGenerators(config.seed, gen=torch.Generator(), sampler_gen=sampler_gen),
+                          _Temperature())
 
     def param_groups(self, model, loop_config):
         return _param_groups(model, self.config)
@@ -207,7 +193,7 @@ class VLTask(Task):
 
     def training_step(self, net, batch, state):
         x, rows = batch
-        out = contrastive_step_loss(net, self.bank, x, rows, self.callbacks[0].gen,
+        out = contrastive_step_loss(net, self.bank, x, rows, self.callbacks[0]["gen"],
                                     self.config.attribute_weight, self.config.clause_weight)
         return {**{k: 0.0 for k in self.LOSSES}, **out, "n": len(rows)}
 
