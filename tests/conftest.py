@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 #: fixtures built once). xdist's ``--dist loadgroup`` marks would say the same, but
 #: pytest-xdist 3.8 cannot rename node ids under pytest 9, so the units come from this
 #: scheduler instead (``pytest_xdist_make_scheduler``, xdist's hook).
-SMOKE_BOOK_MODULES = {"test_book", "test_browser", "test_experiments", "test_notebooks"}
+SMOKE_BOOK_MODULES = {"test_book", "test_browser", "test_experiments", "test_math_browser", "test_notebooks"}
 
 
 def work_unit(nodeid: str) -> str:

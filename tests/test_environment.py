@@ -39,3 +39,20 @@ def test_readme_and_ci_use_the_same_test_command():
     assert "make test" in (REPO / "README.md").read_text()
     ci = (REPO / ".ci/run").read_text()
     assert "make test" in ci
+
+
+def test_every_module_that_reads_the_smoke_book_is_in_its_work_unit():
+    """Under ``make test`` (two xdist workers) a module that reads the smoke book outside
+    its work unit makes the other worker build a second one (12 min instead of 6: this
+    happened with tests/test_math_browser.py)."""
+    import re
+
+    from conftest import SMOKE_BOOK_MODULES, work_unit
+
+    reads = re.compile(r"smoke_book\(|run_exercise\(|load_module\(\"test_(book|browser)\"")
+    readers = {p.stem for p in (REPO / "tests").glob("test_*.py") if reads.search(p.read_text())}
+    assert readers, "no test module reads the smoke book: the pattern is out of date"
+    outside = sorted(m for m in readers if work_unit(f"tests/{m}.py::t") != "smoke_book")
+    assert outside == [], f"read the smoke book but are not in SMOKE_BOOK_MODULES: {outside}"
+    assert work_unit("tests/test_cli.py::test_help[args0]") == "tests/test_cli.py"
+    assert SMOKE_BOOK_MODULES <= {p.stem for p in (REPO / "tests").glob("test_*.py")}
