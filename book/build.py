@@ -62,6 +62,16 @@ BUDGETS = {"ci": {"total": 30 * 60, "notebooks/02_data": 60, "notebooks/03_basel
 #: (``build_progress.json``, rewritten after every chapter).
 BUILD_ENV = "LEUKEMIA_BOOK_BUILD"
 PROGRESS = "build_progress.json"
+#: What a chapter reads that other chapters of the same build write. With ``jobs`` > 1
+#: (several kernels at once: the tests' smoke book) a chapter starts only after these have
+#: finished; ``"*"``: every chapter before it in the table of contents. A chapter not listed
+#: reads nothing another chapter writes (tests/test_book.py checks the notebooks for it).
+NEEDS: dict[str, tuple[str, ...] | str] = {
+    "notebooks/09_explain": ("notebooks/03_baseline",),  # the two baselines' checkpoints
+    "notebooks/10_explorer": ("notebooks/03_baseline",),  # the ConvNeXt baseline's run folder
+    "notebooks/11_reproducibility": "*",  # every chapter's results
+    "notebooks/12_benchmarks": "*",  # this build's chapter timings (build_progress.json)
+}
 REPORT_PAGE = "book/build_report"
 KERNEL = "python3"
 PLOTLY_DIV = re.compile(r'class="plotly-graph-div"')
@@ -403,10 +413,11 @@ def git_commit() -> str:
 
 def write_report(path: Path, runs: dict[str, ChapterRun], profile: str, html_s: float | None,
                  problems: list[str], data_root: str | None, fresh: dict | None = None,
-                 accept_drift: bool = False) -> dict:
-    """Write the build report page (Markdown) and return its numbers."""
+                 accept_drift: bool = False, exec_s: float | None = None, jobs: int = 1) -> dict:
+    """Write the build report page (Markdown) and return its numbers. ``exec_s``: the
+    execution's wall time (default: the chapters' summed, right when ``jobs`` is 1)."""
     budgets = BUDGETS.get(profile, {})
-    exec_s = sum(r.wall_s for r in runs.values())
+    exec_s = sum(r.wall_s for r in runs.values()) if exec_s is None else exec_s
     rows = []
     for name, r in runs.items():
         link = f"{{doc}}`{r.title or name} <../{name}>`" if r.ok else f"`{name}`"
@@ -435,6 +446,9 @@ def write_report(path: Path, runs: dict[str, ChapterRun], profile: str, html_s: 
     checks = ("All checks passed: every chapter ran, every page of the table of contents "
               "exists, and every figure output reached its page." if not problems else
               "**Problems found:**\n\n" + "\n".join(f"- {p}" for p in problems))
+    parallel = ("" if jobs <= 1 else
+                f" This build ran up to {jobs} chapters at once, so their wall times overlap and each "
+                "peak memory is that of every kernel running at the time.")
     text = f"""# Build report
 
 `make book` wrote this page. It executed every chapter below from its `.py` source, top
@@ -442,7 +456,7 @@ to bottom in a fresh kernel (papermill), under the **{profile}** profile, then b
 HTML with Jupyter Book. Peak memory is the largest summed memory (PSS: shared pages split
 between the processes sharing them) of the kernel and the processes it started, sampled
 every 0.5 s; figures count the plotly graphs and static
-images each notebook produced, each of which must reach its page.
+images each notebook produced, each of which must reach its page.{parallel}
 
 | chapter | status | wall time | budget | peak memory | figures (plotly / static) |
 |---|---|---|---|---|---|
@@ -459,7 +473,7 @@ Built {now} with Python {platform.python_version()} on {platform.system()}
 """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-    return {"profile": profile, "built": now, "execution_s": exec_s, "html_s": html_s,
+    return {"profile": profile, "built": now, "jobs": jobs, "execution_s": exec_s, "html_s": html_s,
             "total_s": total_s, "budget_s": total_budget, "problems": problems,
             "freshness": fresh, "reference_checkpoints": reference_status,
             "chapters": {n: asdict(r) for n, r in runs.items()}}
@@ -569,12 +583,48 @@ def write_progress(build: Path, profile: str, started: float, runs: dict[str, Ch
         indent=2))
 
 
+def needs(name: str, chapters: list[str]) -> list[str]:
+    """The chapters of ``chapters`` that ``name`` must wait for (:data:`NEEDS`)."""
+    want = NEEDS.get(name, ())
+    return chapters[:chapters.index(name)] if want == "*" else [c for c in want if c in chapters]
+
+
+def execute_all(chapters: list[str], execute, jobs: int = 1, done=lambda name, run: None) -> dict:
+    """``execute(name)`` for every chapter, in order; ``jobs`` > 1 runs up to ``jobs`` at once,
+    each after the chapters it :func:`needs`. ``done(name, run)`` is called (in this thread)
+    as each finishes. Returns ``{name: run}`` in the order of ``chapters``."""
+    runs = {}
+    if jobs <= 1:
+        for name in chapters:
+            runs[name] = execute(name)
+            done(name, runs[name])
+        return runs
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    pending, running = list(chapters), {}
+    with ThreadPoolExecutor(jobs) as pool:
+        while pending or running:
+            for name in list(pending):
+                if len(running) < jobs and all(n in runs for n in needs(name, chapters)):
+                    pending.remove(name)
+                    running[pool.submit(execute, name)] = name
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                runs[name] = future.result()
+                done(name, runs[name])
+    return {name: runs[name] for name in chapters}
+
+
 def build_book(profile: str = "ci", out: Path = ROOT, data_root: str | None = None,
                seed: int = 0, log=print, accept_drift: bool | None = None,
-               params: dict[str, dict] | None = None) -> BookBuild:
+               params: dict[str, dict] | None = None, jobs: int = 1) -> BookBuild:
     """Execute every chapter, check the results' freshness, write the report page,
     build and check the HTML. ``params`` maps a chapter's stem to parameter overrides
-    (the tests' smoke book runs each chapter with its exercise's change)."""
+    (the tests' smoke book runs each chapter with its exercise's change). ``jobs``: how
+    many chapters execute at once (:data:`NEEDS` orders them); the book that reports
+    timings (``ci``) runs one at a time, since chapters running side by side slow each
+    other and their memory is sampled together."""
     use_venv_kernel()
     accept_drift = accept_drift_from_env() if accept_drift is None else accept_drift
     build = Path(out).resolve() / "_build"
@@ -587,15 +637,23 @@ def build_book(profile: str = "ci", out: Path = ROOT, data_root: str | None = No
     started = time.time()
     os.environ[BUILD_ENV] = str(build)
     write_progress(build, profile, started, runs)
-    for name in toc_chapters():
+
+    def execute(name: str) -> ChapterRun:
         log(f"[book] executing {name} under profile {profile} ...")
-        run = runs[name] = execute_chapter(name, src / "notebooks", profile, data_root, seed,
-                                           params=(params or {}).get(Path(name).name))
+        return execute_chapter(name, src / "notebooks", profile, data_root, seed,
+                               params=(params or {}).get(Path(name).name))
+
+    def done(name: str, run: ChapterRun) -> None:
+        runs[name] = run
         log(f"[book] {name}: {'ok' if run.ok else 'FAILED: ' + run.error} "
             f"({fmt_time(run.wall_s)}, peak {run.peak_rss_mb:.0f} MB, figures {run.figures})")
         if not run.ok:
             problems.append(f"{name}: {run.error}")
         write_progress(build, profile, started, runs)
+
+    exec_start = time.perf_counter()
+    runs = execute_all(toc_chapters(), execute, jobs, done)
+    exec_s = time.perf_counter() - exec_start
     fresh = check_freshness(profile, since=started)
     log(f"[book] freshness: {len(fresh['checked'])} headline metric(s) compared with the committed "
         f"results/{profile}/, {len(fresh['problems'])} drift(s), {len(fresh['new'])} new file(s)")
@@ -610,7 +668,7 @@ def build_book(profile: str = "ci", out: Path = ROOT, data_root: str | None = No
                  "make a chapter write it)" for f in fresh["orphans"]]
     problems += reference_problems()
     report_md = src / f"{REPORT_PAGE}.md"
-    write_report(report_md, runs, profile, None, problems, data_root, fresh, accept_drift)
+    write_report(report_md, runs, profile, None, problems, data_root, fresh, accept_drift, exec_s, jobs)
     start = time.perf_counter()
     rc, warnings = jupyter_book(src, build.parent, everything=True, log=log)
     html_s = time.perf_counter() - start
@@ -619,7 +677,8 @@ def build_book(profile: str = "ci", out: Path = ROOT, data_root: str | None = No
         problems += [f"  {w}" for w in warnings]
     html = build / "html"
     problems += check_site(html, files, runs)
-    report = write_report(report_md, runs, profile, html_s, problems, data_root, fresh, accept_drift)
+    report = write_report(report_md, runs, profile, html_s, problems, data_root, fresh, accept_drift,
+                          exec_s, jobs)
     if not rc:  # rebuild only the report page, now that it knows the HTML time
         rc2, _ = jupyter_book(src, build.parent, everything=False, log=lambda _: None)
         if rc2:
@@ -635,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT, help="the build goes to OUT/_build (default: the repository)")
     ap.add_argument("--data-root", default=None, help="data root (default: LEUKEMIA_DATA, else data/)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="chapters executed at once (default 1: the timings the report states are then each "
+                         "chapter's own; more is faster where chapters leave cores idle, e.g. --profile smoke)")
     ap.add_argument("--notebook", nargs="+", metavar="NB",
                     help="only execute these chapters (e.g. 02_data), without building the HTML")
     ap.add_argument("--accept-drift", action="store_true", default=accept_drift_from_env(),
@@ -659,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
             print("new results (no committed version): " + ", ".join(fresh["new"]))
         return 1 if failed or (fresh["problems"] and not args.accept_drift) else 0
     result = build_book(args.profile, args.out, args.data_root, args.seed,
-                        accept_drift=args.accept_drift)
+                        accept_drift=args.accept_drift, jobs=args.jobs)
     rep = result.report
     print(f"\n[book] profile {args.profile}: execution {fmt_time(rep['execution_s'])}, HTML "
           f"{fmt_time(rep['html_s'])}, total {fmt_time(rep['total_s'])}"

@@ -21,7 +21,8 @@ build = load_module("book_build", "book/build.py")
 
 
 def smoke_book():
-    """The smoke book, built once per test session into a temporary folder. Every method
+    """The smoke book, built once per test session into a temporary folder, two chapters at a
+    time (build.NEEDS orders them). Every method
     chapter runs with its exercise's parameter change (tests/exercises.py), which the
     exercise tests check; the ci book runs the defaults."""
     from leukemia_core.data.dataroot import resolve_data_root
@@ -34,7 +35,7 @@ def smoke_book():
         atexit.register(shutil.rmtree, out, ignore_errors=True)
         from exercises import exercise_params  # each method chapter runs its exercise's change
 
-        build.smoke_result = build.build_book("smoke", out=out, log=lambda line: None,
+        build.smoke_result = build.build_book("smoke", out=out, log=lambda line: None, jobs=2,
                                               params=exercise_params(out / "exercises"))
     return build.smoke_result
 
@@ -126,6 +127,52 @@ def test_widget_state_is_dropped_unless_a_widget_is_shown():
     shown = notebook_with([view])
     shown.metadata["widgets"] = dict(state)
     assert not build.drop_unshown_widget_state(shown) and "widgets" in shown.metadata
+
+
+def test_parallel_execution_keeps_each_chapters_needs():
+    """With jobs=2 at most two chapters run at once, none starts before what it needs has
+    finished (09/10 after 03; 11 and 12 after everything before them), and the runs come
+    back in the table of contents' order, as with one job."""
+    import threading
+    import time as _time
+
+    chapters = build.toc_chapters()
+    lock, live, spans, most = threading.Lock(), [0], {}, [0]
+
+    def execute(name):
+        with lock:
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+        start = _time.perf_counter()
+        _time.sleep(0.05 if name.endswith("03_baseline") else 0.01)
+        with lock:
+            live[0] -= 1
+        spans[name] = (start, _time.perf_counter())
+        return name
+
+    order = []
+    runs = build.execute_all(chapters, execute, jobs=2, done=lambda name, run: order.append(name))
+    assert list(runs) == chapters and list(runs.values()) == chapters
+    assert most[0] == 2 and sorted(order) == sorted(chapters)
+    assert order != chapters  # something overtook the slow 03_baseline
+    for name in chapters:
+        for need in build.needs(name, chapters):
+            assert spans[name][0] >= spans[need][1], f"{name} started before {need} finished"
+    assert build.needs("notebooks/12_benchmarks", chapters) == chapters[:chapters.index("notebooks/12_benchmarks")]
+    assert build.execute_all(chapters[:3], lambda n: n.upper(), jobs=1) == {n: n.upper() for n in chapters[:3]}
+
+
+def test_needs_names_every_chapter_that_reads_another():
+    """A chapter that reads the baseline's run folders needs 03_baseline; one that reads the
+    registry or this build's timings needs everything before it (else, with jobs > 1, it
+    could read a half-written file or miss a chapter)."""
+    root = Path(build.ROOT)
+    for name in build.toc_chapters():
+        text = (root / f"{name}.py").read_text()
+        if name != "notebooks/03_baseline" and re.search(r"pbc_(convnext_atto|efficientnet_lite0\w*)_s0", text):
+            assert "notebooks/03_baseline" in build.needs(name, build.toc_chapters()), name
+        if re.search(r"load_registry|build_progress|LEUKEMIA_BOOK_BUILD", text):
+            assert build.NEEDS.get(name) == "*", name
 
 
 def test_toc_files_read_in_order():

@@ -2,6 +2,8 @@
 headline metrics as the chapter's notebook (both call ``leukemia_core.experiments``)."""
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import os
 import subprocess
@@ -48,8 +50,85 @@ def _cli_args(params: dict) -> list[str]:
     return args
 
 
-@pytest.mark.slow
+#: Arguments the CLI passes to ``run`` itself (``--profile``, ``--seeds``, ``--out``, ...).
+CLI_ARGUMENTS = {"profile", "seeds", "data_root", "out", "results_dir", "resume"}
+
+
+def _parameters(tree: ast.Module, text: str) -> dict:
+    """The notebook's parameters cell as {name: default value}."""
+    cell = text.split('tags=["parameters"]', 1)[1].split("\n# %%", 1)[0]
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell).body
+            if isinstance(node, ast.Assign)}
+
+
+def _run_keywords(tree: ast.Module) -> dict[str, ast.expr]:
+    """The keywords of the notebook's ``experiment.run(...)`` call; a ``**name`` whose name
+    the notebook assigns from ``dict(...)`` is expanded into that call's keywords."""
+    dicts = {node.targets[0].id: node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+             and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Call)
+             and getattr(node.value.func, "id", None) == "dict"}
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute) and node.func.attr == "run"
+             and getattr(node.func.value, "id", None) == "experiment"]
+    assert len(calls) == 1, f"{len(calls)} experiment.run(...) calls"
+    keywords = {}
+    for kw in calls[0].keywords:
+        if kw.arg is None:
+            assert isinstance(kw.value, ast.Name) and kw.value.id in dicts, ast.unparse(kw.value)
+            keywords |= {k.arg: k.value for k in dicts[kw.value.id].keywords}
+        else:
+            keywords[kw.arg] = kw.value
+    return keywords
+
+
+def default_mismatches(chapter: str, text: str) -> tuple[list[str], int]:
+    """Where the notebook ``text`` hands ``experiment.run`` something other than a notebook
+    parameter with ``run``'s own default (problems, and how many keywords were checked)."""
+    tree = ast.parse(text)
+    params, keywords = _parameters(tree, text), _run_keywords(tree)
+    signature = inspect.signature(get_experiment(chapter).run)
+    problems, checked = [], 0
+    for name, value in keywords.items():
+        if name in CLI_ARGUMENTS:
+            continue
+        checked += 1
+        if name not in signature.parameters:
+            problems.append(f"run() has no parameter '{name}'")
+        elif not (isinstance(value, ast.Name) and value.id in params):
+            problems.append(f"{name}={ast.unparse(value)} is not a notebook parameter passed through unchanged")
+        elif params[value.id] != signature.parameters[name].default:
+            problems.append(f"the notebook's {value.id} = {params[value.id]!r} but run()'s default is "
+                            f"{signature.parameters[name].default!r}: the CLI would run another protocol")
+    return problems, checked
+
+
 @pytest.mark.parametrize("chapter", TRAINING_CHAPTERS)
+def test_notebook_parameters_default_to_the_experiments_defaults(chapter):
+    """With no parameter changed, the notebook and ``leukemia-core run <chapter>`` run the
+    same protocol: every notebook parameter the notebook hands to ``experiment.run`` has
+    the default ``run`` itself has, so the CLI, which passes only what ``--set`` names,
+    runs the same thing. (The CLI's plumbing is checked end to end below.)"""
+    problems, checked = default_mismatches(chapter, (REPO / "notebooks" / f"{chapter}.py").read_text())
+    assert not problems, f"{chapter}: {problems}"
+    assert checked, f"{chapter}: its notebook hands run() no parameter at all"
+
+
+def test_a_changed_default_is_caught():
+    """The check above fails when a notebook's default differs from ``run``'s."""
+    text = (REPO / "notebooks" / "08_r3gan_hybrid.py").read_text()
+    assert "\nimbalance_seed = 0" in text
+    problems, _ = default_mismatches("08_r3gan_hybrid", text.replace("\nimbalance_seed = 0", "\nimbalance_seed = 1", 1))
+    assert len(problems) == 1 and "imbalance_seed = 1" in problems[0], problems
+
+
+#: The CLI-versus-notebook runs: the two cheapest chapters under smoke (about 45 s), one
+#: fine-tuning and one GAN-and-ablation chapter. Every chapter's notebook and CLI call the
+#: same ``run`` (test_notebooks_call_their_experiment) with the same defaults (above).
+CLI_RERUN_CHAPTERS = ["03_baseline", "08_r3gan_hybrid"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chapter", CLI_RERUN_CHAPTERS)
 def test_cli_writes_the_notebooks_headline_metrics(chapter, tmp_path):
     """Under smoke, with the same parameters as the tests' smoke book (its exercise's
     change), the CLI's results JSONs hold the notebook's headline metrics."""
