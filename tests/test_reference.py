@@ -166,3 +166,14 @@ def test_publish_reference_names_an_unknown_model(tmp_path):
     assert not (tmp_path / "reference").exists()
     assert baseline.publish_reference(tmp_path, root=tmp_path / "reference", models=["convnext_atto"],
                                       log=lambda m: None) == []  # no finished run under tmp_path
+
+
+def test_publish_note_needs_the_model_it_describes(tmp_path):
+    """``--note`` (how a run was made, e.g. paused) goes into one model's card, so it needs
+    ``--model``; without it the command fails before touching anything."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "leukemia_core.cli", "reference", "publish", "03_baseline",
+                        "--out", str(tmp_path), "--note", "paused 40 min"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--model" in r.stderr, r.stderr

@@ -181,7 +181,14 @@ def cmd_reference(args):
     experiment = get_experiment(args.chapter)
     if not hasattr(experiment, "publish_reference"):
         raise LeukemiaError(f"chapter {args.chapter} has no reference checkpoints to publish yet")
-    for folder in experiment.publish_reference(args.out, data_root=args.data_root, models=args.model):
+    notes = None
+    if args.note:
+        command = f"leukemia-core run {args.chapter} --profile reference --out {args.out} [--resume] ({args.note})"
+        notes = {model: command for model in (args.model or [])} or None
+        if notes is None:
+            raise LeukemiaError("--note describes one run: name it with --model")
+    for folder in experiment.publish_reference(args.out, data_root=args.data_root, models=args.model,
+                                               commands=notes):
         print(f"published {folder}")
     return 0
 
@@ -318,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--model", action="append", default=None, metavar="NAME",
                     help="publish only this model (repeatable; default: every finished run, which "
                          "republishes those already published)")
+    rp.add_argument("--note", default=None, metavar="TEXT",
+                    help="how the run was made, for the model card's command line (e.g. 'niced, paused for "
+                         "40 min during a ci build: the wall time includes the pause')")
     _add_root(rp)
     rp.set_defaults(func=cmd_reference)
 
