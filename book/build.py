@@ -74,6 +74,9 @@ NEEDS: dict[str, tuple[str, ...] | str] = {
 }
 REPORT_PAGE = "book/build_report"
 KERNEL = "python3"
+#: How often the kernels' memory is sampled: reading PSS (smaps_rollup) of a kernel holding
+#: gigabytes costs CPU; at 0.5 s the sampler took 4% of a core beside a training kernel.
+MEMORY_SAMPLE_S = 2.0
 PLOTLY_DIV = re.compile(r'class="plotly-graph-div"')
 OUTPUT_IMG = re.compile(r'<img[^>]*src="[^"]*_images/')
 CDN_PLOTLY = re.compile(r'<script[^>]*src="(?:https?:)?//[^"]*plot\.?ly', re.I)
@@ -150,8 +153,8 @@ class PeakRSS:
     proportional set size (PSS), so pages that forked workers share with the kernel are
     split between them rather than counted once per process; RSS where PSS is unknown."""
 
-    def __init__(self, interval: float = 0.5):
-        self.interval, self.peak = interval, 0
+    def __init__(self, interval: float | None = None):
+        self.interval, self.peak = MEMORY_SAMPLE_S if interval is None else interval, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -455,7 +458,7 @@ def write_report(path: Path, runs: dict[str, ChapterRun], profile: str, html_s: 
 to bottom in a fresh kernel (papermill), under the **{profile}** profile, then built the
 HTML with Jupyter Book. Peak memory is the largest summed memory (PSS: shared pages split
 between the processes sharing them) of the kernel and the processes it started, sampled
-every 0.5 s; figures count the plotly graphs and static
+every {MEMORY_SAMPLE_S:g} s; figures count the plotly graphs and static
 images each notebook produced, each of which must reach its page.{parallel}
 
 | chapter | status | wall time | budget | peak memory | figures (plotly / static) |

@@ -129,6 +129,18 @@ def test_widget_state_is_dropped_unless_a_widget_is_shown():
     assert not build.drop_unshown_widget_state(shown) and "widgets" in shown.metadata
 
 
+def test_peak_memory_counts_the_children():
+    """PeakRSS sees a child process's memory (the kernel is a child of the build)."""
+    import subprocess
+    import sys
+
+    code = "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1.5)"
+    with build.PeakRSS(interval=0.2) as mem:
+        subprocess.run([sys.executable, "-c", code], check=True)
+    assert mem.peak / 2**20 > 250
+    assert build.PeakRSS().interval == build.MEMORY_SAMPLE_S
+
+
 def test_parallel_execution_keeps_each_chapters_needs():
     """With jobs=2 at most two chapters run at once, none starts before what it needs has
     finished (09/10 after 03; 11 and 12 after everything before them), and the runs come
