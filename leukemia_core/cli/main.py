@@ -181,14 +181,10 @@ def cmd_reference(args):
     experiment = get_experiment(args.chapter)
     if not hasattr(experiment, "publish_reference"):
         raise LeukemiaError(f"chapter {args.chapter} has no reference checkpoints to publish yet")
-    notes = None
-    if args.note:
-        command = f"leukemia-core run {args.chapter} --profile reference --out {args.out} [--resume] ({args.note})"
-        notes = {model: command for model in (args.model or [])} or None
-        if notes is None:
-            raise LeukemiaError("--note describes one run: name it with --model")
+    if args.note and not args.model:
+        raise LeukemiaError("--note describes one run: name it with --model")
     for folder in experiment.publish_reference(args.out, data_root=args.data_root, models=args.model,
-                                               commands=notes):
+                                               note=args.note):
         print(f"published {folder}")
     return 0
 

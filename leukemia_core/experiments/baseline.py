@@ -239,14 +239,15 @@ REFERENCE_LIMITS = ("Trained on PBC (one hospital, one scanner, CellaVision DM96
 
 
 def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print,
-                      commands: dict[str, str] | None = None, models=None) -> list[Path]:
+                      commands: dict[str, str] | None = None, models=None, note: str | None = None) -> list[Path]:
     """Publish the finished ``reference`` runs under ``out`` (``leukemia-core run
     03_baseline --profile reference --out OUT``) into ``reference/03_baseline/<model>/``:
     fp16 when the live test metrics of the fp16 weights are within 0.1 point of the
     fp32 run's, else fp32. A run without its ``results.json`` (not finished) is reported
     through ``log`` and left out. ``commands`` (model -> command line) records, in the
     model card, a run started otherwise than by ``leukemia-core run``. ``models`` (model
-    names, e.g. ``["convnext_atto"]``): publish only these; None: every finished run."""
+    names, e.g. ``["convnext_atto"]``): publish only these; None: every finished run.
+    ``note``: how the runs were made (niced, paused), appended to the card's command line."""
     import tempfile
 
     from leukemia_core.reproducibility import reference
@@ -270,7 +271,8 @@ def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print,
         fp32 = {k: results["metrics"]["test"][k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "n")}
         common = dict(description=f"{label}, PBC 8 classes, {cfg['profile'].image_size} px, seed {seed}.",
                       command=(commands or {}).get(
-                          spec["model"], f"leukemia-core run {CHAPTER} --profile reference --out {out} [--resume]"),
+                          spec["model"], f"leukemia-core run {CHAPTER} --profile reference --out {out} [--resume]"
+                          + (f" ({note})" if note else "")),
                       intended_use=REFERENCE_USE, limits=REFERENCE_LIMITS, results=results, root=root)
         for fp16 in (True, False):
             reference.publish(run_dir, CHAPTER, spec["model"], metrics={**fp32, "weights": "fp32 run"},
