@@ -8,6 +8,7 @@ structured ``preprocess`` (image size, mean/std, CLAHE, scale and stain normalis
 kind                          written by                                  preprocess
 ============================  ==========================================  ===============
 ``classifier``                ``engine.fit`` via ``pipeline``/``train``   resize, CLAHE
+``hierarchical``              ``hierarchy.train_hierarchical``            resize
 ``dg_classifier``             ``dg.save_dg_checkpoint``              scale/stain norm
 ``vision_language``           ``vl.save_vl``                              (the chapter's)
 ``detector``                  ``detection.train.save_detector``           the detector's own
@@ -48,6 +49,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
         model, meta = load_classifier(path)
         tf = eval_transform_from(meta["preprocess"])
         prep = lambda im: (tf(im), True)  # noqa: E731
+    elif kind == "hierarchical":
+        from leukemia_core.hierarchy import load_hierarchical
+
+        model, meta = load_hierarchical(path)
+        prep = None
+        if meta.get("preprocess"):
+            from leukemia_core.data.transforms import eval_transform_from
+
+            tf = eval_transform_from(meta["preprocess"])
+            prep = lambda im: (tf(im), True)  # noqa: E731
     elif kind == "dg_classifier":
         from leukemia_core.dg import load_dg_checkpoint
 

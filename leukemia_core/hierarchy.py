@@ -108,11 +108,18 @@ class HierarchicalTask:
 
     ``levels``: the levels the model has heads for (all by default). Datasets yield
     leaf indices into ``codec.leaves``; the task maps them to level targets.
+    ``pooled=True`` is the ablation *without* per-level loss control: one multi-label
+    binary cross-entropy over every node of every level (target 1 on the leaf's path, 0
+    elsewhere), averaged over all images and nodes, so the level structure enters only
+    through the targets and a deep level's few images weigh what they happen to weigh.
     """
 
     def __init__(self, codec: LevelCodec, levels: list[int] | None = None,
-                 level_weights: list[float] | None = None):
+                 level_weights: list[float] | None = None, pooled: bool = False):
         self.codec = codec
+        self.pooled = pooled
+        if pooled and (levels is not None or level_weights is not None):
+            raise ValueError("the pooled loss covers every level with one mean: no levels or level_weights")
         self.levels = list(range(len(codec.sizes))) if levels is None else list(levels)
         self.weights = list(level_weights) if level_weights is not None else [1.0] * len(self.levels)
         if len(self.weights) != len(self.levels):
@@ -128,7 +135,16 @@ class HierarchicalTask:
             out[d] = F.cross_entropy(z[valid].float(), t[valid]) if valid.any() else z.sum() * 0.0
         return out
 
+    def node_targets(self, y: torch.Tensor) -> torch.Tensor:
+        """``(B, nodes)`` multi-hot targets: 1 on every node of the leaf's path."""
+        targets = self.codec.targets.to(y.device)[y]
+        parts = [F.one_hot(targets[:, d].clamp(min=0), k) * (targets[:, d:d + 1] >= 0)
+                 for d, k in enumerate(self.codec.sizes)]
+        return torch.cat(parts, dim=1).float()
+
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.pooled:
+            return F.binary_cross_entropy_with_logits(logits.float(), self.node_targets(y))
         losses = self.level_losses(logits, y)
         return sum(w * losses[d] for w, d in zip(self.weights, self.levels))
 
@@ -237,12 +253,15 @@ def backbone_kwargs(backbone: str, image_size: int) -> dict:
 def build_hierarchical_model(kind: str, backbone: str, codec: LevelCodec, image_size: int,
                              level: int | None = None, pretrained: bool = False) -> tuple[nn.Module, object]:
     """``(model, task)`` for ``kind`` in ``flat`` (one softmax over the data leaves),
-    ``multilevel`` (shared backbone, one head per level) or ``level`` (one model for
-    one level, the building block of the base hierarchical model)."""
+    ``multilevel`` (shared backbone, one head per level), ``pooled`` (the multi-level
+    network trained without per-level loss control, see :class:`HierarchicalTask`) or
+    ``level`` (one model for one level, the building block of the base hierarchical model)."""
     from leukemia_core.engine.train import ClassificationTask
     from leukemia_core.models import create_model
 
     kw = backbone_kwargs(backbone, image_size)
+    if kind == "pooled":  # the ablation without per-level loss control
+        return MultiLevelNet(backbone, codec.sizes, pretrained=pretrained, **kw), HierarchicalTask(codec, pooled=True)
     if kind == "flat":
         return create_model(backbone, len(codec.leaves), pretrained=pretrained, **kw), ClassificationTask()
     if kind == "multilevel":
@@ -250,7 +269,7 @@ def build_hierarchical_model(kind: str, backbone: str, codec: LevelCodec, image_
     if kind == "level":
         return (MultiLevelNet(backbone, codec.sizes, levels=[level], pretrained=pretrained, **kw),
                 HierarchicalTask(codec, levels=[level]))
-    raise ValueError(f"unknown model kind '{kind}'; use flat, multilevel or level")
+    raise ValueError(f"unknown model kind '{kind}'; use flat, multilevel, pooled or level")
 
 
 def leaf_paths(kind: str, logits: torch.Tensor, codec: LevelCodec, decoder: str = "path_probability"):
@@ -272,10 +291,19 @@ class HierarchicalRun:
 
 def train_hierarchical(kind: str, backbone: str, data: LevelData, profile, config,
                        level: int | None = None, pretrained: bool = False, out_dir=None,
-                       meta: dict | None = None, resume: bool = False) -> HierarchicalRun:
+                       meta: dict | None = None, resume: bool = False,
+                       provenance: dict | None = None) -> HierarchicalRun:
     """Fit one model of ``kind`` (see :func:`build_hierarchical_model`) with the shared
-    engine; a ``level`` model trains and validates on the samples reaching its level."""
+    engine; a ``level`` model trains and validates on the samples reaching its level.
+
+    The checkpoint is of kind ``hierarchical`` (:func:`load_hierarchical` rebuilds it);
+    ``meta`` adds to its metadata (e.g. the ``preprocess`` of the images). With ``out_dir``
+    and ``provenance`` (``split_sha256``, ``data_sha256``, ``datasets``), the run also
+    writes ``out_dir/results.json``: history, hardware, hashes and times, what a reference
+    checkpoint's model card is made from."""
+    import dataclasses
     import time
+    from pathlib import Path
 
     from leukemia_core.engine.train import fit
     from leukemia_core.pipeline import make_loader
@@ -289,11 +317,49 @@ def train_hierarchical(kind: str, backbone: str, data: LevelData, profile, confi
     t0 = time.perf_counter()
     result = fit(model, make_loader(train, profile, True), make_loader(val, profile, False),
                  data.codec.leaves, config, out_dir=out_dir, resume=resume, task=task,
-                 meta={"kind": kind, "backbone": backbone, "level": level, "pretrained": pretrained,
-                       "taxonomy": data.codec.tax.name, **(meta or {})})
+                 meta={"kind": "hierarchical", "model_kind": kind, "backbone": backbone, "level": level,
+                       "pretrained": pretrained, "taxonomy": data.codec.tax.name,
+                       "image_size": profile.image_size, "profile": profile.name, **(meta or {})})
     elapsed = time.perf_counter() - t0
     logits, _ = predict_logits(model, make_loader(data.datasets["test"], profile, False))
+    if out_dir is not None and provenance is not None:
+        from leukemia_core.reproducibility.results import write_results
+
+        write_results(Path(out_dir) / "results.json", overwrite=True, kind="hierarchical_training",
+                      model=backbone, method=kind, profile=profile.name, seeds=[config.seed],
+                      config={"model_kind": kind, "backbone": backbone, "level": level, "pretrained": pretrained,
+                              "taxonomy": data.codec.tax.name, "image_size": profile.image_size,
+                              "fit": dataclasses.asdict(config), **(meta or {})},
+                      metrics={"best_epoch": result.best_epoch, "best_val_score": result.best_score,
+                               "monitor": config.monitor},
+                      history=result.history, wall_time_s=elapsed,
+                      train_time_s=float(sum(h.get("train_time_s", 0.0) for h in result.history)),
+                      **provenance)
     return HierarchicalRun(kind, backbone, model, result.history, logits, elapsed)
+
+
+def load_hierarchical(path) -> tuple[nn.Module, dict]:
+    """Rebuild a ``hierarchical`` checkpoint written by :func:`train_hierarchical`:
+    ``(model in eval mode, meta)``; ``meta["codec"]`` is the :class:`LevelCodec` of its
+    taxonomy (checked against the checkpoint's leaves)."""
+    from leukemia_core.engine.checkpoint import checkpoint_file, load_weights, read_meta
+    from leukemia_core.errors import CheckpointError
+
+    path = checkpoint_file(path)
+    meta = read_meta(path)
+    missing = {"model_kind", "backbone", "taxonomy", "image_size", "classes"} - set(meta)
+    if missing:
+        raise CheckpointError(f"hierarchical checkpoint {path} lacks metadata {sorted(missing)}; "
+                              "retrain it with leukemia-core (train_hierarchical)")
+    codec = LevelCodec(Taxonomy.from_yaml(meta["taxonomy"]))
+    if list(codec.leaves) != list(meta["classes"]):
+        raise CheckpointError(f"{path} was trained on the leaves {meta['classes']}, but taxonomy "
+                              f"'{meta['taxonomy']}' now has {codec.leaves}: load it with the taxonomy it was "
+                              "trained on (its YAML at that commit), or retrain it")
+    model, _ = build_hierarchical_model(meta["model_kind"], meta["backbone"], codec, meta["image_size"],
+                                        meta.get("level"), pretrained=False)
+    load_weights(path, model)
+    return model.eval(), {**meta, "codec": codec}
 
 
 def compose_levels(runs: list[HierarchicalRun]) -> torch.Tensor:

@@ -169,3 +169,120 @@ def test_chapter_experiment_profiles():
                                                               sizes["scratch_cap"])
     c = experiment.fit_config(3, 2, P)
     assert (c.epochs, c.seed, c.lr, c.patience, c.progress) == (2, 3, P.lr, None, False)
+
+
+def test_pooled_loss_is_one_multilabel_bce_over_every_node(toy):
+    """The ablation without per-level loss control: one binary cross-entropy over every
+    node of every level, so a leaf at depth 1 is a negative for every deeper node."""
+    import torch.nn.functional as F
+
+    codec = LevelCodec(toy)
+    task = HierarchicalTask(codec, pooled=True)
+    y = torch.tensor([codec.leaves.index("B"), codec.leaves.index("y")])
+    targets = task.node_targets(y)
+    #                       level 0: A B C | level 1: a1 a2 c1 | level 2: x y
+    assert targets.tolist() == [[0, 1, 0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 1, 0, 1]]
+    logits = torch.randn(2, sum(codec.sizes), requires_grad=True)
+    loss = task.loss(logits, y)
+    assert torch.isclose(loss, F.binary_cross_entropy_with_logits(logits, targets))
+    loss.backward()
+    # unlike the masked per-level loss, B's sample pushes every deeper node down
+    assert logits.grad[0, 3:].abs().min() > 0
+    with pytest.raises(ValueError, match="pooled"):
+        HierarchicalTask(codec, levels=[0], pooled=True)
+
+
+class _Tiny(torch.utils.data.Dataset):
+    """Random 32 px images with leaf indices: what train_hierarchical needs of a dataset."""
+
+    def __init__(self, n, n_leaves, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, 32, 32, generator=g)
+        self.targets = torch.randint(0, n_leaves, (n,), generator=g).tolist()
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.x[i], self.targets[i]
+
+
+@pytest.mark.parametrize("kind,level", [("multilevel", None), ("level", 3), ("pooled", None)])
+def test_hierarchical_checkpoints_reload_through_the_one_loader(tmp_path, kind, level):
+    """train_hierarchical writes a ``hierarchical`` checkpoint that load_checkpoint rebuilds
+    with identical outputs, and a results.json a model card is made from; a checkpoint
+    whose leaves no longer match its taxonomy fails with the fix."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from leukemia_core.checkpoints import load_checkpoint
+    from leukemia_core.config import get_profile
+    from leukemia_core.data.transforms import preprocess_dict
+    from leukemia_core.engine.train import FitConfig
+    from leukemia_core.errors import CheckpointError
+    from leukemia_core.hierarchy import LevelData, train_hierarchical
+
+    codec = LevelCodec(Taxonomy.from_yaml("leukemia"))
+    data = LevelData(codec, {s: _Tiny(24, len(codec.leaves), i) for i, s in enumerate(("train", "val", "test"))},
+                     {})
+    prof = get_profile("smoke", image_size=32, batch_size=8)
+    run = train_hierarchical(kind, "resnet18", data, prof, FitConfig(epochs=1, lr=1e-3, seed=0, progress=False),
+                             level=level, out_dir=tmp_path, meta={"preprocess": preprocess_dict(32, [0.5] * 3, [0.25] * 3)},
+                             provenance={"split_sha256": "s" * 64, "data_sha256": "d" * 64,
+                                         "datasets": ["pbc"]})
+    model, meta, _ = load_checkpoint(tmp_path)
+    assert (meta["kind"], meta["model_kind"], meta["level"], meta["classes"]) == (
+        "hierarchical", kind, level, codec.leaves)
+    x = data.datasets["test"].x[:4]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), run.model.eval()(x))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["datasets"] == ["pbc"] and len(results["history"]) == 1
+    assert results["train_time_s"] == pytest.approx(results["history"][0]["train_time_s"])
+    # the same weights under a tree whose leaves differ: a clear error, not wrong labels
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        stored = json.loads(f.metadata()["meta"])
+    save_file(load_file(str(tmp_path / "model.safetensors")), str(tmp_path / "other.safetensors"),
+              metadata={"meta": json.dumps(stored | {"classes": codec.leaves[::-1]})})
+    with pytest.raises(CheckpointError, match="trained on the leaves.*retrain"):
+        load_checkpoint(tmp_path / "other.safetensors")
+
+
+def test_reference_names_match_the_expected_checkpoints():
+    from leukemia_core.experiments import hierarchy as experiment
+    from leukemia_core.reproducibility import reference
+
+    names = [n for _, group in experiment.reference_models().values() for n in group]
+    assert tuple(names) == reference.EXPECTED["04_hierarchy"]
+
+
+@pytest.mark.slow
+def test_reference_publish_and_live_evaluation_on_the_mirror(data_root, tmp_path):
+    """A smoke run of the chapter published as reference checkpoints (some of them) and
+    evaluated live on the whole test split: the published models are scored, with every
+    node's precision and recall, consistently with their cards; the others are rows that
+    say they are missing, never skipped."""
+    import json
+
+    from leukemia_core.experiments import hierarchy as experiment
+
+    experiment.run("smoke", data_root=data_root, out=tmp_path / "runs", results_dir=tmp_path / "results")
+    names = ["multilevel_efficientnet_lite0"] + [f"level{d}_efficientnet_lite0" for d in range(1, 5)]
+    root = tmp_path / "reference"
+    published = experiment.publish_reference(tmp_path / "runs", data_root=data_root, root=root, models=names)
+    assert sorted(p.name for p in published) == sorted(names)
+    ev = experiment.evaluate_reference(data_root=data_root, results_dir=tmp_path / "results", root=root)
+    rows = {r["model"]: r for r in ev["rows"]}
+    assert rows["multilevel_efficientnet_lite0"]["status"] == "verified"
+    assert rows["base_hierarchical_efficientnet_lite0"]["status"] == "verified"
+    assert rows["flat_efficientnet_lite0"]["status"] == "missing"
+    assert "leukemia-core run 04_hierarchy" in rows["flat_efficientnet_lite0"]["message"]
+    out = json.loads((tmp_path / "results" / "reference" / "hierarchy_multilevel_efficientnet_lite0.json").read_text())
+    card = json.loads((root / "04_hierarchy" / "multilevel_efficientnet_lite0" / "model_card.json").read_text())
+    assert out["metrics"]["test"]["path_probability"]["leaf acc"] == pytest.approx(card["metrics"]["accuracy"])
+    nodes = out["metrics"]["nodes"]
+    assert {"ALL", "reactive", "hematogone"} <= set(nodes)
+    assert nodes["ALL"]["support"] == sum(nodes[s]["support"] for s in ("early_pre_b", "pre_b", "pro_b"))
+    assert len(ev["logs"]["base_hierarchical_efficientnet_lite0"]) == 4

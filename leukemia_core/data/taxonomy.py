@@ -169,4 +169,5 @@ def load_taxonomy_table(taxonomy: Taxonomy, root=None) -> pd.DataFrame:
         raise DatasetError(f"taxonomy '{taxonomy.name}': {int((clash > 1).sum())} identical images "
                            "sit in different splits of different datasets; deduplicate first")
     out.attrs["split_sha256"] = ";".join(sorted(hashes))
+    out.attrs["taxonomy"] = taxonomy.name
     return out

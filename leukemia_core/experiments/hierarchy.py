@@ -27,10 +27,11 @@ import pandas as pd
 import torch
 
 from leukemia_core.config import Profile, chapter_sizes, get_profile
+from leukemia_core.errors import UnknownNameError
 from leukemia_core.data.masking import MaskCells
 from leukemia_core.data.taxonomy import Taxonomy, load_taxonomy_table
 from leukemia_core.data.torch_dataset import ImageTableDataset
-from leukemia_core.data.transforms import build_transform, static_transform
+from leukemia_core.data.transforms import build_transform, preprocess_dict, static_transform
 from leukemia_core.engine.train import FitConfig, fit, predict_logits
 from leukemia_core.experiments import ExperimentRun, resolve_paths
 from leukemia_core.hierarchy import (LevelCodec, LevelData, compose_levels, hierarchical_metrics, leaf_paths,
@@ -76,6 +77,17 @@ def _train(kind, backbone, data, prof, config, out_dir: Path, resume: bool, **kw
     return train_hierarchical(kind, backbone, data, prof, config, out_dir=out_dir, resume=resume, **kw)
 
 
+def provenance(table: pd.DataFrame, data, prof: Profile, images: str = "as stored") -> dict:
+    """What a run's checkpoint and ``results.json`` record about its data: the split and
+    content hashes, the sources, and (for images as stored) the evaluation preprocessing."""
+    prov = {"split_sha256": table.attrs["split_sha256"], "data_sha256": content_hash(data.table),
+            "dataset": f"taxonomy:{table.attrs.get('taxonomy', 'leukemia')}",
+            "datasets": sorted(data.table["dataset"].unique().tolist())}
+    meta = ({"preprocess": preprocess_dict(prof.image_size, data.mean, data.std)} if images == "as stored"
+            else {"images": images})
+    return {"provenance": prov, "meta": meta}
+
+
 # ---------------------------------------------------------------------- data
 def node_counts(tax: Taxonomy, table: pd.DataFrame) -> dict:
     """Images per node; an inner node counts the images of the leaves below it."""
@@ -115,7 +127,9 @@ def source_test(table: pd.DataFrame, source: str) -> pd.DataFrame:
 def outputs(runs: dict, kind: str, s: int):
     """(decoding kind, raw test outputs) of a model; the base model's levels are stacked."""
     run = runs[kind, s]
-    return ("multilevel", compose_levels(run)) if kind == "base hierarchical" else (kind, run.test_logits)
+    if kind == "base hierarchical":
+        return "multilevel", compose_levels(run)
+    return ("multilevel" if kind == "pooled" else kind), run.test_logits
 
 
 def score_rows(codec: LevelCodec, kind: str, as_kind: str, logits: torch.Tensor, truth: list[str], **extra):
@@ -341,14 +355,16 @@ def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, re
     data, levels = level_data(table, codec, P, sizes, seed)
     test_table = levels.tables["test"]
     true_leaves = test_table["label"].tolist()
+    prov = provenance(table, data, P)
     runs = {}  # (kind, seed) -> HierarchicalRun, or a list of level runs for the base hierarchical model
+    kinds = ("flat", "multilevel") + (("pooled",) if sizes.get("loss_ablation") else ())
     for s in seeds:
-        for kind in ("flat", "multilevel"):
+        for kind in kinds:
             runs[kind, s] = _train(kind, BACKBONE, levels, P, fit_config(s, sizes["epochs"], P),
-                                   ckpt / f"{kind}_{BACKBONE}_s{s}", resume, pretrained=True)
+                                   ckpt / f"{kind}_{BACKBONE}_s{s}", resume, pretrained=True, **prov)
         runs["base hierarchical", s] = [
             _train("level", BACKBONE, levels, P, fit_config(s, sizes["epochs"], P),
-                   ckpt / f"level{d + 1}_{BACKBONE}_s{s}", resume, level=d, pretrained=True)
+                   ckpt / f"level{d + 1}_{BACKBONE}_s{s}", resume, level=d, pretrained=True, **prov)
             for d in range(tax.depth)]
     rows = []
     for (kind, s), r in runs.items():
@@ -360,13 +376,14 @@ def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, re
 
     # CNN against ViT, from scratch at equal budget
     scratch_data, scratch = level_data(table, codec, PS, sizes, seed)
+    scratch_prov = provenance(table, scratch_data, PS)
     scratch_truth = scratch.tables["test"]["label"].tolist()
     scratch_rows = []
     for s in seeds:
         for backbone in (cnn, vit):
             for kind in sizes["scratch_kinds"]:
                 r = _train(kind, backbone, scratch, PS, fit_config(s, sizes["scratch_epochs"], PS),
-                           ckpt / f"scratch_{kind}_{backbone}_s{s}", resume)
+                           ckpt / f"scratch_{kind}_{backbone}_s{s}", resume, **scratch_prov)
                 n_params = sum(p.numel() for p in r.model.parameters()) / 1e6
                 scratch_rows += [row | {"params (M)": n_params, "train min": r.train_time_s / 60}
                                  for row in score_rows(codec, kind, kind, r.test_logits, scratch_truth,
@@ -379,7 +396,8 @@ def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, re
     # the background-only probe
     masked = LevelData(codec, masked_datasets(levels, data, P), levels.tables)
     probe = _train("flat", BACKBONE, masked, P, fit_config(seeds[0], sizes["probe_epochs"], P),
-                   ckpt / f"probe_flat_{BACKBONE}_s{seeds[0]}", resume, pretrained=True)
+                   ckpt / f"probe_flat_{BACKBONE}_s{seeds[0]}", resume, pretrained=True,
+                   **provenance(table, data, P, images="cells painted out (MaskCells)"))
     probe_paths = leaf_paths("flat", probe.test_logits, codec)
     probe_scores = hierarchical_metrics(tax, true_leaves, probe_paths)
 
@@ -404,3 +422,201 @@ def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, re
                    contrasts=contrasts, shortcut=shortcut, checkpoints=ckpt)
     written = write_hierarchy_results(results_dir / P.name, objects)
     return ExperimentRun(CHAPTER, P.name, written, objects)
+
+
+# ---------------------------------------------------------------------- the reference tier
+REFERENCE_USE = ("Teaching and reproducibility: the hierarchy chapter's models at convergence, evaluated live by "
+                 "the book. A research artefact, not a medical device: never for diagnosis.")
+REFERENCE_LIMITS = ("Trained on the book's public taxonomy (PBC, Matek-19, Aria: one hospital per disease group, "
+                    "10 leaves) with this book's splits. Because each disease group comes from one hospital, part "
+                    "of what it recognises is the hospital (see the chapter's background-only probe); expect much "
+                    "lower accuracy on another hospital's images. No CML or CLL: no public image data exists.")
+
+
+def reference_models(taxonomy: str = "leukemia") -> dict[str, tuple[str, list[str]]]:
+    """The chapter's reference models: results-file stem (as the chapter's own results
+    files, ``hierarchy_<stem>.json``) -> (model kind as the chapter's tables name it, the
+    reference checkpoint names it is made of: the base hierarchical model has one per level)."""
+    sizes = chapter_sizes(CHAPTER, get_profile("reference"))
+    depth = Taxonomy.from_yaml(taxonomy).depth
+    kinds = ("flat", "multilevel") + (("pooled",) if sizes.get("loss_ablation") else ())
+    out = {f"{k}_{BACKBONE}": (k, [f"{k}_{BACKBONE}"]) for k in kinds}
+    out[f"base_hierarchical_{BACKBONE}"] = ("base hierarchical", [f"level{d + 1}_{BACKBONE}" for d in range(depth)])
+    for b in sizes["backbones"]:
+        for k in sizes["scratch_kinds"]:
+            out[f"{k}_{b}"] = (k, [f"scratch_{k}_{b}"])
+    return out
+
+
+def node_scores(tax: Taxonomy, truth: list[str], paths: list[list[str]]) -> dict[str, dict]:
+    """Precision and recall of every node of the tree: an image is a true member of node
+    ``n`` when its leaf lies under ``n``, a predicted one when its predicted path passes
+    through ``n`` (so ``ALL`` counts the three B-ALL stages together)."""
+    true_paths = [set(tax.path(leaf)) for leaf in truth]
+    out = {}
+    for level in tax.levels:
+        for node in level:
+            t = np.array([node in p for p in true_paths])
+            p = np.array([node in q for q in paths])
+            if not t.any():
+                continue
+            tp = float((t & p).sum())
+            out[node] = {"precision": tp / p.sum() if p.any() else float("nan"), "recall": tp / t.sum(),
+                         "support": int(t.sum())}
+    return out
+
+
+def _reference_test(table: pd.DataFrame, codec: LevelCodec, preprocess: dict) -> ImageTableDataset:
+    from leukemia_core.data.transforms import eval_transform_from
+
+    test = table[table["split"] == "test"].reset_index(drop=True)
+    return ImageTableDataset(test, codec.leaves, eval_transform_from(preprocess),
+                             preload=static_transform(preprocess["image_size"]))
+
+
+def _checkpoint_logits(names, table, codec, root, cache: dict, batch_size: int = 256):
+    """Raw test outputs of reference checkpoints (in level order for level models) and
+    their cards; the decoded test images are cached per preprocessing."""
+    import json as _json
+
+    from torch.utils.data import DataLoader
+
+    from leukemia_core.reproducibility import reference
+
+    parts, cards = [], []
+    for name in names:
+        model, meta, _, card = reference.load_reference(CHAPTER, name, root)
+        key = _json.dumps(meta["preprocess"], sort_keys=True)
+        if key not in cache:
+            cache[key] = _reference_test(table, codec, meta["preprocess"])
+        z, _ = predict_logits(model, DataLoader(cache[key], batch_size=batch_size))
+        parts.append((meta.get("level") or 0, z, meta, card))
+    parts.sort(key=lambda p: p[0])
+    return torch.cat([p[1] for p in parts], dim=1), [p[2] for p in parts], [p[3] for p in parts]
+
+
+def evaluate_reference(data_root=None, results_dir=None, root=None, taxonomy: str = "leukemia") -> dict:
+    """Verify every reference checkpoint of the chapter against the manifest and evaluate it
+    live on the taxonomy's whole test split, writing one results file per model,
+    ``<results_dir>/reference/hierarchy_<model>.json``, laid out as the chapter's own (test
+    metrics per decoder) plus every node's precision and recall.
+
+    ``{"rows": [...], "nodes": {model: node scores}, "logs": {model: [training
+    histories]}, "checks": [reference.check rows]}``; a model with a missing or corrupt
+    checkpoint is a row with the message, never skipped."""
+    import time
+
+    from leukemia_core.reproducibility import reference
+
+    root = reference.REFERENCE_DIR if root is None else Path(root)
+    _, results_dir = resolve_paths("reference", None, results_dir)
+    tax = Taxonomy.from_yaml(taxonomy)
+    codec = LevelCodec(tax)
+    table, cache = None, {}
+    rows, nodes, logs, checks = [], {}, {}, []
+    for stem, (label, names) in reference_models(taxonomy).items():
+        chk = [reference.check(CHAPTER, n, root) for n in names]
+        checks += chk
+        row = {"model": stem, "checkpoints": ", ".join(f"reference/{CHAPTER}/{n}" for n in names)}
+        bad = [c for c in chk if c["status"] != "verified"]
+        if bad:
+            rows.append(row | {"status": bad[0]["status"], "message": bad[0]["message"]})
+            continue
+        start = time.perf_counter()
+        if table is None:
+            table = load_taxonomy_table(tax, data_root)
+        logits, metas, cards = _checkpoint_logits(names, table, codec, root, cache)
+        truth = table.loc[table["split"] == "test", "label"].tolist()
+        as_kind = "flat" if label == "flat" else "multilevel"
+        per_decoder = {r.pop("decoder"): {k: v for k, v in r.items() if k != "model"}
+                       for r in score_rows(codec, label, as_kind, logits, truth)}
+        head = per_decoder["argmax leaf" if as_kind == "flat" else "path_probability"]
+        nodes[stem] = node_scores(tax, truth, leaf_paths(as_kind, logits, codec))
+        manifest = reference.read_manifest(root)
+        test = table[table["split"] == "test"]
+        write_results(
+            results_dir / "reference" / f"hierarchy_{stem}.json", overwrite=True, kind="reference_evaluation",
+            chapter=CHAPTER, reference=names, dataset=f"taxonomy:{tax.name}", model=metas[0]["backbone"],
+            method=label, profile="reference", seeds=[int(cards[0].get("config", {}).get("fit", {}).get("seed", 0))],
+            config={"checkpoints": {n: {"sha256": manifest[f"{CHAPTER}/{n}/model.safetensors"], "dtype": c["dtype"]}
+                                    for n, c in zip(names, cards)},
+                    "preprocess": metas[0]["preprocess"], "taxonomy": tax.name, "leaves": codec.leaves},
+            metrics={"test": per_decoder | {"accuracy": head["leaf acc"], "macro_f1": head["leaf macro-F1"]},
+                     "nodes": nodes[stem]},
+            split_sha256=table.attrs["split_sha256"], data_sha256=content_hash(test),
+            training={n: {k: c.get(k) for k in ("wall_time_s", "train_time_s", "epochs_run", "selected_epoch",
+                                                 "git_sha", "hardware")} for n, c in zip(names, cards)},
+            wall_time_s=time.perf_counter() - start)
+        logs[stem] = [reference.training_log(CHAPTER, n, root).to_dict("records") for n in names]
+        rows.append(row | {"status": "verified", **{k: head[k] for k in ("leaf acc", "leaf macro-F1",
+                                                                            "path consistency")},
+                           "test images": len(truth), "epochs": ", ".join(str(c["epochs_run"]) for c in cards),
+                           "training (h)": sum(c.get("train_time_s") or c["wall_time_s"] for c in cards) / 3600,
+                           "hardware": cards[0]["hardware"]})
+    return {"rows": rows, "nodes": nodes, "logs": logs, "checks": checks}
+
+
+def _own_scores(meta: dict, logits: torch.Tensor, truth: list[str], codec: LevelCodec) -> dict:
+    """One checkpoint's own test scores: leaf accuracy and macro-F1 (a level model: its
+    level's accuracy over the images that reach it)."""
+    kind = meta["model_kind"]
+    if kind == "level":
+        d = meta["level"]
+        t = codec.targets[[codec.leaves.index(x) for x in truth], d]
+        keep = t >= 0
+        return {"accuracy": float((logits[keep].argmax(1) == t[keep]).float().mean()), "n": int(keep.sum())}
+    paths = leaf_paths("flat" if kind == "flat" else "multilevel", logits, codec)
+    m = hierarchical_metrics(codec.tax, truth, paths)
+    return {"accuracy": m.leaf_accuracy, "macro_f1": m.leaf_macro_f1, "n": len(truth)}
+
+
+def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print, models=None,
+                      note: str | None = None, taxonomy: str = "leukemia") -> list[Path]:
+    """Publish the finished ``reference`` runs under ``out`` (``leukemia-core run
+    04_hierarchy --profile reference --out OUT``) into ``reference/04_hierarchy/<name>/``,
+    each in fp16 when its own live test scores (:func:`_own_scores`) stay within 0.1 point
+    of the fp32 weights', else fp32. A run without ``results.json`` (not finished) is
+    reported through ``log`` and left out. ``models``: publish only these checkpoint names
+    (see :func:`reference_models`); ``note``: how the runs were made, appended to the
+    card's command line."""
+    import json
+
+    from leukemia_core.reproducibility import reference
+
+    root = reference.REFERENCE_DIR if root is None else Path(root)
+    names = [n for _, group in reference_models(taxonomy).values() for n in group]
+    unknown = set(models or ()) - set(names)
+    if unknown:
+        raise UnknownNameError(f"no reference model {sorted(unknown)} in {CHAPTER}; choose from {names}")
+    tax = Taxonomy.from_yaml(taxonomy)
+    codec = LevelCodec(tax)
+    table = load_taxonomy_table(tax, data_root)
+    truth = table.loc[table["split"] == "test", "label"].tolist()
+    published, cache = [], {}
+    for name in names:
+        if models and name not in models:
+            continue
+        run_dir = Path(out) / "hierarchy" / tax.name / f"{name}_s{seed}"
+        if not (run_dir / "results.json").exists():
+            log(f"{name}: {run_dir} has no results.json (not finished): not published")
+            continue
+        results = json.loads((run_dir / "results.json").read_text())
+        cfg = results["config"]
+        common = dict(description=f"{cfg['model_kind']} model ({cfg['backbone']}"
+                                  f"{', ImageNet, fine-tuned' if cfg['pretrained'] else ', from scratch'}"
+                                  f"{'' if cfg.get('level') is None else ', level ' + str(cfg['level'] + 1)}), "
+                                  f"taxonomy '{tax.name}' ({', '.join(results['datasets'])}), "
+                                  f"{cfg['image_size']} px, seed {seed}.",
+                      command=f"leukemia-core run {CHAPTER} --profile reference --out {out} [--resume]"
+                              + (f" ({note})" if note else ""),
+                      intended_use=REFERENCE_USE, limits=REFERENCE_LIMITS, results=results, root=root)
+        scores = {}
+        for fp16 in (False, True):
+            reference.publish(run_dir, CHAPTER, name, metrics={}, fp16=fp16, **common)
+            z, metas, _ = _checkpoint_logits([name], table, codec, root, cache)
+            scores[fp16] = _own_scores(metas[0], z, truth, codec)
+        fp16 = all(abs(scores[True][k] - scores[False][k]) <= 0.001 for k in ("accuracy", "macro_f1")
+                   if k in scores[False])
+        metrics = {**scores[fp16], **{f"fp32_{k}": v for k, v in scores[False].items() if k != "n"}}
+        published.append(reference.publish(run_dir, CHAPTER, name, metrics=metrics, fp16=fp16, **common))
+    return published

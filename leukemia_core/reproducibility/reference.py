@@ -40,6 +40,7 @@ DATA_LICENCES = {
     "all_aria": "as published by its authors on Kaggle (cite)",
     "zheng_wbc": "GPL-3.0",
 }
+DATA_LICENCES |= {"aria": DATA_LICENCES["all_aria"], "matek": DATA_LICENCES["matek_subset"]}  # loader names
 
 
 def sha256(path: Path) -> str:
@@ -148,7 +149,9 @@ def _card_markdown(card: dict) -> str:
 - **Command:** `{card['command']}`
 - **Commit:** {card['git_sha']}
 - **Hardware:** {card['hardware']}
-- **Wall time:** {card['wall_time_s'] / 3600:.2f} h; **epochs:** {card['epochs_run']} (selected: {card['selected_epoch']})
+- **Wall time:** {card['wall_time_s'] / 3600:.2f} h (of the session that finished the run); **training
+  time:** {card.get('train_time_s', 0.0) / 3600:.2f} h (the epochs' training loops summed over every resumed
+  session, validation excluded); **epochs:** {card['epochs_run']} (selected: {card['selected_epoch']})
 - **Data:** {card['dataset']} (data SHA-256 {card['data_sha256'][:16]}…, split SHA-256 {card['split_sha256'][:16]}…)
 - **Weights:** {card['dtype']} ({card['weights_mb']:.1f} MB)
 
@@ -202,14 +205,16 @@ def publish(run_dir: Path, chapter: str, name: str, *, description: str, command
         "schema": "leukemia-core/model-card/v1", "chapter": chapter, "name": name, "description": description,
         "command": command, "git_sha": results.get("git_sha"),
         "hardware": ", ".join(f"{k}={v}" for k, v in hw.items() if not isinstance(v, (dict, list))) or "unknown",
-        "wall_time_s": float(results.get("wall_time_s") or 0.0), "epochs_run": len(history),
+        "wall_time_s": float(results.get("wall_time_s") or 0.0),
+        "train_time_s": float(sum(h.get("train_time_s", 0.0) for h in history)), "epochs_run": len(history),
         "selected_epoch": selected, "dataset": results.get("dataset"),
         "data_sha256": results.get("data_sha256", ""), "split_sha256": results.get("split_sha256", ""),
         "profile": results.get("profile"), "config": results.get("config"),
         "dtype": "float16" if fp16 else "float32", "weights_mb": dst.stat().st_size / 1e6,
         "metrics": metrics, "intended_use": intended_use, "limits": limits,
         "data_licences": {d: DATA_LICENCES.get(d, "see ../shared/datasets/README.md")
-                          for d in ([results.get("dataset")] if results.get("dataset") else [])},
+                          for d in (results.get("datasets") or
+                                    ([results.get("dataset")] if results.get("dataset") else []))},
         "published": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     (folder / "model_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
@@ -271,6 +276,10 @@ def evaluate_classifier(chapter: str, name: str, data_root=None, results_dir=Non
 #: the chapter writes for the same model under ``ci``.
 EXPECTED = {
     "03_baseline": ("convnext_atto", "efficientnet_lite0"),
+    # leukemia_core.experiments.hierarchy.reference_models (a test keeps the two equal)
+    "04_hierarchy": ("flat_efficientnet_lite0", "multilevel_efficientnet_lite0", "pooled_efficientnet_lite0",
+                     "level1_efficientnet_lite0", "level2_efficientnet_lite0", "level3_efficientnet_lite0",
+                     "level4_efficientnet_lite0", "scratch_flat_convnext_atto", "scratch_flat_vit_tiny_patch16_224"),
 }
 
 
