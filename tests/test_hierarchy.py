@@ -286,3 +286,37 @@ def test_reference_publish_and_live_evaluation_on_the_mirror(data_root, tmp_path
     assert {"ALL", "reactive", "hematogone"} <= set(nodes)
     assert nodes["ALL"]["support"] == sum(nodes[s]["support"] for s in ("early_pre_b", "pre_b", "pro_b"))
     assert len(ev["logs"]["base_hierarchical_efficientnet_lite0"]) == 4
+
+
+def test_reference_findings_follow_the_numbers():
+    """The reference section's verdicts on hand-made evaluations: hierarchy ahead on every
+    node comparison is 'reproduced', the ViT reaching the common level first 'converges
+    faster'; a model that is not verified turns its comparison into a message."""
+    from leukemia_core.experiments import hierarchy as experiment
+
+    B = experiment.BACKBONE
+    row = lambda m, f1: {"model": m, "status": "verified", "leaf acc": f1, "leaf macro-F1": f1,  # noqa: E731
+                         "image size (px)": 64, "epochs": "3"}
+    node = lambda p, r: {"precision": p, "recall": r, "support": 10}  # noqa: E731
+    nodes = {f"flat_{B}": {"ALL": node(0.8, 0.8), "reactive": node(0.5, 0.5)},
+             f"base_hierarchical_{B}": {"ALL": node(0.9, 0.85), "reactive": node(0.6, 0.7)},
+             f"multilevel_{B}": {"ALL": node(0.95, 0.9), "reactive": node(0.55, 0.6)}}
+    curve = lambda *f1: [{"epoch": i, "train_loss": 1.0, "val_macro_f1": v} for i, v in enumerate(f1)]  # noqa: E731
+    ref = {"rows": [row(f"flat_{B}", 0.90), row(f"base_hierarchical_{B}", 0.92), row(f"multilevel_{B}", 0.95),
+                    row(f"pooled_{B}", 0.93), row("flat_convnext_atto", 0.80), row("flat_vit_tiny_patch16_224", 0.70)],
+           "nodes": nodes,
+           "logs": {"flat_convnext_atto": [curve(0.3, 0.5, 0.8)], "flat_vit_tiny_patch16_224": [curve(0.4, 0.69, 0.7)]}}
+    f = experiment.reference_findings(ref)
+    s = f["sentences"]
+    assert "both hierarchical models are ahead" in s["flat_vs_hier"] and "+5.0 points" in s["flat_vs_hier"]
+    assert "**reproduced**" in s["nodes"] and "8 comparisons" in s["nodes"]
+    assert "2.0 points ahead" in s["ablation"]
+    # common level 0.95 * 0.70 = 0.665: the ViT at epoch 2, the CNN at epoch 3
+    assert "the ViT converges faster, as the paper says" in s["cnn_vit"]
+    assert set(f["nodes"]["model"]) == {"flat", "base hierarchical", "multi-level"}
+    # flat better on one of the 8 comparisons: partly reproduced
+    nodes[f"flat_{B}"]["reactive"] = node(0.58, 0.5)
+    assert "**partly reproduced**" in experiment.reference_findings(ref)["sentences"]["nodes"]
+    ref["rows"][3] = {"model": f"pooled_{B}", "status": "corrupt", "message": "bad hash"}
+    assert "not available" in experiment.reference_findings(ref)["sentences"]["ablation"]
+    assert "corrupt" in experiment.reference_findings(ref)["sentences"]["ablation"]
