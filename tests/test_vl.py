@@ -387,3 +387,49 @@ def test_experiment_chronic_prompts_and_arguments(small_model):
         vl.run("smoke", seeds=[0, 1])
     with pytest.raises(LeukemiaError, match="heldout_class"):
         vl.run("smoke", heldout_class="AML")
+
+
+def test_reference_table_reads_both_result_layouts():
+    """The build's results (retrieval and read-out as tables) and the reference evaluation
+    (summaries) give the same rows; a missing reference is a column of blanks."""
+    from leukemia_core.experiments import vision_language as experiment
+    from leukemia_core.reproducibility import reference
+
+    assert tuple(experiment.reference_names()) == reference.EXPECTED["05_vision_language"]
+    zs = {"heldout": {"accuracy": 0.9, "macro_f1": 0.85}}
+    build = {"zero_shot_pbc": zs, "zero_shot_groups": {"accuracy": 0.6},
+             "retrieval": [{"direction": "image → text", "k": 5, "recall": 0.4},
+                           {"direction": "text → image", "k": 5, "recall": 0.1}],
+             "attribute_readout": [{"accuracy": 0.7, "majority_floor": 0.6}, {"accuracy": 0.5, "majority_floor": 0.6}],
+             "heldout_class": {"class": "monocyte", "unseen_class_summary": [{"monocyte recall (unseen class)": 0.3}]}}
+    ref = {"metrics": {"zero_shot_pbc": zs, "zero_shot_groups": {"accuracy": 0.7}, "image_to_text_r5": 0.5,
+                       "attributes_above_floor": 1.0, "heldout_class": {"class": "monocyte", "unseen_recall": 0.6}}}
+    t = experiment.reference_table(build, ref)
+    assert t["this build"].tolist() == [0.9, 0.85, 0.6, 0.4, 0.3, 0.5]
+    assert t["reference"].tolist() == [0.9, 0.85, 0.7, 0.5, 0.6, 1.0]
+    blank = experiment.reference_table(build, {"metrics": None})
+    assert blank["reference"].isna().all() and blank["this build"].notna().all()
+
+
+@pytest.mark.slow
+def test_reference_publish_and_live_evaluation_on_the_mirror(data_root, tmp_path):
+    """A smoke run published as reference checkpoints and evaluated live on the whole test
+    split: the card's zero-shot score is what the live evaluation measures; the held-out
+    model missing leaves its measure blank and says so."""
+    import json
+
+    from leukemia_core.experiments import vision_language as experiment
+
+    experiment.run("smoke", data_root=data_root, out=tmp_path / "runs", results_dir=tmp_path / "results")
+    root = tmp_path / "reference"
+    published = experiment.publish_reference(tmp_path / "runs", data_root=data_root, root=root,
+                                             models=["vl_lite0_minilm"])
+    assert [p.name for p in published] == ["vl_lite0_minilm"]
+    ev = experiment.evaluate_reference(data_root=data_root, results_dir=tmp_path / "results", root=root)
+    assert [c["status"] for c in ev["checks"]] == ["verified", "missing"]
+    assert "heldout_class" not in ev["metrics"]
+    card = json.loads((root / "05_vision_language" / "vl_lite0_minilm" / "model_card.json").read_text())
+    written = json.loads((tmp_path / "results" / "reference" / "vision_language.json").read_text())
+    assert written["metrics"]["zero_shot_pbc"]["heldout"]["accuracy"] == pytest.approx(
+        card["metrics"]["zero_shot_pbc_accuracy"])
+    assert card["data_licences"].keys() >= {"pbc", "matek", "aria"}

@@ -389,6 +389,28 @@ def write_vl_results(path: Path, o: dict, P: Profile, S: dict, seed: int, heldou
         history=joint.history, wall_time_s=wall, timings_s=timings, checkpoint=str(o["run_dir"] / WEIGHTS))
 
 
+def write_run_results(o: dict, P: Profile, seed: int, heldout_class: str, wall: float) -> list[Path]:
+    """``results.json`` in each of the two vision-language run folders (history, hashes,
+    hardware, times): what a reference checkpoint's model card is made from."""
+    data = o["data"]
+    common = dict(overwrite=True, kind="vision_language_training", chapter=CHAPTER, profile=P.name, seeds=[seed],
+                  model="efficientnet_lite0 (ImageNet) + all-MiniLM-L6-v2", dataset="taxonomy:leukemia",
+                  datasets=sorted(data.table["dataset"].unique().tolist()),
+                  split_sha256=data.table.attrs.get("split_sha256"), data_sha256=content_hash(data.table),
+                  wall_time_s=wall)
+    written = []
+    for folder, fit_result, extra in ((o["run_dir"], o["joint"], {}),
+                                      (o["out"] / f"vl_without_{heldout_class}_s{seed}", o["held_fit"],
+                                       {"heldout_class": heldout_class})):
+        history = fit_result.history
+        written.append(write_results(
+            Path(folder) / "results.json", config={"model": o["model"].config.to_dict(), "fit": o["config"].__dict__,
+                                                   "image_size": P.image_size, **extra},
+            metrics={"epochs_run": len(history), "last_epoch": history[-1] if history else {}},
+            history=history, train_time_s=float(sum(h.get("train_time_s", 0.0) for h in history)), **common))
+    return written
+
+
 # --------------------------------------------------------------------------- the protocol
 def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, resume=False, *,
         seed: int = 0, heldout_class: str = "monocyte", image_size: int | None = None,
@@ -456,6 +478,7 @@ def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, re
     wall = timer.wall
     print(f"wall time: {wall:.0f} s; by phase (s): {timer.timings}")
     o["results_file"] = write_vl_results(results_path, o, P, S, seed, heldout_class, data_root, wall, timer.timings)
+    write_run_results(o, P, seed, heldout_class, wall)
     print(f"results: {o['results_file']}")
     o |= {"timings": timer.timings, "wall": wall}
     return ExperimentRun(CHAPTER, P.name, results=[o["results_file"]], objects=o)
@@ -477,3 +500,181 @@ def cam_examples(res: ExperimentRun) -> tuple[list[int], torch.Tensor, np.ndarra
     class_emb = prompt_embeddings(model, class_prompts(classes8))
     text_emb = torch.stack([class_emb[classes8.index(test.loc[i, "text_class"])] for i in picks])
     return picks, x, similarity_cam(model, x, text_emb)
+
+
+# --------------------------------------------------------------------------- the reference tier
+REFERENCE_USE = ("Teaching and reproducibility: the vision-language chapter's model at convergence, evaluated "
+                 "live by the book. A research artefact, not a medical device: never for diagnosis.")
+REFERENCE_LIMITS = ("Image tower and projections only: the text tower is the frozen all-MiniLM-L6-v2 of the "
+                    "offline wheel, which loading rebuilds. Trained on the book's public taxonomy (PBC, Matek-19, "
+                    "Aria: one hospital per disease group) with WBCAtt's attribute sentences for PBC: zero-shot "
+                    "numbers on other hospitals, stains or phrasings will be lower. No CML or CLL images exist "
+                    "publicly: their prompts were never matched to a cell.")
+REFERENCE_HELDOUT = "monocyte"  # the chapter's default held-out class
+
+
+def reference_names(heldout_class: str = REFERENCE_HELDOUT) -> dict[str, str]:
+    """Reference checkpoint name -> its run folder stem under ``out``."""
+    return {"vl_lite0_minilm": "vl_lite0_minilm", f"vl_without_{heldout_class}": f"vl_without_{heldout_class}"}
+
+
+def _reference_metrics(model, held_model, o: dict, heldout_class: str) -> dict:
+    """The chapter's headline measures of a (joint, held-out-class) model pair on the test split."""
+    test, test_emb = o["test"], o["test_emb"]
+    zs = zero_shot_pbc(model, test_emb, o["pbc_labels"], o["is_pbc"])
+    classes8 = [c for c in class_texts() if text_class_groups()[c] in GROUPS]
+    group4 = zero_shot_metrics(test_emb, test["group"].tolist(), prompt_embeddings(model, class_prompts(classes8)),
+                               classes8, text_class_groups(), GROUPS)
+    retrieval = retrieval_on_attributes(model, o["pbc_test"], test_emb[o["has_attr"]])
+    readout = readout_attributes(model, test_emb[o["has_attr"]], o["pbc_test"], o["train"])["readout"]
+    out = {"zero_shot_pbc": {w: _test_metrics(m) for w, m in zs.items()}, "zero_shot_groups": _test_metrics(group4),
+           "retrieval": retrieval["retrieval"].to_dict(orient="records"),
+           "image_to_text_r5": float(retrieval["r5"]["recall"]),
+           "attribute_readout": readout.to_dict(orient="records"),
+           "attributes_above_floor": float(readout["above floor"].mean())}
+    if held_model is not None:
+        held = score_heldout(held_model, o["test_ds"], o["is_pbc"], o["pbc_labels"], heldout_class)
+        out["heldout_class"] = {"class": heldout_class,
+                                "five_class": {w: _test_metrics(m) for w, m in held["held"].items()},
+                                "seen_four_class_accuracy": held["held_seen"]["accuracy"],
+                                "unseen_class_summary": held["held_table_summary"].reset_index()
+                                .to_dict(orient="records"),
+                                "unseen_recall": float(held["unseen_recall"])}
+    return out
+
+
+def _reference_test_data(meta: dict, data_root) -> dict:
+    """The test split as the reference run saw it (all of it), decoded at the checkpoint's
+    size with the checkpoint's normalisation."""
+    P = get_profile("reference", image_size=meta["image_size"])
+    S = chapter_sizes(CHAPTER, get_profile("reference"))
+    o = assemble_data(data_root, P, S, 0)
+    data, test = o["data"], o["test"]
+    if [round(v, 6) for v in data.mean] != [round(v, 6) for v in meta["mean"]]:
+        raise LeukemiaError(f"the reference checkpoint was trained with mean {meta['mean']}, this code normalises "
+                            f"with {data.mean}: republish the checkpoint from a run of this commit")
+    o["test_ds"] = IndexedDataset(data.dataset("test", meta["image_size"], preload=True))
+    o["is_pbc"] = np.array(test["dataset"] == "pbc")
+    o["has_attr"] = o["is_pbc"] & np.array(test["attr_key"] != "")
+    o["pbc_labels"] = test.loc[o["is_pbc"], "text_class"].tolist()
+    o["pbc_test"] = test[o["has_attr"]]
+    return o
+
+
+def evaluate_reference(data_root=None, results_dir=None, root=None, heldout_class: str = REFERENCE_HELDOUT) -> dict:
+    """Verify the chapter's reference checkpoints (the joint model and the one trained
+    without ``heldout_class``) and evaluate them live on the whole test split; writes
+    ``<results_dir>/reference/vision_language.json`` (the chapter's metric layout, so the
+    claims file's headline rows apply). ``{"checks", "metrics" (None when the joint model
+    is not verified), "logs", "cards"}``: a missing or corrupt checkpoint is listed with its
+    message, never skipped."""
+    from leukemia_core.reproducibility import reference
+
+    root = reference.REFERENCE_DIR if root is None else Path(root)
+    _, results_dir = resolve_paths("reference", None, results_dir)
+    joint_name, held_name = reference_names(heldout_class)
+    checks = [reference.check(CHAPTER, n, root) for n in (joint_name, held_name)]
+    out = {"checks": checks, "metrics": None, "logs": {}, "cards": {}}
+    if checks[0]["status"] != "verified":
+        return out
+    start = time.perf_counter()
+    model, meta, _, card = reference.load_reference(CHAPTER, joint_name, root)
+    held_model = None
+    if checks[1]["status"] == "verified":
+        held_model, _, _, out["cards"][held_name] = reference.load_reference(CHAPTER, held_name, root)
+        out["logs"][held_name] = reference.training_log(CHAPTER, held_name, root).to_dict("records")
+    out["cards"][joint_name] = card
+    out["logs"][joint_name] = reference.training_log(CHAPTER, joint_name, root).to_dict("records")
+    o = _reference_test_data(meta, data_root)
+    o["test_emb"], _ = embed_images(model, o["test_ds"], features=False)
+    metrics = _reference_metrics(model, held_model, o, heldout_class)
+    manifest = reference.read_manifest(root)
+    test = o["test"]
+    write_results(
+        results_dir / "reference" / "vision_language.json", overwrite=True, kind="reference_evaluation",
+        chapter=CHAPTER, paper="vlm_leukemia_2026", reference=[c["name"] for c in checks if c["status"] == "verified"],
+        dataset="taxonomy:leukemia (pbc, matek, aria) + wbcatt", model="efficientnet_lite0 (ImageNet) + all-MiniLM-L6-v2",
+        profile="reference", seeds=[0],
+        config={"checkpoints": {n: {"sha256": manifest[f"{CHAPTER}/{n}/model.safetensors"], "dtype": c["dtype"]}
+                                for n, c in out["cards"].items()}, "image_size": meta["image_size"]},
+        metrics=metrics, split_sha256=o["data"].table.attrs.get("split_sha256"), data_sha256=content_hash(test),
+        training={n: {k: c.get(k) for k in ("wall_time_s", "train_time_s", "epochs_run", "git_sha", "hardware")}
+                  for n, c in out["cards"].items()},
+        wall_time_s=time.perf_counter() - start)
+    out["metrics"] = metrics
+    return out
+
+
+def reference_table(res_metrics: dict | None, ref: dict, heldout_class: str = REFERENCE_HELDOUT) -> pd.DataFrame:
+    """The headline measures of this build's own run (``res_metrics``: the ci results'
+    ``metrics``, or None) beside the reference model's."""
+    def rows(m):
+        if m is None:
+            return {}
+        held = m.get("heldout_class") or {}
+        unseen = held.get("unseen_recall")
+        if unseen is None and held.get("unseen_class_summary"):
+            unseen = held["unseen_class_summary"][0].get(f"{held.get('class')} recall (unseen class)")
+        r5 = m.get("image_to_text_r5")
+        if r5 is None and m.get("retrieval"):
+            r5 = next((r["recall"] for r in m["retrieval"] if r["direction"] == "image → text" and r["k"] == 5), None)
+        above = m.get("attributes_above_floor")
+        if above is None and m.get("attribute_readout"):
+            ro = m["attribute_readout"]
+            above = float(np.mean([r["accuracy"] > r["majority_floor"] for r in ro]))
+        return {"zero-shot PBC, 5 leukocytes (held-out prompts), accuracy": m["zero_shot_pbc"]["heldout"]["accuracy"],
+                "zero-shot PBC, 5 leukocytes (held-out prompts), macro-F1": m["zero_shot_pbc"]["heldout"]["macro_f1"],
+                "zero-shot normal / benign / AML / ALL, accuracy": m["zero_shot_groups"]["accuracy"],
+                "image → text R@5 (attribute sentences)": r5,
+                f"unseen class recall from its description ({held.get('class', heldout_class)})": unseen,
+                "attributes read out above their majority floor (fraction)": above}
+    ours, theirs = rows(res_metrics), rows(ref.get("metrics"))
+    keys = list(dict.fromkeys(list(ours) + list(theirs)))
+    return pd.DataFrame({"this build": [ours.get(k) for k in keys], "reference": [theirs.get(k) for k in keys]},
+                        index=pd.Index(keys, name="measure"))
+
+
+def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print, models=None,
+                      note: str | None = None, heldout_class: str = REFERENCE_HELDOUT) -> list[Path]:
+    """Publish the finished ``reference`` runs under ``out`` (``leukemia-core run
+    05_vision_language --profile reference --out OUT``) into ``reference/05_vision_language/``:
+    fp16 when the zero-shot PBC accuracy and macro-F1 (held-out prompts) of the fp16 weights
+    stay within 0.1 point of the fp32 weights', else fp32. A run without ``results.json``
+    (not finished) is reported through ``log`` and left out."""
+    import json
+
+    from leukemia_core.reproducibility import reference
+
+    root = reference.REFERENCE_DIR if root is None else Path(root)
+    names = reference_names(heldout_class)
+    unknown = set(models or ()) - set(names)
+    if unknown:
+        raise LeukemiaError(f"no reference model {sorted(unknown)} in {CHAPTER}; choose from {sorted(names)}")
+    published, o = [], None
+    for name, stem in names.items():
+        if models and name not in models:
+            continue
+        run_dir = Path(out) / f"{stem}_s{seed}"
+        if not (run_dir / "results.json").exists():
+            log(f"{name}: {run_dir} has no results.json (not finished): not published")
+            continue
+        results = json.loads((run_dir / "results.json").read_text())
+        common = dict(description=f"Vision-language model (EfficientNet-Lite0 image tower, ImageNet, fine-tuned; "
+                                  f"frozen all-MiniLM-L6-v2 text tower), {results['config']['image_size']} px, "
+                                  f"seed {seed}" + (f", trained without {heldout_class}" if name != "vl_lite0_minilm"
+                                                    else "") + ".",
+                      command=f"leukemia-core run {CHAPTER} --profile reference --out {out} [--resume]"
+                              + (f" ({note})" if note else ""),
+                      intended_use=REFERENCE_USE, limits=REFERENCE_LIMITS, results=results, root=root)
+        scores = {}
+        for fp16 in (False, True):
+            reference.publish(run_dir, CHAPTER, name, metrics={}, fp16=fp16, **common)
+            model, meta, _, _ = reference.load_reference(CHAPTER, name, root)
+            o = o or _reference_test_data(meta, data_root)
+            emb, _ = embed_images(model, Subset(o["test_ds"], np.flatnonzero(o["is_pbc"]).tolist()), features=False)
+            m = zero_shot_metrics(emb, o["pbc_labels"], prompt_embeddings(model, class_prompts(WBC)), WBC)
+            scores[fp16] = {"zero_shot_pbc_accuracy": m["accuracy"], "zero_shot_pbc_macro_f1": m["macro_f1"]}
+        fp16 = all(abs(scores[True][k] - scores[False][k]) <= 0.001 for k in scores[False])
+        metrics = {**scores[fp16], **{f"fp32_{k}": v for k, v in scores[False].items()}}
+        published.append(reference.publish(run_dir, CHAPTER, name, metrics=metrics, fp16=fp16, **common))
+    return published

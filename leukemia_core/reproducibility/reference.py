@@ -280,6 +280,8 @@ EXPECTED = {
     "04_hierarchy": ("flat_efficientnet_lite0", "multilevel_efficientnet_lite0", "pooled_efficientnet_lite0",
                      "level1_efficientnet_lite0", "level2_efficientnet_lite0", "level3_efficientnet_lite0",
                      "level4_efficientnet_lite0", "scratch_flat_convnext_atto", "scratch_flat_vit_tiny_patch16_224"),
+    # leukemia_core.experiments.vision_language.reference_names
+    "05_vision_language": ("vl_lite0_minilm", "vl_without_monocyte"),
 }
 
 
