@@ -60,6 +60,25 @@ def cmd_splits(args):
     return 1 if changed else 0
 
 
+def cmd_pool(args):
+    """Write (or ``--check``) the committed unlabelled pretraining pool."""
+    import pandas as pd
+
+    from leukemia_core.data.pretraining_pool import POOL_FILE, compute_pool, write_pool
+
+    if args.check:
+        pool, report = compute_pool(args.data_root)
+        same = pool.drop(columns="path").sort_values(["dataset", "relpath"]).reset_index(drop=True).equals(
+            pd.read_csv(POOL_FILE))
+        print(report.to_string())
+        print(f"pretraining pool: {'unchanged' if same else 'DIFFERS from the committed file'}")
+        return 0 if same else 1
+    for f in write_pool(args.data_root):
+        print(f"wrote {f}")
+    print(pd.read_csv(f).to_string(index=False))
+    return 0
+
+
 def cmd_train(args):
     from leukemia_core.engine import distributed
 
@@ -247,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check", action="store_true", help="only compare with the committed files")
     _add_root(s)
     s.set_defaults(func=cmd_splits)
+    pl = data.add_parser("pool", help="regenerate (or --check) the unlabelled pretraining pool: training "
+                                      "images only, no copy of any val/test image of any dataset")
+    pl.add_argument("--check", action="store_true", help="only compare with the committed file")
+    _add_root(pl)
+    pl.set_defaults(func=cmd_pool)
 
     t = sub.add_parser("train", help="train a classifier under a profile")
     t.add_argument("--dataset", default="pbc")
