@@ -13,6 +13,7 @@ kind                          written by                                  prepro
 ``vision_language``           ``vl.save_vl``                              (the chapter's)
 ``detector``                  ``detection.train.save_detector``           the detector's own
 ``r3gan_generator``           ``gan.train``                               none (a generator)
+``fcmae``                     ``ssl.pretrain_fcmae``                      resize (pool statistics)
 ============================  ==========================================  ===============
 
 :func:`load_checkpoint` dispatches on ``kind``. Checkpoints written before the field
@@ -81,6 +82,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
         model, values = load_detector(path)
         meta = {**meta, "attribute_values": values}
         prep = lambda im: (pil_to_tensor(im.convert("RGB")).float() / 255, True)  # noqa: E731
+    elif kind == "fcmae":
+        from leukemia_core.data.transforms import eval_transform_from
+        from leukemia_core.ssl import load_fcmae
+
+        model, meta = load_fcmae(path)
+        tf = eval_transform_from(meta["preprocess"])
+        prep = lambda im: (tf(im), True)  # noqa: E731
     else:  # r3gan_generator
         from leukemia_core.gan.train import load_generator
 

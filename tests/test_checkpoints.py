@@ -109,9 +109,10 @@ def test_generator_round_trip(tmp_path):
 
 
 def test_every_kind_has_a_loader():
-    """Each kind is rebuilt by a round trip above (``hierarchical``: in test_hierarchy.py)."""
+    """Each kind is rebuilt by a round trip above (``hierarchical``: in test_hierarchy.py,
+    ``fcmae``: in test_fcmae.py)."""
     assert set(KINDS) == {"classifier", "hierarchical", "dg_classifier", "vision_language", "detector",
-                          "r3gan_generator"}
+                          "r3gan_generator", "fcmae"}
 
 
 def test_bad_files_name_the_file_and_the_fix(tmp_path):

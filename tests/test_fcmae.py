@@ -2,6 +2,7 @@
 encoder, the loss counts hidden patches only, and the encoder is the hybrid's branch."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,31 @@ def test_a_few_steps_learn_and_the_encoder_is_the_hybrid_branch(mae):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     hybrid = ConvNeXtV2SwinHybrid(3, "atto", 64, branches=("cnn",))
     hybrid.cnn.load_state_dict(mae.encoder.state_dict())  # strict: the same network
+
+
+def test_pretraining_on_a_tiny_pool_writes_a_checkpoint_the_one_loader_rebuilds(tmp_path):
+    """The loop trains FCMAE on unlabelled images with a monitoring curve; the checkpoint
+    (kind ``fcmae``) reloads with the same encoder and carries the preprocessing."""
+    import pandas as pd
+    from PIL import Image
+
+    from leukemia_core.checkpoints import load_checkpoint
+    from leukemia_core.ssl import FCMAEConfig, pretrain_fcmae
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        p = tmp_path / "img" / f"{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (70, 70, 3), dtype=np.uint8)).save(p)
+        rows.append({"path": str(p), "relpath": p.name, "dataset": "toy" if i % 2 else "other"})
+    cfg = FCMAEConfig(image_size=64, decoder_dim=32, epochs=2, batch_size=8, monitor_images=8, num_workers=0,
+                      mask_ratio=0.5)
+    model, result = pretrain_fcmae(pd.DataFrame(rows), cfg, out_dir=tmp_path / "run")
+    assert len(result.history) == 2 and all("val_loss" in h for h in result.history)
+    loaded, meta, prep = load_checkpoint(tmp_path / "run")
+    assert meta["kind"] == "fcmae" and meta["pool_images"] == 16 and meta["monitor_images"] == 8
+    for k, v in model.encoder.state_dict().items():
+        torch.testing.assert_close(loaded.encoder.state_dict()[k], v)
+    x, ok = prep(Image.open(rows[0]["path"]))
+    assert ok and x.shape == (3, 64, 64)

@@ -18,7 +18,7 @@ from leukemia_core.errors import CheckpointError
 WEIGHTS = "model.safetensors"
 STATE = "train_state.safetensors"
 #: What a checkpoint holds, in its metadata's ``kind``; leukemia_core.checkpoints rebuilds each.
-KINDS = ("classifier", "hierarchical", "dg_classifier", "vision_language", "detector", "r3gan_generator")
+KINDS = ("classifier", "hierarchical", "dg_classifier", "vision_language", "detector", "r3gan_generator", "fcmae")
 
 
 def save_weights(path: Path, model: torch.nn.Module, meta: dict | None = None) -> Path:

@@ -72,12 +72,14 @@ class FCMAE(nn.Module):
         x = args[0]
         return (x * _keep_at(self._keep, x),)
 
-    def random_mask(self, batch: int, device=None) -> torch.Tensor:
+    def random_mask(self, batch: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, g*g) with 1 on the hidden patches: exactly ``round(mask_ratio * g*g)`` per
-        image, drawn with torch's global RNG (so a resumed run draws the same masks)."""
+        image, drawn with torch's global RNG (so a resumed run draws the same masks) or
+        ``generator`` (fixed masks, e.g. for monitoring)."""
         n = self.grid ** 2
         hidden = round(self.mask_ratio * n)
-        order = torch.rand(batch, n, device=device).argsort(dim=1)
+        order = torch.rand(batch, n, device=None if generator is not None else device,
+                           generator=generator).argsort(dim=1).to(device)
         mask = torch.zeros(batch, n, device=device)
         mask.scatter_(1, order[:, :hidden], 1.0)
         return mask
