@@ -187,6 +187,16 @@ def cmd_run(args):
         print(f"wrote {path}")
 
 
+def cmd_pretrain(args):
+    from leukemia_core.experiments.r3gan_hybrid import pretrain_encoder
+
+    _, result, run_dir = pretrain_encoder(args.profile, data_root=args.data_root, out=args.out,
+                                          resume=args.resume, seed=args.seed)
+    last = result.history[-1] if result.history else {}
+    print(f"FCMAE: {len(result.history)} epochs, last training loss {last.get('train_loss', float('nan')):.4f}, "
+          f"monitoring loss {last.get('val_loss', float('nan')):.4f}\ncheckpoint {run_dir}")
+
+
 def cmd_reference(args):
     from leukemia_core.reproducibility import reference
 
@@ -271,6 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--check", action="store_true", help="only compare with the committed file")
     _add_root(pl)
     pl.set_defaults(func=cmd_pool)
+
+    pt = sub.add_parser("pretrain", help="self-supervised pretraining: `fcmae`, the hybrid's ConvNeXtV2 branch "
+                                         "on the unlabelled pretraining pool (resumable)")
+    pt.add_argument("method", choices=["fcmae"])
+    pt.add_argument("--profile", default="reference", choices=sorted(PROFILES))
+    pt.add_argument("--out", help="folder for the run (default: runs/<profile>)")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--resume", action="store_true", help="continue a killed run exactly")
+    _add_root(pt)
+    pt.set_defaults(func=cmd_pretrain)
 
     t = sub.add_parser("train", help="train a classifier under a profile")
     t.add_argument("--dataset", default="pbc")

@@ -507,3 +507,27 @@ def real_and_generated(objects: dict, k: int = 8) -> tuple[list, list[str]]:
 def ablation_long(rows: dict) -> pd.DataFrame:
     """The ablation's mean test metrics as a long table (row, metric, value), for a bar chart."""
     return pd.DataFrame([{"row": n, "metric": m, "value": mean_std(rows, n, m)[0]} for n in ABLATION for m in METRICS])
+
+
+# --------------------------------------------------------------------------- FCMAE pretraining
+def pretrain_encoder(profile="reference", data_root=None, out=None, resume: bool = False, seed: int = 0):
+    """FCMAE pretraining of the hybrid's ConvNeXtV2 branch (issue 19) on the committed
+    pretraining pool at the profile's ``fcmae_*`` sizes; the run folder is
+    ``<out>/fcmae_<encoder>_s<seed>`` (``leukemia-core pretrain fcmae``). Returns
+    ``(model, loop result, run folder)``."""
+    from leukemia_core.data.pretraining_pool import POOL_FILE, load_pool
+    from leukemia_core.models.hybrid import VARIANTS
+    from leukemia_core.reproducibility.reference import sha256
+    from leukemia_core.ssl import FCMAEConfig, pretrain_fcmae
+
+    P = profile if isinstance(profile, Profile) else get_profile(profile)
+    S = chapter_sizes(CHAPTER, P)
+    out, _ = resolve_paths(P.name, out, None)
+    encoder = VARIANTS[S["hybrid_variant"]][0]
+    cfg = FCMAEConfig(encoder=encoder, image_size=S["fcmae_size"], mask_ratio=S["fcmae_mask_ratio"],
+                      decoder_dim=S["fcmae_decoder_dim"], epochs=S["fcmae_epochs"], batch_size=P.batch_size,
+                      seed=seed, num_workers=P.num_workers, monitor_images=min(512, 64 if P.name == "smoke" else 512))
+    run_dir = Path(out) / f"fcmae_{encoder}_s{seed}"
+    model, result = pretrain_fcmae(load_pool(data_root), cfg, out_dir=run_dir, resume=resume,
+                                   pool_sha256=sha256(POOL_FILE))
+    return model, result, run_dir
