@@ -424,4 +424,5 @@ display(Markdown(f""":::{{admonition}} Takeaways
   macro-F1 {res['mean_f1'][best_name]:.3f} (mean of {len(seeds)} seed(s)); {gap_text}.
 {chance_text}- Macro-F1 weighs every class equally, so a rare class the model gives up costs $1/K$ of it; the
   per-class F1 and the confusion matrix above show where the errors are.
+- {experiment.reference_text(ref, mean_acc, P.name)}
 :::"""))

@@ -177,3 +177,15 @@ def test_publish_note_needs_the_model_it_describes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "leukemia_core.cli", "reference", "publish", "03_baseline",
                         "--out", str(tmp_path), "--note", "paused 40 min"], capture_output=True, text=True)
     assert r.returncode == 2 and "--model" in r.stderr, r.stderr
+
+
+def test_baseline_reference_takeaway_follows_the_rows():
+    from leukemia_core.experiments import baseline as b
+
+    ref = {"rows": [{"model": b.PRETRAINED, "status": "verified", "test accuracy": 0.99},
+                    {"model": b.SCRATCH, "status": "verified", "test accuracy": 0.97}]}
+    text = b.reference_text(ref, {b.PRETRAINED: 0.90, b.SCRATCH: 0.80}, "ci")
+    assert "+2.0 points ahead" in text and "+10.0 under this build's `ci`" in text
+    ref["rows"][1] = {"model": b.SCRATCH, "status": "corrupt"}
+    text = b.reference_text(ref, {b.PRETRAINED: 0.90, b.SCRATCH: 0.80}, "ci")
+    assert "ahead" not in text and "Not available: ConvNeXt-Atto (scratch) (corrupt)" in text

@@ -230,6 +230,24 @@ def reference_rows(data_root=None, results_dir=None, root=None) -> dict:
     return {"rows": rows, "logs": logs, "checks": checks}
 
 
+def reference_text(ref: dict, mean_acc: dict, profile: str) -> str:
+    """The takeaway on the reference checkpoints, from :func:`reference_rows` and this
+    build's mean test accuracy per model (``mean_acc``)."""
+    rows = {r["model"]: r for r in ref["rows"]}
+    ok = [m for m in (PRETRAINED, SCRATCH) if rows.get(m, {}).get("status") == "verified"]
+    missing = [m for m in (PRETRAINED, SCRATCH) if m not in ok]
+    text = ("At convergence (the reference checkpoints: every training image, the sizes in their model cards), "
+            "test accuracy " + ", ".join(f"{m} {rows[m]['test accuracy']:.1%}" for m in ok) + "." if ok else "")
+    if len(ok) == 2:
+        gap_ref = 100 * (rows[PRETRAINED]["test accuracy"] - rows[SCRATCH]["test accuracy"])
+        gap_ci = 100 * (mean_acc[PRETRAINED] - mean_acc[SCRATCH])
+        text += (f" ImageNet initialisation is {gap_ref:+.1f} points ahead of training from scratch there, "
+                 f"{gap_ci:+.1f} under this build's `{profile}` runs.")
+    if missing:
+        text += f" Not available: {', '.join(missing)} ({', '.join(rows.get(m, {}).get('status', 'missing') for m in missing)})."
+    return text.strip()
+
+
 REFERENCE_USE = ("Teaching and reproducibility: the chapter's baseline at convergence, evaluated live by the "
                  "book. A research artefact, not a medical device: never for diagnosis.")
 REFERENCE_LIMITS = ("Trained on PBC (one hospital, one scanner, CellaVision DM96, healthy donors, 8 normal "
