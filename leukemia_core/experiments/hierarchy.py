@@ -433,6 +433,12 @@ REFERENCE_LIMITS = ("Trained on the book's public taxonomy (PBC, Matek-19, Aria:
                     "lower accuracy on another hospital's images. No CML or CLL: no public image data exists.")
 
 
+#: (data root, taxonomy) -> (table, decoded test datasets) left by publish_reference for the
+#: evaluate_reference that usually follows it in the same process; popped on use, so a build
+#: that only evaluates keeps nothing.
+_HANDOVER: dict = {}
+
+
 def reference_models(taxonomy: str = "leukemia") -> dict[str, tuple[str, list[str]]]:
     """The chapter's reference models: results-file stem (as the chapter's own results
     files, ``hierarchy_<stem>.json``) -> (model kind as the chapter's tables name it, the
@@ -512,7 +518,8 @@ def evaluate_reference(data_root=None, results_dir=None, root=None, taxonomy: st
     _, results_dir = resolve_paths("reference", None, results_dir)
     tax = Taxonomy.from_yaml(taxonomy)
     codec = LevelCodec(tax)
-    table, cache = None, {}
+    # what a publish_reference in this process already loaded and decoded (used once)
+    table, cache = _HANDOVER.pop((str(data_root), taxonomy), (None, {}))
     rows, nodes, logs, checks = [], {}, {}, []
     for stem, (label, names) in reference_models(taxonomy).items():
         chk = [reference.check(CHAPTER, n, root) for n in names]
@@ -594,6 +601,7 @@ def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print, 
     table = load_taxonomy_table(tax, data_root)
     truth = table.loc[table["split"] == "test", "label"].tolist()
     published, cache = [], {}
+    _HANDOVER[str(data_root), taxonomy] = (table, cache)  # for an evaluate_reference that follows
     for name in names:
         if models and name not in models:
             continue
