@@ -34,6 +34,16 @@ from leukemia_core.engine.checkpoint import KINDS, checkpoint_file, read_checkpo
 Preprocess = Callable[[object], tuple[torch.Tensor, bool]]
 
 
+def _resize_prep(meta: dict) -> Preprocess | None:
+    """The evaluation transform of the checkpoint's ``preprocess`` (None when it has none)."""
+    if not meta.get("preprocess"):
+        return None
+    from leukemia_core.data.transforms import eval_transform_from
+
+    tf = eval_transform_from(meta["preprocess"])
+    return lambda im: (tf(im), True)
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
                     ) -> tuple[torch.nn.Module, dict, Preprocess | None]:
     """``(model in eval mode, metadata, preprocess)`` for any leukemia-core checkpoint.
@@ -45,21 +55,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     kind = meta["kind"]
     if kind == "classifier":
         from leukemia_core.pipeline import load_classifier
-        from leukemia_core.data.transforms import eval_transform_from
 
         model, meta = load_classifier(path)
-        tf = eval_transform_from(meta["preprocess"])
-        prep = lambda im: (tf(im), True)  # noqa: E731
+        prep = _resize_prep(meta)
     elif kind == "hierarchical":
         from leukemia_core.hierarchy import load_hierarchical
 
         model, meta = load_hierarchical(path)
-        prep = None
-        if meta.get("preprocess"):
-            from leukemia_core.data.transforms import eval_transform_from
-
-            tf = eval_transform_from(meta["preprocess"])
-            prep = lambda im: (tf(im), True)  # noqa: E731
+        prep = _resize_prep(meta)
     elif kind == "dg_classifier":
         from leukemia_core.dg import load_dg_checkpoint
 
@@ -68,12 +71,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
         from leukemia_core.vl import load_vl
 
         model, meta = load_vl(path)
-        prep = None
-        if meta.get("preprocess"):
-            from leukemia_core.data.transforms import eval_transform_from
-
-            tf = eval_transform_from(meta["preprocess"])
-            prep = lambda im: (tf(im), True)  # noqa: E731
+        prep = _resize_prep(meta)
     elif kind == "detector":
         from torchvision.transforms.functional import pil_to_tensor
 
@@ -83,12 +81,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
         meta = {**meta, "attribute_values": values}
         prep = lambda im: (pil_to_tensor(im.convert("RGB")).float() / 255, True)  # noqa: E731
     elif kind == "fcmae":
-        from leukemia_core.data.transforms import eval_transform_from
         from leukemia_core.ssl import load_fcmae
 
         model, meta = load_fcmae(path)
-        tf = eval_transform_from(meta["preprocess"])
-        prep = lambda im: (tf(im), True)  # noqa: E731
+        prep = _resize_prep(meta)
     else:  # r3gan_generator
         from leukemia_core.gan.train import load_generator
 
