@@ -662,6 +662,9 @@ def build_book(profile: str = "ci", out: Path = ROOT, data_root: str | None = No
         f"results/{profile}/, {len(fresh['problems'])} drift(s), {len(fresh['new'])} new file(s)")
     if profile != "reference":  # the reference checkpoints' live evaluations, fixed weights
         ref = check_freshness("reference", since=started)
+        log(f"[book] freshness: {len(ref['checked'])} metric(s) of the reference checkpoints' live evaluations "
+            f"compared with the committed results/reference/, {len(ref['problems'])} drift(s), "
+            f"{len(ref['new'])} new file(s)")
         fresh["checked"] += ref["checked"]
         fresh["new"] += ref["new"]
         fresh["problems"] += ref["problems"]

@@ -323,16 +323,17 @@ def train_hierarchical(kind: str, backbone: str, data: LevelData, profile, confi
     elapsed = time.perf_counter() - t0
     logits, _ = predict_logits(model, make_loader(data.datasets["test"], profile, False))
     if out_dir is not None and provenance is not None:
-        from leukemia_core.reproducibility.results import write_results
+        from leukemia_core.reproducibility.results import session_wall_time, write_results
 
-        write_results(Path(out_dir) / "results.json", overwrite=True, kind="hierarchical_training",
+        results_path = Path(out_dir) / "results.json"
+        write_results(results_path, overwrite=True, kind="hierarchical_training",
                       model=backbone, method=kind, profile=profile.name, seeds=[config.seed],
                       config={"model_kind": kind, "backbone": backbone, "level": level, "pretrained": pretrained,
                               "taxonomy": data.codec.tax.name, "image_size": profile.image_size,
                               "fit": dataclasses.asdict(config), **(meta or {})},
                       metrics={"best_epoch": result.best_epoch, "best_val_score": result.best_score,
                                "monitor": config.monitor},
-                      history=result.history, wall_time_s=elapsed,
+                      history=result.history, wall_time_s=session_wall_time(results_path, result.history, elapsed),
                       train_time_s=float(sum(h.get("train_time_s", 0.0) for h in result.history)),
                       **provenance)
     return HierarchicalRun(kind, backbone, model, result.history, logits, elapsed)

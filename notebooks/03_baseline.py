@@ -296,7 +296,12 @@ display(Markdown(
     "); the reference runs below use every training image and the sizes in their model cards."))
 
 # %%
-ref = experiment.reference_rows(data_root=data_root, results_dir=results_dir)
+from leukemia_core.reproducibility.reference import capped_note, test_per_class
+
+per_class = test_per_class(P)  # None: the whole test split (every profile but smoke)
+ref = experiment.reference_rows(data_root=data_root, results_dir=results_dir, per_class=per_class)
+if per_class:
+    display(Markdown(capped_note(P.name, per_class)))
 display(pd.DataFrame(ref["rows"]).style.format(
     {"test accuracy": "{:.2%}", "test macro-F1": "{:.3f}", "training (h)": "{:.1f}"}, na_rep="–").hide(axis="index"))
 for c in ref["checks"]:

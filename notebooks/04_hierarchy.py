@@ -526,7 +526,12 @@ show_source(HierarchicalTask.node_targets, experiment.node_scores)
 
 # %%
 if taxonomy == "leukemia":
-    ref = experiment.evaluate_reference(data_root=data_root, results_dir=results_dir)
+    from leukemia_core.reproducibility.reference import capped_note, test_per_class
+
+    per_class = test_per_class(profile)  # None: the whole test split (every profile but smoke)
+    ref = experiment.evaluate_reference(data_root=data_root, results_dir=results_dir, per_class=per_class)
+    if per_class:
+        display(Markdown(capped_note(profile, per_class)))
     ref_rows = pd.DataFrame(ref["rows"])
     display(ref_rows.drop(columns=[c for c in ("checkpoints", "message", "hardware") if c in ref_rows])
             .style.format({"leaf acc": "{:.2%}", "leaf macro-F1": "{:.3f}", "path consistency": "{:.0%}",

@@ -609,7 +609,12 @@ display(res["summary"].style.format({"value": "{:.1%}"}))
 # %%
 import json
 
-ref = experiment.evaluate_reference(data_root=data_root, results_dir=results_dir)
+from leukemia_core.reproducibility.reference import capped_note, test_per_class
+
+per_class = test_per_class(profile)  # None: the whole test split (every profile but smoke)
+ref = experiment.evaluate_reference(data_root=data_root, results_dir=results_dir, per_class=per_class)
+if per_class:
+    display(Markdown(capped_note(profile, per_class, unit="source")))
 build_metrics = json.loads(Path(res["results_file"]).read_text())["metrics"]
 display(experiment.reference_table(build_metrics, ref).style.format("{:.1%}", na_rep="–"))
 for c in ref["checks"]:

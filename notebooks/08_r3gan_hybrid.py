@@ -525,6 +525,64 @@ display(Markdown(
        "neighbouring ones.")))
 
 # %% [markdown]
+# ### Pretraining the ConvNeXtV2 branch: FCMAE (reference checkpoint)
+#
+# No pretrained ConvNeXtV2 weights exist offline, and ConvNeXtV2's own recipe is
+# self-supervised: the **fully convolutional masked autoencoder** (FCMAE, Woo et al. 2023).
+# A random 0.6 of the image's 32-px patches is hidden (the paper's mask ratio; `fcmae_*` in
+# `leukemia_core/config.py` holds the sizes), the encoder sees only the rest (the
+# hidden positions are zeroed after the stem and after every block, the sparse convolution
+# of the paper written densely), and a one-block ConvNeXtV2 decoder predicts the hidden
+# patches. With $M$ the hidden patches of image $x$, $\hat{y}_p$ the prediction for patch
+# $p$ and $\tilde{y}_p$ the patch's pixels normalised by their own mean and standard
+# deviation (the paper's `norm_pix_loss`),
+#
+# $$
+# \mathcal{L}_{\text{FCMAE}}(x) = \frac{1}{|M|} \sum_{p \in M} \frac{1}{D} \big\lVert \hat{y}_p - \tilde{y}_p \big\rVert_2^2 ,
+# $$ (eq-r3g-fcmae)
+#
+# with $D$ the number of values in a patch: only hidden patches count. It trains on the
+# committed pretraining pool (`splits/pretraining_pool.csv`: the training splits of every
+# single-cell dataset, no copy of a validation or test image), once, as a reference
+# checkpoint: `leukemia-core pretrain fcmae --profile reference`. The book evaluates it live
+# on this chapter's test images with the same masks every build, and shows what it
+# reconstructs.
+
+# %% tags=["remove-input"]
+from leukemia_core.models.fcmae import FCMAE
+from leukemia_core.ssl import masked_loss
+
+show_source(FCMAE.random_mask, FCMAE.loss, masked_loss)
+
+# %%
+from leukemia_core.reproducibility.reference import capped_note, test_per_class
+
+fcmae_cap = test_per_class(profile)  # None: every test image (every profile but smoke)
+fcmae_ref = experiment.evaluate_fcmae_reference(data_root=data_root, results_dir=results_dir, per_class=fcmae_cap)
+if fcmae_ref["check"]["status"] != "verified":
+    display(Markdown(f":::{{admonition}} `{fcmae_ref['check']['name']}`: {fcmae_ref['check']['status']}\n"
+                     f":class: warning\n{fcmae_ref['check']['message']}\n:::"))
+else:
+    if fcmae_cap:
+        display(Markdown(capped_note(profile, fcmae_cap)))
+    card, test_scores = fcmae_ref["card"], fcmae_ref["metrics"]["test"]
+    log = pd.DataFrame(fcmae_ref["log"])
+    display(Markdown(
+        f"The reference encoder ({card['config']['encoder']}, {card['config']['image_size']} px, "
+        f"{card['epochs_run']} epochs, {card['train_time_s'] / 3600:.1f} h of training on {card['hardware']}) "
+        f"reaches a masked loss of **{test_scores['masked_loss']:.3f}** on {test_scores['n']} test images, against "
+        f"{log['val_loss'].iloc[0]:.3f} on its monitoring images after the first epoch and "
+        f"{log['val_loss'].iloc[-1]:.3f} after the last. Predicting every hidden patch as flat, at its own mean, "
+        "gives about 1, since the targets are normalised per patch."))
+    px.line(log.assign(epoch=log["epoch"] + 1), x="epoch", y=["train_loss", "val_loss"], markers=True,
+            labels={"value": "masked loss", "variable": ""},
+            title="FCMAE pretraining (committed log): training loss and the monitoring images' loss").show()
+    imgs = fcmae_ref["images"]
+    n = len(imgs["labels"])
+    image_grid([*imgs["original"], *imgs["masked"], *imgs["reconstruction"]],
+               titles=[*imgs["labels"], *["what it sees"] * n, *["reconstruction"] * n], ncols=n)
+
+# %% [markdown]
 # ## The ablation table
 #
 # Test split: PBC's committed test images of the five classes, at their natural balance

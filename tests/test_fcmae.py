@@ -131,3 +131,87 @@ def test_pretraining_on_a_tiny_pool_writes_a_checkpoint_the_one_loader_rebuilds(
         torch.testing.assert_close(loaded.encoder.state_dict()[k], v)
     x, ok = prep(Image.open(rows[0]["path"]))
     assert ok and x.shape == (3, 64, 64)
+
+
+def test_pretraining_run_results_carry_what_a_model_card_needs(tmp_path):
+    """The run's results.json: the pool's datasets (for the licences) and hash, the history,
+    the summed training time; resuming a finished run keeps the finishing session's wall time."""
+    import json
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from leukemia_core.config import get_profile
+    from leukemia_core.data.pretraining_pool import POOL_FILE
+    from leukemia_core.experiments.r3gan_hybrid import write_pretraining_results
+    from leukemia_core.reproducibility.reference import sha256
+    from leukemia_core.ssl import FCMAEConfig
+
+    pool = pd.DataFrame({"dataset": ["pbc", "matek", "pbc"], "relpath": ["a", "b", "c"]})
+    history = [{"epoch": 0, "train_loss": 0.9, "val_loss": 0.8, "train_time_s": 10.0},
+               {"epoch": 1, "train_loss": 0.7, "val_loss": 0.6, "train_time_s": 12.0}]
+    result = SimpleNamespace(history=history)
+    path = write_pretraining_results(tmp_path, get_profile("smoke"), FCMAEConfig(), pool, result, 30.0)
+    data = json.loads(path.read_text())
+    assert data["datasets"] == ["matek", "pbc"] and data["data_sha256"] == sha256(POOL_FILE)
+    assert data["train_time_s"] == 22.0 and data["wall_time_s"] == 30.0
+    assert data["metrics"]["final_monitor_loss"] == 0.6 and data["kind"] == "fcmae_pretraining"
+    again = json.loads(write_pretraining_results(tmp_path, get_profile("smoke"), FCMAEConfig(), pool, result,
+                                                 1.0).read_text())
+    assert again["wall_time_s"] == 30.0
+
+
+@pytest.mark.slow
+def test_fcmae_reference_publish_and_live_evaluation_on_the_mirror(data_root, tmp_path):
+    """An FCMAE run (untrained weights, 64 px) published as the chapter's reference encoder
+    and evaluated live on PBC's test images: the card's masked loss is what the live
+    evaluation measures, the masks are the same every call, and the reconstructions come back
+    as images; an unfinished run is reported, not published."""
+    import json
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from leukemia_core.config import get_profile
+    from leukemia_core.data.transforms import preprocess_dict
+    from leukemia_core.engine.checkpoint import save_weights
+    from leukemia_core.experiments import r3gan_hybrid as experiment
+    from leukemia_core.models.fcmae import FCMAE
+    from leukemia_core.reproducibility import reference
+    from leukemia_core.ssl import FCMAEConfig
+
+    cfg = FCMAEConfig(image_size=64, decoder_dim=32, epochs=1)
+    run = tmp_path / "runs" / f"fcmae_{cfg.encoder}_s0"
+    run.mkdir(parents=True)
+    notes = []
+    assert experiment.publish_fcmae_reference(tmp_path / "runs", data_root, tmp_path / "ref", log=notes.append) == []
+    assert "not finished" in notes[0]
+    torch.manual_seed(0)
+    mae = FCMAE(cfg.encoder, 64, 0.6, 32)
+    save_weights(run / "model.safetensors", mae, {"kind": "fcmae", "encoder": cfg.encoder, "image_size": 64,
+                                                  "mask_ratio": 0.6, "decoder_dim": 32,
+                                                  "preprocess": preprocess_dict(64, [0.8, 0.7, 0.7], [0.2, 0.2, 0.1])})
+    history = [{"epoch": 0, "train_loss": 1.0, "val_loss": 1.0, "train_time_s": 1.0}]
+    experiment.write_pretraining_results(run, get_profile("smoke"), cfg, pd.DataFrame({"dataset": ["pbc"]}),
+                                         SimpleNamespace(history=history), 2.0)
+    root = tmp_path / "ref"
+    [folder] = experiment.publish_fcmae_reference(tmp_path / "runs", data_root, root)
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["dtype"] in ("int8", "float16", "float32") and card["metrics"]["n"] > 1000
+    ev = experiment.evaluate_fcmae_reference(data_root, tmp_path / "results", root)
+    assert ev["check"]["status"] == "verified"
+    assert ev["metrics"]["test"]["masked_loss"] == pytest.approx(card["metrics"]["masked_loss"], abs=1e-6)
+    written = json.loads((tmp_path / "results" / "reference" / "r3gan_hybrid_fcmae_convnextv2_atto.json").read_text())
+    assert written["metrics"]["test"] == pytest.approx(ev["metrics"]["test"])
+    imgs = ev["images"]
+    assert imgs["labels"] == experiment.CLASSES and imgs["original"].shape == (5, 64, 64, 3)
+    grey = (imgs["masked"] == 0.5).all(-1)  # hidden patches are grey, the rest is the image
+    assert 0.4 <= grey.mean() <= 0.8  # mask ratio 0.6 of 4 patches of 32 px
+    np.testing.assert_array_equal(imgs["masked"][~grey], imgs["original"][~grey])
+    assert imgs["reconstruction"].shape == imgs["original"].shape
+    assert reference.EXPECTED["08_r3gan_hybrid"] == (experiment.FCMAE_REFERENCE,)
+    missing = reference.check("08_r3gan_hybrid", experiment.FCMAE_REFERENCE, tmp_path / "empty")
+    assert "leukemia-core pretrain fcmae --profile reference" in missing["message"]
+    capped = experiment.evaluate_fcmae_reference(data_root, tmp_path / "results", root, per_class=2)
+    assert capped["metrics"]["test"]["n"] == 10
+    assert (tmp_path / "results" / "smoke" / "reference" / "r3gan_hybrid_fcmae_convnextv2_atto.json").exists()

@@ -268,8 +268,15 @@ def test_reference_publish_and_live_evaluation_on_the_mirror(data_root, tmp_path
 
     from leukemia_core.experiments import hierarchy as experiment
 
-    experiment.run("smoke", data_root=data_root, out=tmp_path / "runs", results_dir=tmp_path / "results")
     names = ["multilevel_efficientnet_lite0"] + [f"level{d}_efficientnet_lite0" for d in range(1, 5)]
+    with pytest.raises(UnknownNameError, match="level5_efficientnet_lite0"):
+        experiment.run("smoke", data_root=data_root, out=tmp_path / "runs", only=["level5_efficientnet_lite0"])
+    # `only`: these checkpoints trained into their usual folders, nothing else trained or written
+    run = experiment.run("smoke", data_root=data_root, out=tmp_path / "runs", results_dir=tmp_path / "results",
+                         only=names)
+    assert sorted(run.objects["trained"]) == sorted(names) and run.results == []
+    assert sorted(p.name for p in run.objects["checkpoints"].iterdir()) == sorted(f"{n}_s0" for n in names)
+    assert not (tmp_path / "results").exists()
     root = tmp_path / "reference"
     published = experiment.publish_reference(tmp_path / "runs", data_root=data_root, root=root, models=names)
     assert sorted(p.name for p in published) == sorted(names)
@@ -286,6 +293,14 @@ def test_reference_publish_and_live_evaluation_on_the_mirror(data_root, tmp_path
     assert {"ALL", "reactive", "hematogone"} <= set(nodes)
     assert nodes["ALL"]["support"] == sum(nodes[s]["support"] for s in ("early_pre_b", "pre_b", "pro_b"))
     assert len(ev["logs"]["base_hierarchical_efficientnet_lite0"]) == 4
+    # under smoke: the first 6 test images per leaf, written beside the whole-split files
+    capped = experiment.evaluate_reference(data_root=data_root, results_dir=tmp_path / "results", root=root,
+                                           per_class=6)
+    rows = {r["model"]: r for r in capped["rows"]}
+    assert rows["multilevel_efficientnet_lite0"]["test images"] == 6 * 10  # 10 leaves
+    assert (tmp_path / "results" / "smoke" / "reference" / "hierarchy_multilevel_efficientnet_lite0.json").exists()
+    again = json.loads((tmp_path / "results" / "reference" / "hierarchy_multilevel_efficientnet_lite0.json").read_text())
+    assert again["metrics"] == out["metrics"]
 
 
 def test_reference_findings_follow_the_numbers():

@@ -1,6 +1,6 @@
 """Reference checkpoints load only when every file matches the committed SHA-256 manifest;
 a missing, altered or unlisted file fails with a message naming the file and the fix; fp16
-publication keeps the outputs within tolerance."""
+and int8 publication keep the outputs within tolerance."""
 from __future__ import annotations
 
 import json
@@ -33,7 +33,7 @@ def published(tmp_path):
     save_weights(run / "model.safetensors", net, meta)
     root = tmp_path / "reference"
     ref.publish(run, "03_baseline", "tiny", description="a test model", command="leukemia-core run 03_baseline",
-                intended_use="tests", limits="none", metrics={"accuracy": 0.5}, results=RESULTS, fp16=True,
+                intended_use="tests", limits="none", metrics={"accuracy": 0.5}, results=RESULTS, dtype="float16",
                 root=root)
     return net, root
 
@@ -60,6 +60,67 @@ def test_fp16_reference_loads_and_matches_the_fp32_model(published):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), net.eval()(x), atol=2e-2, rtol=2e-2)
+
+
+def test_int8_reference_loads_within_quantisation_error(published, tmp_path):
+    """int8 storage: weight matrices and kernels per output channel, biases and norms in
+    float16; the loader dequantizes, and the model's outputs stay close to the float32 ones."""
+    net, root = published
+    ref.publish(tmp_path / "run", "03_baseline", "tiny", description="d", command="c", intended_use="u",
+                limits="l", metrics={}, results=RESULTS, dtype="int8", root=root)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(root / "03_baseline" / "tiny" / "model.safetensors"))
+    assert {v.dtype for k, v in stored.items() if k.startswith("int8_scale/")} == {torch.float32}
+    quantised = [k for k, v in stored.items() if v.dtype == torch.int8]
+    assert "stem.0.weight" in quantised and "stages.0.blocks.0.mlp.fc1.weight" in quantised
+    # the 3-class head has too few rows to quantise per row; biases stay float: both float16
+    assert stored["head.fc.weight"].dtype == stored["head.fc.bias"].dtype == torch.float16
+    model, _, _, card = ref.load_reference("03_baseline", "tiny", root)
+    assert card["dtype"] == "int8" and "per output channel" in card["dtype_note"]
+    for k, v in model.state_dict().items():  # dequantized: within half a step of the original
+        w = net.state_dict()[k]
+        if k in quantised:
+            step = w.reshape(w.shape[0], -1).abs().amax(1) / 127
+            assert ((v - w).reshape(w.shape[0], -1).abs().amax(1) <= step / 2 + 1e-6).all(), k
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net.eval()(x), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("shift, kept", [({"int8": 0.0005, "float16": 0.0}, "int8"),
+                                         ({"int8": 0.002, "float16": 0.0005}, "float16"),
+                                         ({"int8": 0.002, "float16": 0.002}, "float32")])
+def test_publish_smallest_keeps_the_smallest_storage_within_a_tenth_of_a_point(published, tmp_path, shift, kept):
+    """The score is read off the weights as published at the time: the smallest storage
+    whose every metric moves by at most 0.001 is kept; ``n`` is carried, never compared."""
+    _, root = published
+    run = tmp_path / "run"
+
+    def score():
+        dtype = json.loads((root / "03_baseline" / "tiny" / "model_card.json").read_text())["dtype"]
+        return {"accuracy": 0.9 - shift.get(dtype, 0.0), "macro_f1": 0.8, "n": len(dtype)}
+
+    folder = ref.publish_smallest(run, "03_baseline", "tiny", score, description="d", command="c",
+                                  intended_use="u", limits="l", results=RESULTS, root=root)
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["dtype"] == kept
+    assert card["metrics"]["fp32_accuracy"] == 0.9 and card["metrics"]["fp32_macro_f1"] == 0.8
+    assert "fp32_n" not in card["metrics"] and card["metrics"]["n"] == len(kept)
+    assert card["metrics"]["accuracy"] == pytest.approx(0.9 - shift.get(kept, 0.0))
+    assert card["metrics"]["storages_tried"]["int8"]["accuracy"] == pytest.approx(0.9 - shift["int8"])
+    ref.load_reference("03_baseline", "tiny", root)  # the manifest matches what was kept
+
+
+def test_the_budget_is_checked_on_the_kept_weights_only(published, tmp_path, monkeypatch):
+    """A trial float32 publication may pass the budget for a moment; the kept one may not."""
+    _, root = published
+    size = (root / "03_baseline" / "tiny" / "model.safetensors").stat().st_size / 1e6  # float16
+    monkeypatch.setattr(ref, "MAX_TOTAL_MB", size * 1.2)  # float16 fits, float32 would not
+    card = dict(description="d", command="c", intended_use="u", limits="l", results=RESULTS, root=root)
+    ref.publish_smallest(tmp_path / "run", "03_baseline", "tiny", lambda: {"accuracy": 0.5}, **card)
+    with pytest.raises(CheckpointError, match="budget"):
+        ref.publish(tmp_path / "run", "03_baseline", "tiny", metrics={}, dtype="float32", **card)
 
 
 def test_tampered_weights_fail_with_the_file_and_the_fix(published):
@@ -123,7 +184,7 @@ def test_live_evaluation_reproduces_and_drift_is_caught_at_the_tight_tolerance(t
     save_weights(tmp_path / "run" / "model.safetensors", net, meta)
     root = tmp_path / "reference"
     ref.publish(tmp_path / "run", "03_baseline", "tiny", description="t", command="c", intended_use="u",
-                limits="l", metrics={}, results=RESULTS, fp16=False, root=root)
+                limits="l", metrics={}, results=RESULTS, root=root)
     out = tmp_path / "repo" / "results"
     path = ref.evaluate_classifier("03_baseline", "tiny", root=root, results_dir=out)
     first = json.loads(path.read_text())
@@ -140,6 +201,23 @@ def test_live_evaluation_reproduces_and_drift_is_caught_at_the_tight_tolerance(t
     assert [r.status for r in fresh.rows if r.metric == "metrics/test/accuracy"] == ["DRIFT"]
     same = freshness("reference", root=tmp_path / "repo", claims=claims, baseline=lambda p: json.dumps(first))
     assert all(r.status == "ok" for r in same.rows) and same.rows
+    # under smoke: the first 6 test images of every class, written beside, never over, the whole-split file
+    per_class = ref.test_per_class("smoke")
+    assert per_class == ref.SMOKE_TEST_PER_CLASS and ref.test_per_class("ci") is None
+    capped = ref.evaluate_classifier("03_baseline", "tiny", root=root, results_dir=out, per_class=per_class)
+    assert capped == out / "smoke" / "reference" / "baseline_tiny.json"
+    assert json.loads(capped.read_text())["metrics"]["test"]["n"] == per_class * len(classes)
+    assert json.loads(path.read_text())["metrics"]["test"] == first["metrics"]["test"]
+
+
+def test_first_per_class_keeps_table_order_and_attrs():
+    import pandas as pd
+
+    t = pd.DataFrame({"label": list("abacbab"), "i": range(7)})
+    t.attrs["split_sha256"] = "x"
+    two = ref.first_per_class(t, "label", 2)
+    assert two["i"].tolist() == [0, 1, 2, 3, 4] and two.attrs == {"split_sha256": "x"}
+    assert ref.first_per_class(t, "label", None) is t
 
 
 def test_cli_reference_check_lists_every_expected_checkpoint(capsys):

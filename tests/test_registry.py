@@ -69,6 +69,21 @@ def test_write_results_round_trip_and_attribution(tmp_path):
     assert res.data["hardware"]["cpu_count"] and res.data["git_sha"]
 
 
+def test_a_finished_run_resumed_again_keeps_its_wall_time(tmp_path):
+    """Resuming a finished run trains nothing: its results file keeps the wall time of the
+    session that finished it; a session that trained more epochs records its own."""
+    from leukemia_core.reproducibility.results import session_wall_time
+
+    path = tmp_path / "results.json"
+    two = [{"epoch": 0}, {"epoch": 1}]
+    assert session_wall_time(path, two, 5.0) == 5.0  # no file yet
+    path.write_text(json.dumps({"history": two, "wall_time_s": 3600.0}))
+    assert session_wall_time(path, two, 2.0) == 3600.0  # nothing new trained
+    assert session_wall_time(path, two + [{"epoch": 2}], 900.0) == 900.0  # a longer run
+    path.write_text("{not json")
+    assert session_wall_time(path, two, 2.0) == 2.0
+
+
 def test_paper_attribution_order():
     claims = load_claims()
     assert paper_of(payload(paper="umer2023imbalanced", chapter="04_hierarchy"), claims) == "umer2023imbalanced"

@@ -389,26 +389,33 @@ def test_experiment_chronic_prompts_and_arguments(small_model):
         vl.run("smoke", heldout_class="AML")
 
 
-def test_reference_table_reads_both_result_layouts():
-    """The build's results (retrieval and read-out as tables) and the reference evaluation
-    (summaries) give the same rows; a missing reference is a column of blanks."""
+def test_reference_table_puts_the_build_beside_the_reference():
+    """The build's results and the reference evaluation share one layout (retrieval and
+    read-out as tables); the measures come from it; a missing reference, or a reference
+    without its held-out model, leaves blanks."""
     from leukemia_core.experiments import vision_language as experiment
     from leukemia_core.reproducibility import reference
 
     assert tuple(experiment.reference_names()) == reference.EXPECTED["05_vision_language"]
     zs = {"heldout": {"accuracy": 0.9, "macro_f1": 0.85}}
-    build = {"zero_shot_pbc": zs, "zero_shot_groups": {"accuracy": 0.6},
-             "retrieval": [{"direction": "image → text", "k": 5, "recall": 0.4},
+
+    def metrics(groups, r5, readout, unseen):
+        m = {"zero_shot_pbc": zs, "zero_shot_groups": {"accuracy": groups},
+             "retrieval": [{"direction": "image → text", "k": 5, "recall": r5},
                            {"direction": "text → image", "k": 5, "recall": 0.1}],
-             "attribute_readout": [{"accuracy": 0.7, "majority_floor": 0.6}, {"accuracy": 0.5, "majority_floor": 0.6}],
-             "heldout_class": {"class": "monocyte", "unseen_class_summary": [{"monocyte recall (unseen class)": 0.3}]}}
-    ref = {"metrics": {"zero_shot_pbc": zs, "zero_shot_groups": {"accuracy": 0.7}, "image_to_text_r5": 0.5,
-                       "attributes_above_floor": 1.0, "heldout_class": {"class": "monocyte", "unseen_recall": 0.6}}}
-    t = experiment.reference_table(build, ref)
+             "attribute_readout": [{"accuracy": a, "majority_floor": 0.6} for a in readout]}
+        if unseen is not None:
+            m["heldout_class"] = {"class": "monocyte", "unseen_class_summary": [{"monocyte recall (unseen class)": unseen}]}
+        return m
+
+    build, ref = metrics(0.6, 0.4, [0.7, 0.5], 0.3), metrics(0.7, 0.5, [0.7, 0.8], 0.6)
+    t = experiment.reference_table(build, {"metrics": ref})
     assert t["this build"].tolist() == [0.9, 0.85, 0.6, 0.4, 0.3, 0.5]
     assert t["reference"].tolist() == [0.9, 0.85, 0.7, 0.5, 0.6, 1.0]
     blank = experiment.reference_table(build, {"metrics": None})
     assert blank["reference"].isna().all() and blank["this build"].notna().all()
+    no_held = experiment.reference_table(build, {"metrics": metrics(0.7, 0.5, [0.7], None)})
+    assert no_held["reference"].isna().tolist() == [False, False, False, False, True, False]
 
 
 @pytest.mark.slow
@@ -433,3 +440,10 @@ def test_reference_publish_and_live_evaluation_on_the_mirror(data_root, tmp_path
     assert written["metrics"]["zero_shot_pbc"]["heldout"]["accuracy"] == pytest.approx(
         card["metrics"]["zero_shot_pbc_accuracy"])
     assert card["data_licences"].keys() >= {"pbc", "matek", "aria"}
+    # under smoke: a few test images per source, written beside the whole-split file
+    capped = experiment.evaluate_reference(data_root=data_root, results_dir=tmp_path / "results", root=root,
+                                           per_class=6)
+    small = json.loads((tmp_path / "results" / "smoke" / "reference" / "vision_language.json").read_text())
+    assert small["metrics"] == capped["metrics"]
+    assert small["metrics"]["zero_shot_pbc"]["heldout"]["n"] < written["metrics"]["zero_shot_pbc"]["heldout"]["n"]
+    assert json.loads((tmp_path / "results" / "reference" / "vision_language.json").read_text()) == written

@@ -8,16 +8,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from torchmetrics.detection import MeanAveragePrecision
 
-from leukemia_core.engine.loop import Callback, LoopConfig, Task, train
-from leukemia_core.errors import CheckpointError
 from leukemia_core.detection.data import CLASSES, collate
 from leukemia_core.detection.model import WBCDetector
-from leukemia_core.detection.sparse import OUTSIDE_WEIGHT, PSEUDO_CONF, PSEUDO_IOU, location_weights, regime_targets
+from leukemia_core.detection.sparse import (
+    OUTSIDE_WEIGHT,
+    PSEUDO_CONF,
+    PSEUDO_IOU,
+    location_weights,
+    regime_targets,
+)
+from leukemia_core.engine.checkpoint import read_state
+from leukemia_core.engine.loop import Callback, LoopConfig, Task, train
+from leukemia_core.errors import CheckpointError
 
 
 @dataclass
@@ -330,7 +336,7 @@ def load_detector(path) -> tuple[WBCDetector, dict]:
                         head_convs=cfg["head_convs"], pretrained=False, score_thresh=cfg["score_thresh"],
                         detections_per_img=cfg["detections_per_img"], attr_hidden=cfg.get("attr_hidden", 256))
     try:
-        model.load_state_dict(load_file(str(path)))
+        model.load_state_dict(read_state(path))
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit the detector its metadata describes: {exc}") from exc
     return model.eval(), dict(meta.get("attribute_values") or {})

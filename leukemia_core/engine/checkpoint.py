@@ -39,11 +39,49 @@ def read_meta(path: Path) -> dict:
                               "safetensors file written by leukemia-core") from exc
 
 
+#: Key prefix of the per-channel scales of int8-stored weights (:func:`encode_int8`).
+INT8_SCALE = "int8_scale/"
+
+
+def encode_int8(state: dict[str, torch.Tensor], min_rows: int = 8, min_numel: int = 1024) -> dict[str, torch.Tensor]:
+    """A state dict for storage with its weight matrices and kernels in int8.
+
+    Every floating tensor with at least 2 dimensions, ``min_rows`` rows (output channels) and
+    ``min_numel`` elements is stored as symmetric per-output-channel int8,
+    :math:`q = \\mathrm{round}(w / s)`, :math:`s = \\max|w_{\\text{row}}| / 127`, its scales
+    (float32) under ``int8_scale/<key>``; every other floating tensor (biases, norms,
+    embeddings) in float16. :func:`read_state` undoes it. Weight-only: the model still
+    computes in float32."""
+    out = {}
+    for k, v in state.items():
+        v = v.detach().cpu()
+        if v.is_floating_point() and v.ndim >= 2 and v.shape[0] >= min_rows and v.numel() >= min_numel:
+            rows = v.reshape(v.shape[0], -1).float()
+            scale = rows.abs().amax(1).clamp_min(1e-12) / 127
+            out[k] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(v.shape).contiguous()
+            out[INT8_SCALE + k] = scale.contiguous()
+        else:
+            out[k] = (v.half() if v.is_floating_point() else v).contiguous()
+    return out
+
+
+def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors checkpoint as a state dict: int8-stored weights
+    (:func:`encode_int8`) come back dequantized to float32; float16 ones stay float16
+    (``load_state_dict`` casts them to the model's dtype). Every weight reader uses this."""
+    tensors = load_file(str(path))
+    scales = {k[len(INT8_SCALE):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(INT8_SCALE)]}
+    for k, scale in scales.items():
+        q = tensors[k]
+        tensors[k] = q.float() * scale.float().reshape(-1, *([1] * (q.ndim - 1)))
+    return tensors
+
+
 def load_weights(path: Path, model: torch.nn.Module) -> dict:
     """Load weights into ``model`` (strict) and return the metadata."""
     meta = read_meta(path)
     try:
-        model.load_state_dict(load_file(str(path)), strict=True)
+        model.load_state_dict(read_state(path), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path} does not fit model "
                               f"{meta.get('model', type(model).__name__)}: {exc}") from exc

@@ -203,9 +203,11 @@ def comparison_text(res: ExperimentRun) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------- reference tier
-def reference_rows(data_root=None, results_dir=None, root=None) -> dict:
+def reference_rows(data_root=None, results_dir=None, root=None, per_class: int | None = None) -> dict:
     """The chapter's reference checkpoints (issue 18), each verified against the manifest and
-    evaluated live on the PBC test split (``<results_dir>/reference/baseline_<model>.json``).
+    evaluated live on the PBC test split (``<results_dir>/reference/baseline_<model>.json``;
+    ``per_class``: the first so many test images per class only, see
+    :func:`~leukemia_core.reproducibility.reference.test_per_class`).
 
     ``{"rows": [...], "logs": {label: training history}, "checks": [reference.check rows]}``;
     a missing or corrupt checkpoint is a row with its message, never skipped."""
@@ -220,7 +222,8 @@ def reference_rows(data_root=None, results_dir=None, root=None) -> dict:
         checks.append(chk)
         row = {"model": labels.get(name, name), "reference": f"reference/{CHAPTER}/{name}", "status": chk["status"]}
         if chk["status"] == "verified":
-            data = json.loads(reference.evaluate_classifier(CHAPTER, name, data_root, results_dir, root).read_text())
+            data = json.loads(reference.evaluate_classifier(CHAPTER, name, data_root, results_dir, root,
+                                                            per_class=per_class).read_text())
             test, train = data["metrics"]["test"], data["training"]
             row.update({"test accuracy": test["accuracy"], "test macro-F1": test["macro_f1"],
                         "test images": test["n"], "epochs": train["epochs_run"],
@@ -260,9 +263,10 @@ def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print,
                       commands: dict[str, str] | None = None, models=None, note: str | None = None) -> list[Path]:
     """Publish the finished ``reference`` runs under ``out`` (``leukemia-core run
     03_baseline --profile reference --out OUT``) into ``reference/03_baseline/<model>/``:
-    fp16 when the live test metrics of the fp16 weights are within 0.1 point of the
-    fp32 run's, else fp32. A run without its ``results.json`` (not finished) is reported
-    through ``log`` and left out. ``commands`` (model -> command line) records, in the
+    in the smallest storage (int8, fp16, fp32) whose live test metrics are within 0.1
+    point of the fp32 weights' (:func:`~leukemia_core.reproducibility.reference.publish_smallest`).
+    A run without its ``results.json`` (not finished) is reported through
+    ``log`` and left out. ``commands`` (model -> command line) records, in the
     model card, a run started otherwise than by ``leukemia-core run``. ``models`` (model
     names, e.g. ``["convnext_atto"]``): publish only these; None: every finished run.
     ``note``: how the runs were made (niced, paused), appended to the card's command line."""
@@ -282,24 +286,19 @@ def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print,
         if models and spec["model"] not in models:
             continue
         run_dir = Path(out) / f"{spec['folder']}_s{seed}"
-        if not (run_dir / "results.json").exists():
-            log(f"{label}: {run_dir} has no results.json (not finished): not published")
+        results = reference.finished_run(run_dir, label, log)
+        if results is None:
             continue
-        results = json.loads((run_dir / "results.json").read_text())
-        fp32 = {k: results["metrics"]["test"][k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "n")}
         common = dict(description=f"{label}, PBC 8 classes, {cfg['profile'].image_size} px, seed {seed}.",
-                      command=(commands or {}).get(
-                          spec["model"], f"leukemia-core run {CHAPTER} --profile reference --out {out} [--resume]"
-                          + (f" ({note})" if note else "")),
+                      command=(commands or {}).get(spec["model"], reference.command_line(
+                          f"leukemia-core run {CHAPTER} --profile reference --out {out} [--resume]", note)),
                       intended_use=REFERENCE_USE, limits=REFERENCE_LIMITS, results=results, root=root)
-        for fp16 in (True, False):
-            reference.publish(run_dir, CHAPTER, spec["model"], metrics={**fp32, "weights": "fp32 run"},
-                              fp16=fp16, **common)
+
+        def score(model=spec["model"]) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
-                live = json.loads(reference.evaluate_classifier(CHAPTER, spec["model"], data_root, tmp,
-                                                                root).read_text())["metrics"]["test"]
-            if not fp16 or max(abs(live[k] - fp32[k]) for k in ("accuracy", "macro_f1")) <= 0.001:
-                break
-        metrics = {**{k: live[k] for k in fp32}, "fp32_accuracy": fp32["accuracy"], "fp32_macro_f1": fp32["macro_f1"]}
-        published.append(reference.publish(run_dir, CHAPTER, spec["model"], metrics=metrics, fp16=fp16, **common))
+                test = json.loads(reference.evaluate_classifier(CHAPTER, model, data_root, tmp, root)
+                                  .read_text())["metrics"]["test"]
+            return {k: test[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "n")}
+
+        published.append(reference.publish_smallest(run_dir, CHAPTER, spec["model"], score, **common))
     return published

@@ -336,11 +336,26 @@ def paper_comparison(res: ExperimentRun, claim: dict) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------- the protocol
 def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, resume=False,
-        seed: int = 0, taxonomy: str = "leukemia") -> ExperimentRun:
+        seed: int = 0, taxonomy: str = "leukemia", only=None) -> ExperimentRun:
     """The chapter's protocol (see the module's docstring); ``seed`` draws the data
     subsamples (and is the one seed when ``seeds`` is None under a one-seed profile),
-    ``taxonomy`` is a bundled tree name or a YAML path."""
+    ``taxonomy`` is a bundled tree name or a YAML path.
+
+    ``only``: checkpoint names (as :func:`reference_models` lists them, e.g.
+    ``level2_efficientnet_lite0``) to train, each into its usual folder under ``out``, and
+    nothing else: no tables, no results files (``leukemia-core run 04_hierarchy --profile
+    reference --set only=[level2_efficientnet_lite0]``). For finishing the reference tier
+    a model at a time; the returned run's ``objects`` hold ``{name: run}``."""
     sizes, P, PS = profiles(profile)
+    if only is not None:
+        only = [only] if isinstance(only, str) else list(only)
+        known = {n for _, group in reference_models(taxonomy).values() for n in group}
+        if unknown := sorted(set(only) - known):
+            raise UnknownNameError(f"no checkpoint {unknown} in {CHAPTER}; choose from {sorted(known)}")
+    trained = {}
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
     out, results_dir = resolve_paths(P.name, out, results_dir)
     if seeds is None:
         seeds = [seed] if len(P.seeds) == 1 else list(P.seeds)
@@ -360,19 +375,19 @@ def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, re
     kinds = ("flat", "multilevel") + (("pooled",) if sizes.get("loss_ablation") else ())
     for s in seeds:
         for kind in kinds:
-            runs[kind, s] = _train(kind, BACKBONE, levels, P, fit_config(s, sizes["epochs"], P),
-                                   ckpt / f"{kind}_{BACKBONE}_s{s}", resume, pretrained=True, **prov)
-        runs["base hierarchical", s] = [
-            _train("level", BACKBONE, levels, P, fit_config(s, sizes["epochs"], P),
-                   ckpt / f"level{d + 1}_{BACKBONE}_s{s}", resume, level=d, pretrained=True, **prov)
-            for d in range(tax.depth)]
+            if wanted(name := f"{kind}_{BACKBONE}"):
+                runs[kind, s] = trained[name] = _train(kind, BACKBONE, levels, P, fit_config(s, sizes["epochs"], P),
+                                                       ckpt / f"{name}_s{s}", resume, pretrained=True, **prov)
+        for d in range(tax.depth):
+            if wanted(name := f"level{d + 1}_{BACKBONE}"):
+                trained[name] = _train("level", BACKBONE, levels, P, fit_config(s, sizes["epochs"], P),
+                                       ckpt / f"{name}_s{s}", resume, level=d, pretrained=True, **prov)
+                runs.setdefault(("base hierarchical", s), []).append(trained[name])
     rows = []
-    for (kind, s), r in runs.items():
+    for (kind, s), r in ({} if only is not None else runs).items():
         minutes = sum(x.train_time_s for x in r) / 60 if isinstance(r, list) else r.train_time_s / 60
         rows += [row | {"train min": minutes}
                  for row in score_rows(codec, kind, *outputs(runs, kind, s), true_leaves, seed=s)]
-    scores = pd.DataFrame(rows)
-    mean = scores.groupby(["model", "decoder"], sort=False).mean(numeric_only=True).drop(columns="seed")
 
     # CNN against ViT, from scratch at equal budget
     scratch_data, scratch = level_data(table, codec, PS, sizes, seed)
@@ -382,13 +397,21 @@ def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, re
     for s in seeds:
         for backbone in (cnn, vit):
             for kind in sizes["scratch_kinds"]:
-                r = _train(kind, backbone, scratch, PS, fit_config(s, sizes["scratch_epochs"], PS),
-                           ckpt / f"scratch_{kind}_{backbone}_s{s}", resume, **scratch_prov)
+                if not wanted(name := f"scratch_{kind}_{backbone}"):
+                    continue
+                r = trained[name] = _train(kind, backbone, scratch, PS, fit_config(s, sizes["scratch_epochs"], PS),
+                                           ckpt / f"{name}_s{s}", resume, **scratch_prov)
+                if only is not None:
+                    continue
                 n_params = sum(p.numel() for p in r.model.parameters()) / 1e6
                 scratch_rows += [row | {"params (M)": n_params, "train min": r.train_time_s / 60}
                                  for row in score_rows(codec, kind, kind, r.test_logits, scratch_truth,
                                                        backbone=backbone, seed=s)
                                  if row["decoder"] in ("argmax leaf", "path_probability")]
+    if only is not None:
+        return ExperimentRun(CHAPTER, P.name, [], {"trained": trained, "checkpoints": ckpt})
+    scores = pd.DataFrame(rows)
+    mean = scores.groupby(["model", "decoder"], sort=False).mean(numeric_only=True).drop(columns="seed")
     scratch_scores = pd.DataFrame(scratch_rows)
     scratch_mean = (scratch_scores.groupby(["model", "backbone"], sort=False).mean(numeric_only=True)
                     .drop(columns="seed"))
@@ -489,7 +512,7 @@ def _checkpoint_logits(names, table, codec, root, cache: dict, batch_size: int =
 
     from leukemia_core.reproducibility import reference
 
-    parts, cards = [], []
+    parts = []
     for name in names:
         model, meta, _, card = reference.load_reference(CHAPTER, name, root)
         key = _json.dumps(meta["preprocess"], sort_keys=True)
@@ -501,11 +524,14 @@ def _checkpoint_logits(names, table, codec, root, cache: dict, batch_size: int =
     return torch.cat([p[1] for p in parts], dim=1), [p[2] for p in parts], [p[3] for p in parts]
 
 
-def evaluate_reference(data_root=None, results_dir=None, root=None, taxonomy: str = "leukemia") -> dict:
+def evaluate_reference(data_root=None, results_dir=None, root=None, taxonomy: str = "leukemia",
+                       per_class: int | None = None) -> dict:
     """Verify every reference checkpoint of the chapter against the manifest and evaluate it
     live on the taxonomy's whole test split, writing one results file per model,
     ``<results_dir>/reference/hierarchy_<model>.json``, laid out as the chapter's own (test
-    metrics per decoder) plus every node's precision and recall.
+    metrics per decoder) plus every node's precision and recall. ``per_class``: the first so
+    many test images per leaf only (:func:`~leukemia_core.reproducibility.reference.test_per_class`),
+    written under :func:`~leukemia_core.reproducibility.reference.evaluations_dir`.
 
     ``{"rows": [...], "nodes": {model: node scores}, "logs": {model: [training
     histories]}, "checks": [reference.check rows]}``; a model with a missing or corrupt
@@ -518,8 +544,10 @@ def evaluate_reference(data_root=None, results_dir=None, root=None, taxonomy: st
     _, results_dir = resolve_paths("reference", None, results_dir)
     tax = Taxonomy.from_yaml(taxonomy)
     codec = LevelCodec(tax)
-    # what a publish_reference in this process already loaded and decoded (used once)
+    # what a publish_reference in this process already loaded and decoded (used once; whole split)
     table, cache = _HANDOVER.pop((str(data_root), taxonomy), (None, {}))
+    if per_class is not None:
+        table, cache = None, {}
     rows, nodes, logs, checks = [], {}, {}, []
     for stem, (label, names) in reference_models(taxonomy).items():
         chk = [reference.check(CHAPTER, n, root) for n in names]
@@ -532,6 +560,10 @@ def evaluate_reference(data_root=None, results_dir=None, root=None, taxonomy: st
         start = time.perf_counter()
         if table is None:
             table = load_taxonomy_table(tax, data_root)
+            if per_class is not None:
+                test = reference.first_per_class(table[table["split"] == "test"], "label", per_class)
+                attrs, table = table.attrs, table[(table["split"] != "test") | table.index.isin(test.index)]
+                table.attrs = dict(attrs)
         logits, metas, cards = _checkpoint_logits(names, table, codec, root, cache)
         truth = table.loc[table["split"] == "test", "label"].tolist()
         as_kind = "flat" if label == "flat" else "multilevel"
@@ -542,7 +574,8 @@ def evaluate_reference(data_root=None, results_dir=None, root=None, taxonomy: st
         manifest = reference.read_manifest(root)
         test = table[table["split"] == "test"]
         write_results(
-            results_dir / "reference" / f"hierarchy_{stem}.json", overwrite=True, kind="reference_evaluation",
+            reference.evaluations_dir(results_dir, per_class) / f"hierarchy_{stem}.json", overwrite=True,
+            kind="reference_evaluation",
             chapter=CHAPTER, reference=names, dataset=f"taxonomy:{tax.name}", model=metas[0]["backbone"],
             method=label, profile="reference", seeds=[int(cards[0].get("config", {}).get("fit", {}).get("seed", 0))],
             config={"checkpoints": {n: {"sha256": manifest[f"{CHAPTER}/{n}/model.safetensors"], "dtype": c["dtype"]}
@@ -582,12 +615,12 @@ def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print, 
                       note: str | None = None, taxonomy: str = "leukemia") -> list[Path]:
     """Publish the finished ``reference`` runs under ``out`` (``leukemia-core run
     04_hierarchy --profile reference --out OUT``) into ``reference/04_hierarchy/<name>/``,
-    each in fp16 when its own live test scores (:func:`_own_scores`) stay within 0.1 point
-    of the fp32 weights', else fp32. A run without ``results.json`` (not finished) is
+    each in the smallest storage (int8, fp16, fp32) whose own live test scores
+    (:func:`_own_scores`) stay within 0.1 point of the fp32 weights'
+    (:func:`~leukemia_core.reproducibility.reference.publish_smallest`). A run without ``results.json`` (not finished) is
     reported through ``log`` and left out. ``models``: publish only these checkpoint names
     (see :func:`reference_models`); ``note``: how the runs were made, appended to the
     card's command line."""
-    import json
 
     from leukemia_core.reproducibility import reference
 
@@ -606,28 +639,24 @@ def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print, 
         if models and name not in models:
             continue
         run_dir = Path(out) / "hierarchy" / tax.name / f"{name}_s{seed}"
-        if not (run_dir / "results.json").exists():
-            log(f"{name}: {run_dir} has no results.json (not finished): not published")
+        results = reference.finished_run(run_dir, name, log)
+        if results is None:
             continue
-        results = json.loads((run_dir / "results.json").read_text())
         cfg = results["config"]
         common = dict(description=f"{cfg['model_kind']} model ({cfg['backbone']}"
                                   f"{', ImageNet, fine-tuned' if cfg['pretrained'] else ', from scratch'}"
                                   f"{'' if cfg.get('level') is None else ', level ' + str(cfg['level'] + 1)}), "
                                   f"taxonomy '{tax.name}' ({', '.join(results['datasets'])}), "
                                   f"{cfg['image_size']} px, seed {seed}.",
-                      command=f"leukemia-core run {CHAPTER} --profile reference --out {out} [--resume]"
-                              + (f" ({note})" if note else ""),
+                      command=reference.command_line(
+                          f"leukemia-core run {CHAPTER} --profile reference --out {out} [--resume]", note),
                       intended_use=REFERENCE_USE, limits=REFERENCE_LIMITS, results=results, root=root)
-        scores = {}
-        for fp16 in (False, True):
-            reference.publish(run_dir, CHAPTER, name, metrics={}, fp16=fp16, **common)
+
+        def score(name=name) -> dict:
             z, metas, _ = _checkpoint_logits([name], table, codec, root, cache)
-            scores[fp16] = _own_scores(metas[0], z, truth, codec)
-        fp16 = all(abs(scores[True][k] - scores[False][k]) <= 0.001 for k in ("accuracy", "macro_f1")
-                   if k in scores[False])
-        metrics = {**scores[fp16], **{f"fp32_{k}": v for k, v in scores[False].items() if k != "n"}}
-        published.append(reference.publish(run_dir, CHAPTER, name, metrics=metrics, fp16=fp16, **common))
+            return _own_scores(metas[0], z, truth, codec)
+
+        published.append(reference.publish_smallest(run_dir, CHAPTER, name, score, **common))
     return published
 
 

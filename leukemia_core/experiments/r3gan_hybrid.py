@@ -528,6 +528,180 @@ def pretrain_encoder(profile="reference", data_root=None, out=None, resume: bool
                       decoder_dim=S["fcmae_decoder_dim"], epochs=S["fcmae_epochs"], batch_size=P.batch_size,
                       seed=seed, num_workers=P.num_workers, monitor_images=min(512, 64 if P.name == "smoke" else 512))
     run_dir = Path(out) / f"fcmae_{encoder}_s{seed}"
-    model, result = pretrain_fcmae(load_pool(data_root), cfg, out_dir=run_dir, resume=resume,
-                                   pool_sha256=sha256(POOL_FILE))
+    pool = load_pool(data_root)
+    start = time.perf_counter()
+    model, result = pretrain_fcmae(pool, cfg, out_dir=run_dir, resume=resume, pool_sha256=sha256(POOL_FILE))
+    write_pretraining_results(run_dir, P, cfg, pool, result, time.perf_counter() - start)
     return model, result, run_dir
+
+
+def write_pretraining_results(run_dir: Path, P: Profile, cfg, pool, result, elapsed: float) -> Path:
+    """``results.json`` in an FCMAE run folder: history (the monitoring images' masked
+    reconstruction loss per epoch), the pool's hashes and datasets, hardware and times, what
+    the encoder's model card is made from."""
+    import dataclasses
+
+    from leukemia_core.data.pretraining_pool import POOL_FILE
+    from leukemia_core.reproducibility.reference import sha256
+    from leukemia_core.reproducibility.results import session_wall_time
+
+    path = Path(run_dir) / "results.json"
+    last = result.history[-1] if result.history else {}
+    return write_results(
+        path, overwrite=True, kind="fcmae_pretraining", chapter=CHAPTER, model=cfg.encoder, method="FCMAE",
+        profile=P.name, seeds=[cfg.seed], config=dataclasses.asdict(cfg),
+        metrics={"epochs_run": len(result.history), "final_monitor_loss": last.get("val_loss"),
+                 "final_train_loss": last.get("train_loss")},
+        dataset="pretraining pool (training splits only)", datasets=sorted(pool["dataset"].unique().tolist()),
+        split_sha256=sha256(POOL_FILE), data_sha256=sha256(POOL_FILE), pool_images=len(pool),
+        history=result.history, wall_time_s=session_wall_time(path, result.history, elapsed),
+        train_time_s=float(sum(h.get("train_time_s", 0.0) for h in result.history)))
+
+
+# --------------------------------------------------------------------------- reference: the FCMAE encoder
+#: The chapter's FCMAE reference checkpoint (issue 19): the hybrid's ConvNeXtV2 branch
+#: pretrained on the unlabelled pool, with its decoder (for the reconstructions).
+FCMAE_REFERENCE = "fcmae_convnextv2_atto"
+#: The masks of every live evaluation (the same hidden patches every build).
+FCMAE_EVAL_SEED = 0
+FCMAE_USE = ("Teaching and reproducibility: the initialisation of the hybrid's ConvNeXtV2 branch (FCMAE, a masked "
+             "autoencoder's encoder), and its reconstructions in the chapter. Not a classifier; a research "
+             "artefact, not a medical device.")
+FCMAE_LIMITS = ("Pretrained on the training splits of the book's single-cell datasets only (the committed pool: no "
+                "copy of any validation or test image); one stain and scanner family per dataset, so what it "
+                "learnt is tied to these sources. Reconstruction quality is not classification quality: the "
+                "chapter's fine-tuned rows judge the encoder.")
+
+
+def _fcmae_test(meta: dict, data_root, per_class: int | None = None):
+    """``(rows, dataset)``: PBC's committed test images of the chapter's five classes (the
+    first ``per_class`` of each, or all), at the checkpoint's own preprocessing."""
+    from leukemia_core.data.torch_dataset import ImageTableDataset
+    from leukemia_core.data.transforms import eval_transform_from
+    from leukemia_core.reproducibility.reference import first_per_class
+
+    table = apply_split(load_dataset("pbc", data_root))
+    test = first_per_class(table[(table["split"] == "test") & table["label"].isin(CLASSES)], "label", per_class)
+    test = test.reset_index(drop=True)
+    return test, ImageTableDataset(test, CLASSES, eval_transform_from(meta["preprocess"]))
+
+
+def fcmae_scores(model, ds, batch_size: int = 64) -> dict:
+    """The encoder's live score: the pretraining objective (masked, per-patch normalised
+    reconstruction loss) on ``ds`` under the masks of :data:`FCMAE_EVAL_SEED`."""
+    from torch.utils.data import DataLoader
+
+    from leukemia_core.ssl import masked_loss
+
+    m = masked_loss(model, DataLoader(ds, batch_size=batch_size), FCMAE_EVAL_SEED, torch.device("cpu"))
+    return {"masked_loss": m["loss"], "n": m["n"]}
+
+
+def publish_fcmae_reference(out, data_root=None, root=None, seed: int = 0, log=print,
+                            note: str | None = None) -> list[Path]:
+    """Publish the finished FCMAE run under ``out`` (``leukemia-core pretrain fcmae --profile
+    reference --out OUT``) as ``reference/08_r3gan_hybrid/fcmae_convnextv2_atto``, in the
+    smallest storage whose masked loss on the test images stays within 0.001 of the float32
+    weights' (:func:`~leukemia_core.reproducibility.reference.publish_smallest`). A run
+    without ``results.json`` (not finished) is reported through ``log`` and not published."""
+
+    from leukemia_core.models.hybrid import VARIANTS
+    from leukemia_core.reproducibility import reference
+
+    root = reference.REFERENCE_DIR if root is None else Path(root)
+    encoder = VARIANTS[chapter_sizes(CHAPTER, "reference")["hybrid_variant"]][0]
+    run_dir = Path(out) / f"fcmae_{encoder}_s{seed}"
+    results = reference.finished_run(run_dir, FCMAE_REFERENCE, log)
+    if results is None:
+        return []
+    cfg = results["config"]
+    cache = {}
+
+    def score() -> dict:
+        model, meta, _, _ = reference.load_reference(CHAPTER, FCMAE_REFERENCE, root)
+        if "ds" not in cache:
+            cache["ds"] = _fcmae_test(meta, data_root)[1]
+        return fcmae_scores(model, cache["ds"])
+
+    card = dict(description=f"FCMAE-pretrained {cfg['encoder']} with its decoder ({cfg['decoder_dim']} wide), "
+                            f"{cfg['image_size']} px, mask ratio {cfg['mask_ratio']}, {len(results['history'])} "
+                            f"epochs on the unlabelled pretraining pool ({results.get('pool_images')} images of "
+                            f"{', '.join(results['datasets'])}), seed {seed}.",
+                command=reference.command_line(
+                    f"leukemia-core pretrain fcmae --profile reference --out {out} [--resume]", note),
+                intended_use=FCMAE_USE, limits=FCMAE_LIMITS, results=results, root=root)
+    return [reference.publish_smallest(run_dir, CHAPTER, FCMAE_REFERENCE, score, **card)]
+
+
+def evaluate_fcmae_reference(data_root=None, results_dir=None, root=None, per_class: int | None = None,
+                             show_per_class: int = 1) -> dict:
+    """Verify the FCMAE reference checkpoint and evaluate it live on the test images
+    (:func:`fcmae_scores`), writing ``<results_dir>/reference/r3gan_hybrid_fcmae_convnextv2_atto.json``
+    (``per_class``: the first so many per class, written under
+    :func:`~leukemia_core.reproducibility.reference.evaluations_dir`).
+
+    ``{"check", "metrics" (None unless verified), "card", "log", "images"}``; ``images``:
+    for ``show_per_class`` test images of each class, the image, what the encoder saw (hidden
+    patches grey) and the reconstruction, as HWC arrays in [0, 1]."""
+    import time
+
+    import numpy as np
+
+    from leukemia_core.data.dataroot import REPO_ROOT
+    from leukemia_core.data.splits import split_paths
+    from leukemia_core.reproducibility import reference
+
+    root = reference.REFERENCE_DIR if root is None else Path(root)
+    _, results_dir = resolve_paths("reference", None, results_dir)
+    chk = reference.check(CHAPTER, FCMAE_REFERENCE, root)
+    out = {"check": chk, "metrics": None, "card": None, "log": None, "images": None}
+    if chk["status"] != "verified":
+        return out
+    start = time.perf_counter()
+    model, meta, _, card = reference.load_reference(CHAPTER, FCMAE_REFERENCE, root)
+    test, ds = _fcmae_test(meta, data_root, per_class)
+    scores = fcmae_scores(model, ds)
+    split = split_paths("pbc")[0]
+    write_results(
+        reference.evaluations_dir(results_dir, per_class) / f"r3gan_hybrid_{FCMAE_REFERENCE}.json", overwrite=True,
+        kind="reference_evaluation", chapter=CHAPTER, reference=FCMAE_REFERENCE, dataset="pbc",
+        model=meta["encoder"], profile="reference", seeds=[int(card.get("config", {}).get("seed", 0))],
+        config={"checkpoint": f"reference/{CHAPTER}/{FCMAE_REFERENCE}/model.safetensors",
+                "checkpoint_sha256": reference.read_manifest(root)[f"{CHAPTER}/{FCMAE_REFERENCE}/model.safetensors"],
+                "dtype": card["dtype"], "preprocess": meta["preprocess"], "mask_ratio": meta["mask_ratio"],
+                "mask_seed": FCMAE_EVAL_SEED, "classes": CLASSES},
+        metrics={"test": scores}, split_file=str(split.relative_to(REPO_ROOT)), split_sha256=reference.sha256(split),
+        data_sha256=content_hash(test),
+        training={k: card.get(k) for k in ("wall_time_s", "train_time_s", "epochs_run", "git_sha", "hardware")},
+        wall_time_s=time.perf_counter() - start)
+    firsts = test.groupby("label", sort=False).head(show_per_class)
+    picks = [i for c in CLASSES for i in firsts.index[firsts["label"] == c]]  # in the chapter's class order
+    x = torch.stack([ds[i][0] for i in picks])
+    g = torch.Generator().manual_seed(FCMAE_EVAL_SEED)
+    mask = model.random_mask(len(x), generator=g)
+    with torch.no_grad():
+        recon = model.reconstruct(x, mask)
+        patches = model.patchify(x)
+        hidden = model.unpatchify(mask.float().unsqueeze(-1).expand_as(patches).contiguous())  # 1: hidden pixel
+    mean = torch.tensor(meta["preprocess"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(meta["preprocess"]["std"]).view(1, 3, 1, 1)
+    to_img = lambda t: (t * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    original = to_img(x)
+    out["images"] = {"labels": test.loc[picks, "label"].tolist(), "original": original,
+                     "masked": np.where(hidden.permute(0, 2, 3, 1).numpy() > 0.5, 0.5, original),
+                     "reconstruction": to_img(recon)}
+    out.update(metrics={"test": scores}, card=card,
+               log=reference.training_log(CHAPTER, FCMAE_REFERENCE, root).to_dict("records"))
+    return out
+
+
+def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print, models=None,
+                      note: str | None = None) -> list[Path]:
+    """``leukemia-core reference publish 08_r3gan_hybrid``: the chapter's reference
+    checkpoints that exist so far (the FCMAE encoder, :func:`publish_fcmae_reference`)."""
+    from leukemia_core.errors import UnknownNameError
+
+    unknown = set(models or ()) - {FCMAE_REFERENCE}
+    if unknown:
+        raise UnknownNameError(f"no reference model {sorted(unknown)} in {CHAPTER}; choose from {[FCMAE_REFERENCE]}")
+    return publish_fcmae_reference(out, data_root, root, seed, log, note)

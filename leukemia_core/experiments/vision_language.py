@@ -30,7 +30,7 @@ from leukemia_core.errors import LeukemiaError
 from leukemia_core.experiments import ExperimentRun, resolve_paths
 from leukemia_core.models import create_model
 from leukemia_core.reproducibility.registry import load_claims
-from leukemia_core.reproducibility.results import write_results
+from leukemia_core.reproducibility.results import session_wall_time, write_results
 from leukemia_core.vl import (GROUPS, IndexedDataset, LabelledView, TextBank, VLFitConfig, attribute_readout,
                               attribute_sentence, build_vl_model, class_prompts, class_texts, embed_images,
                               eval_view, fit_vl, heldout_split, linear_probe, load_vl_table, prepare_vl,
@@ -396,15 +396,15 @@ def write_run_results(o: dict, P: Profile, seed: int, heldout_class: str, wall: 
     common = dict(overwrite=True, kind="vision_language_training", chapter=CHAPTER, profile=P.name, seeds=[seed],
                   model="efficientnet_lite0 (ImageNet) + all-MiniLM-L6-v2", dataset="taxonomy:leukemia",
                   datasets=sorted(data.table["dataset"].unique().tolist()),
-                  split_sha256=data.table.attrs.get("split_sha256"), data_sha256=content_hash(data.table),
-                  wall_time_s=wall)
+                  split_sha256=data.table.attrs.get("split_sha256"), data_sha256=content_hash(data.table))
     written = []
     for folder, fit_result, extra in ((o["run_dir"], o["joint"], {}),
                                       (o["out"] / f"vl_without_{heldout_class}_s{seed}", o["held_fit"],
                                        {"heldout_class": heldout_class})):
         history = fit_result.history
+        path = Path(folder) / "results.json"
         written.append(write_results(
-            Path(folder) / "results.json", config={"model": o["model"].config.to_dict(), "fit": o["config"].__dict__,
+            path, wall_time_s=session_wall_time(path, history, wall), config={"model": o["model"].config.to_dict(), "fit": o["config"].__dict__,
                                                    "image_size": P.image_size, **extra},
             metrics={"epochs_run": len(history), "last_epoch": history[-1] if history else {}},
             history=history, train_time_s=float(sum(h.get("train_time_s", 0.0) for h in history)), **common))
@@ -532,24 +532,22 @@ def _reference_metrics(model, held_model, o: dict, heldout_class: str) -> dict:
     readout = readout_attributes(model, test_emb[o["has_attr"]], o["pbc_test"], o["train"])["readout"]
     out = {"zero_shot_pbc": {w: _test_metrics(m) for w, m in zs.items()}, "zero_shot_groups": _test_metrics(group4),
            "retrieval": retrieval["retrieval"].to_dict(orient="records"),
-           "image_to_text_r5": float(retrieval["r5"]["recall"]),
-           "attribute_readout": readout.to_dict(orient="records"),
-           "attributes_above_floor": float(readout["above floor"].mean())}
+           "attribute_readout": readout.to_dict(orient="records")}
     if held_model is not None:
         held = score_heldout(held_model, o["test_ds"], o["is_pbc"], o["pbc_labels"], heldout_class)
         out["heldout_class"] = {"class": heldout_class,
                                 "five_class": {w: _test_metrics(m) for w, m in held["held"].items()},
                                 "seen_four_class_accuracy": held["held_seen"]["accuracy"],
                                 "unseen_class_summary": held["held_table_summary"].reset_index()
-                                .to_dict(orient="records"),
-                                "unseen_recall": float(held["unseen_recall"])}
+                                .to_dict(orient="records")}
     return out
 
 
-def _reference_test_data(meta: dict, data_root) -> dict:
-    """The test split as the reference run saw it (all of it), decoded at the checkpoint's
-    size with the checkpoint's normalisation."""
-    P = get_profile("reference", image_size=meta["image_size"])
+def _reference_test_data(meta: dict, data_root, per_source: int | None = None) -> dict:
+    """The test split as the reference run saw it (all of it; ``per_source``: the first so
+    many images of every source), decoded at the checkpoint's size with the checkpoint's
+    normalisation."""
+    P = get_profile("reference", image_size=meta["image_size"], max_eval_per_class=per_source)
     S = chapter_sizes(CHAPTER, get_profile("reference"))
     o = assemble_data(data_root, P, S, 0)
     data, test = o["data"], o["test"]
@@ -565,13 +563,16 @@ def _reference_test_data(meta: dict, data_root) -> dict:
     return o
 
 
-def evaluate_reference(data_root=None, results_dir=None, root=None, heldout_class: str = REFERENCE_HELDOUT) -> dict:
+def evaluate_reference(data_root=None, results_dir=None, root=None, heldout_class: str = REFERENCE_HELDOUT,
+                       per_class: int | None = None) -> dict:
     """Verify the chapter's reference checkpoints (the joint model and the one trained
     without ``heldout_class``) and evaluate them live on the whole test split; writes
     ``<results_dir>/reference/vision_language.json`` (the chapter's metric layout, so the
     claims file's headline rows apply). ``{"checks", "metrics" (None when the joint model
     is not verified), "logs", "cards"}``: a missing or corrupt checkpoint is listed with its
-    message, never skipped."""
+    message, never skipped. ``per_class``: the first so many test images of every source only
+    (:func:`~leukemia_core.reproducibility.reference.test_per_class`), written under
+    :func:`~leukemia_core.reproducibility.reference.evaluations_dir`."""
     from leukemia_core.reproducibility import reference
 
     root = reference.REFERENCE_DIR if root is None else Path(root)
@@ -589,13 +590,16 @@ def evaluate_reference(data_root=None, results_dir=None, root=None, heldout_clas
         out["logs"][held_name] = reference.training_log(CHAPTER, held_name, root).to_dict("records")
     out["cards"][joint_name] = card
     out["logs"][joint_name] = reference.training_log(CHAPTER, joint_name, root).to_dict("records")
-    o = _HANDOVER.pop((str(data_root), meta["image_size"]), None) or _reference_test_data(meta, data_root)
+    o = _HANDOVER.pop((str(data_root), meta["image_size"]), None)  # whole split, from a publish in this process
+    if o is None or per_class is not None:
+        o = _reference_test_data(meta, data_root, per_class)
     o["test_emb"], _ = embed_images(model, o["test_ds"], features=False)
     metrics = _reference_metrics(model, held_model, o, heldout_class)
     manifest = reference.read_manifest(root)
     test = o["test"]
     write_results(
-        results_dir / "reference" / "vision_language.json", overwrite=True, kind="reference_evaluation",
+        reference.evaluations_dir(results_dir, per_class) / "vision_language.json", overwrite=True,
+        kind="reference_evaluation",
         chapter=CHAPTER, paper="vlm_leukemia_2026", reference=[c["name"] for c in checks if c["status"] == "verified"],
         dataset="taxonomy:leukemia (pbc, matek, aria) + wbcatt", model="efficientnet_lite0 (ImageNet) + all-MiniLM-L6-v2",
         profile="reference", seeds=[0],
@@ -609,30 +613,30 @@ def evaluate_reference(data_root=None, results_dir=None, root=None, heldout_clas
     return out
 
 
+def headline_measures(m: dict | None, heldout_class: str = REFERENCE_HELDOUT) -> dict:
+    """The chapter's headline measures from a results file's ``metrics`` (the layout of the
+    chapter's own results, which the reference evaluation shares); None: no measures."""
+    if m is None:
+        return {}
+    held = m.get("heldout_class") or {}
+    cls = held.get("class", heldout_class)
+    summary = held.get("unseen_class_summary") or [{}]
+    r5 = next((r["recall"] for r in m.get("retrieval") or () if r["direction"] == "image → text" and r["k"] == 5),
+              None)
+    readout = m.get("attribute_readout")
+    return {"zero-shot PBC, 5 leukocytes (held-out prompts), accuracy": m["zero_shot_pbc"]["heldout"]["accuracy"],
+            "zero-shot PBC, 5 leukocytes (held-out prompts), macro-F1": m["zero_shot_pbc"]["heldout"]["macro_f1"],
+            "zero-shot normal / benign / AML / ALL, accuracy": m["zero_shot_groups"]["accuracy"],
+            "image → text R@5 (attribute sentences)": r5,
+            f"unseen class recall from its description ({cls})": summary[0].get(f"{cls} recall (unseen class)"),
+            "attributes read out above their majority floor (fraction)":
+                float(np.mean([r["accuracy"] > r["majority_floor"] for r in readout])) if readout else None}
+
+
 def reference_table(res_metrics: dict | None, ref: dict, heldout_class: str = REFERENCE_HELDOUT) -> pd.DataFrame:
-    """The headline measures of this build's own run (``res_metrics``: the ci results'
-    ``metrics``, or None) beside the reference model's."""
-    def rows(m):
-        if m is None:
-            return {}
-        held = m.get("heldout_class") or {}
-        unseen = held.get("unseen_recall")
-        if unseen is None and held.get("unseen_class_summary"):
-            unseen = held["unseen_class_summary"][0].get(f"{held.get('class')} recall (unseen class)")
-        r5 = m.get("image_to_text_r5")
-        if r5 is None and m.get("retrieval"):
-            r5 = next((r["recall"] for r in m["retrieval"] if r["direction"] == "image → text" and r["k"] == 5), None)
-        above = m.get("attributes_above_floor")
-        if above is None and m.get("attribute_readout"):
-            ro = m["attribute_readout"]
-            above = float(np.mean([r["accuracy"] > r["majority_floor"] for r in ro]))
-        return {"zero-shot PBC, 5 leukocytes (held-out prompts), accuracy": m["zero_shot_pbc"]["heldout"]["accuracy"],
-                "zero-shot PBC, 5 leukocytes (held-out prompts), macro-F1": m["zero_shot_pbc"]["heldout"]["macro_f1"],
-                "zero-shot normal / benign / AML / ALL, accuracy": m["zero_shot_groups"]["accuracy"],
-                "image → text R@5 (attribute sentences)": r5,
-                f"unseen class recall from its description ({held.get('class', heldout_class)})": unseen,
-                "attributes read out above their majority floor (fraction)": above}
-    ours, theirs = rows(res_metrics), rows(ref.get("metrics"))
+    """The headline measures (:func:`headline_measures`) of this build's own run
+    (``res_metrics``: the ci results' ``metrics``, or None) beside the reference model's."""
+    ours, theirs = headline_measures(res_metrics, heldout_class), headline_measures(ref.get("metrics"), heldout_class)
     keys = list(dict.fromkeys(list(ours) + list(theirs)))
     return pd.DataFrame({"this build": [ours.get(k) for k in keys], "reference": [theirs.get(k) for k in keys]},
                         index=pd.Index(keys, name="measure"))
@@ -642,10 +646,10 @@ def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print, 
                       note: str | None = None, heldout_class: str = REFERENCE_HELDOUT) -> list[Path]:
     """Publish the finished ``reference`` runs under ``out`` (``leukemia-core run
     05_vision_language --profile reference --out OUT``) into ``reference/05_vision_language/``:
-    fp16 when the zero-shot PBC accuracy and macro-F1 (held-out prompts) of the fp16 weights
-    stay within 0.1 point of the fp32 weights', else fp32. A run without ``results.json``
+    in the smallest storage (int8, fp16, fp32) whose zero-shot PBC accuracy and macro-F1
+    (held-out prompts) stay within 0.1 point of the fp32 weights'
+    (:func:`~leukemia_core.reproducibility.reference.publish_smallest`). A run without ``results.json``
     (not finished) is reported through ``log`` and left out."""
-    import json
 
     from leukemia_core.reproducibility import reference
 
@@ -659,28 +663,25 @@ def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print, 
         if models and name not in models:
             continue
         run_dir = Path(out) / f"{stem}_s{seed}"
-        if not (run_dir / "results.json").exists():
-            log(f"{name}: {run_dir} has no results.json (not finished): not published")
+        results = reference.finished_run(run_dir, name, log)
+        if results is None:
             continue
-        results = json.loads((run_dir / "results.json").read_text())
         common = dict(description=f"Vision-language model (EfficientNet-Lite0 image tower, ImageNet, fine-tuned; "
                                   f"frozen all-MiniLM-L6-v2 text tower), {results['config']['image_size']} px, "
                                   f"seed {seed}" + (f", trained without {heldout_class}" if name != "vl_lite0_minilm"
                                                     else "") + ".",
-                      command=f"leukemia-core run {CHAPTER} --profile reference --out {out} [--resume]"
-                              + (f" ({note})" if note else ""),
+                      command=reference.command_line(
+                          f"leukemia-core run {CHAPTER} --profile reference --out {out} [--resume]", note),
                       intended_use=REFERENCE_USE, limits=REFERENCE_LIMITS, results=results, root=root)
-        scores = {}
-        for fp16 in (False, True):
-            reference.publish(run_dir, CHAPTER, name, metrics={}, fp16=fp16, **common)
+        def score(name=name) -> dict:
+            nonlocal o
             model, meta, _, _ = reference.load_reference(CHAPTER, name, root)
             o = o or _reference_test_data(meta, data_root)
             emb, _ = embed_images(model, Subset(o["test_ds"], np.flatnonzero(o["is_pbc"]).tolist()), features=False)
             m = zero_shot_metrics(emb, o["pbc_labels"], prompt_embeddings(model, class_prompts(WBC)), WBC)
-            scores[fp16] = {"zero_shot_pbc_accuracy": m["accuracy"], "zero_shot_pbc_macro_f1": m["macro_f1"]}
-        fp16 = all(abs(scores[True][k] - scores[False][k]) <= 0.001 for k in scores[False])
-        metrics = {**scores[fp16], **{f"fp32_{k}": v for k, v in scores[False].items()}}
-        published.append(reference.publish(run_dir, CHAPTER, name, metrics=metrics, fp16=fp16, **common))
+            return {"zero_shot_pbc_accuracy": m["accuracy"], "zero_shot_pbc_macro_f1": m["macro_f1"]}
+
+        published.append(reference.publish_smallest(run_dir, CHAPTER, name, score, **common))
     if o is not None:  # for an evaluate_reference that follows in this process
         _HANDOVER[str(data_root), o["image_size"]] = o
     return published

@@ -4,7 +4,7 @@ Layout (committed; all weights together under 150 MB)::
 
     reference/
       MANIFEST.sha256                      sha256sum format, every file below
-      <chapter>/<name>/model.safetensors   the one checkpoint format (fp16 where allowed)
+      <chapter>/<name>/model.safetensors   the one checkpoint format (fp16 or int8 where allowed)
       <chapter>/<name>/model_card.json     provenance, metrics, intended use, limits, licences
       <chapter>/<name>/MODEL_CARD.md       the same, for people
       <chapter>/<name>/training_log.csv    the training curves, one row per epoch
@@ -139,8 +139,15 @@ def training_log(chapter: str, name: str, root: Path = REFERENCE_DIR):
 
 
 def _card_markdown(card: dict) -> str:
-    m = card.get("metrics", {})
+    m = dict(card.get("metrics", {}))
+    tried = m.pop("storages_tried", None)
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in m.items())
+    if tried:  # publish_smallest: every storage's scores, the kept one marked
+        keys = list(next(iter(tried.values())))
+        rows += ("\n\nStorage chosen by these scores (the smallest within 0.1 point of float32):\n\n"
+                 f"| storage | {' | '.join(keys)} |\n|---|{'---|' * len(keys)}\n"
+                 + "\n".join(f"| {d}{' (kept)' if d == card['dtype'] else ''} | "
+                              + " | ".join(f"{v[k]:.4f}" for k in keys) + " |" for d, v in tried.items()))
     data = "\n".join(f"- {d}: {lic}" for d, lic in card["data_licences"].items())
     return f"""# Reference checkpoint: {card['chapter']} / {card['name']}
 
@@ -149,11 +156,11 @@ def _card_markdown(card: dict) -> str:
 - **Command:** `{card['command']}`
 - **Commit:** {card['git_sha']}
 - **Hardware:** {card['hardware']}
-- **Wall time:** {card['wall_time_s'] / 3600:.2f} h (of the session that finished the run); **training
+- **Wall time:** {f"{card['wall_time_s'] / 3600:.2f} h" if card['wall_time_s'] else 'not recorded'} (of the session that finished the run); **training
   time:** {card.get('train_time_s', 0.0) / 3600:.2f} h (the epochs' training loops summed over every resumed
   session, validation excluded); **epochs:** {card['epochs_run']} (selected: {card['selected_epoch']})
 - **Data:** {card['dataset']} (data SHA-256 {card['data_sha256'][:16]}…, split SHA-256 {card['split_sha256'][:16]}…)
-- **Weights:** {card['dtype']} ({card['weights_mb']:.1f} MB)
+- **Weights:** {card.get('dtype_note', card['dtype'])} ({card['weights_mb']:.1f} MB)
 
 ## Metrics at publication (test split)
 
@@ -173,30 +180,60 @@ def _card_markdown(card: dict) -> str:
 """
 
 
+#: How published weights may be stored, largest first: float32 (the run's own file),
+#: float16, and int8 (:func:`~leukemia_core.engine.checkpoint.encode_int8`: weight matrices and
+#: kernels per output channel, the rest float16; dequantized to float32 at load).
+DTYPES = ("float32", "float16", "int8")
+DTYPE_NOTES = {"float32": "float32, as trained", "float16": "float16, cast from the float32 run",
+               "int8": "int8 weight matrices and kernels (symmetric, one scale per output channel), float16 "
+                       "biases and norms; dequantized to float32 at load"}
+
+
+def finished_run(run_dir: Path, name: str, log=print) -> dict | None:
+    """A run folder's ``results.json`` (written when the run finished), or None after
+    reporting through ``log`` that the run is not finished and is not published."""
+    path = Path(run_dir) / "results.json"
+    if not path.exists():
+        log(f"{name}: {run_dir} has no results.json (not finished): not published")
+        return None
+    return json.loads(path.read_text())
+
+
+def command_line(command: str, note: str | None = None) -> str:
+    """A model card's command line, with how the run was made (``note``) appended."""
+    return command + (f" ({note})" if note else "")
+
+
 def publish(run_dir: Path, chapter: str, name: str, *, description: str, command: str,
-            intended_use: str, limits: str, metrics: dict, results: dict, fp16: bool = False,
-            root: Path = REFERENCE_DIR) -> Path:
-    """Copy a finished run's weights (cast to fp16 if ``fp16``), its training log and a model
-    card into ``root/<chapter>/<name>/`` and rewrite the manifest. ``results`` is the run's
-    results JSON (data and split hashes, history, hardware, wall time); ``metrics`` the test
-    metrics of the published weights (measured on those weights, fp16 included)."""
+            intended_use: str, limits: str, metrics: dict, results: dict, dtype: str = "float32",
+            root: Path = REFERENCE_DIR, check_budget: bool = True) -> Path:
+    """Copy a finished run's weights (stored as ``dtype``, one of :data:`DTYPES`), its
+    training log and a model card into ``root/<chapter>/<name>/`` and rewrite the manifest.
+    ``results`` is the run's results JSON (data and split hashes, history, hardware, wall
+    time); ``metrics`` the test metrics of the published weights (measured on those weights).
+    ``check_budget``: fail if all weights under ``root`` exceed :data:`MAX_TOTAL_MB` (off only
+    for :func:`publish_smallest`'s trial publications)."""
     import pandas as pd
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from leukemia_core.engine.checkpoint import checkpoint_file
+    from leukemia_core.engine.checkpoint import checkpoint_file, encode_int8
 
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {DTYPES}")
     src = checkpoint_file(Path(run_dir))
     folder = reference_folder(chapter, name, root)
     folder.mkdir(parents=True, exist_ok=True)
     dst = folder / "model.safetensors"
-    if fp16:
+    if dtype == "float32":
+        shutil.copyfile(src, dst)
+    else:
         with safe_open(str(src), "pt") as f:
             meta = f.metadata()
-        tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(src)).items()}
+        state = load_file(str(src))
+        tensors = (encode_int8(state) if dtype == "int8"
+                   else {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()})
         save_file(tensors, str(dst), metadata=meta)
-    else:
-        shutil.copyfile(src, dst)
     history = results.get("history") or []
     pd.DataFrame(history).to_csv(folder / "training_log.csv", index=False)
     selected = max(history, key=lambda h: h.get("val_macro_f1", float("-inf")), default={}).get("epoch")
@@ -210,7 +247,7 @@ def publish(run_dir: Path, chapter: str, name: str, *, description: str, command
         "selected_epoch": selected, "dataset": results.get("dataset"),
         "data_sha256": results.get("data_sha256", ""), "split_sha256": results.get("split_sha256", ""),
         "profile": results.get("profile"), "config": results.get("config"),
-        "dtype": "float16" if fp16 else "float32", "weights_mb": dst.stat().st_size / 1e6,
+        "dtype": dtype, "dtype_note": DTYPE_NOTES[dtype], "weights_mb": dst.stat().st_size / 1e6,
         "metrics": metrics, "intended_use": intended_use, "limits": limits,
         "data_licences": {d: DATA_LICENCES.get(d, "see ../shared/datasets/README.md")
                           for d in (results.get("datasets") or
@@ -221,18 +258,91 @@ def publish(run_dir: Path, chapter: str, name: str, *, description: str, command
     (folder / "MODEL_CARD.md").write_text(_card_markdown(card))
     write_manifest(root)
     total = sum(p.stat().st_size for p in Path(root).rglob("*.safetensors")) / 1e6
-    if total > MAX_TOTAL_MB:
+    if check_budget and total > MAX_TOTAL_MB:
         raise CheckpointError(f"the reference weights under {root} total {total:.0f} MB, over the "
-                              f"{MAX_TOTAL_MB:.0f} MB budget: publish this one in fp16 or drop another")
+                              f"{MAX_TOTAL_MB:.0f} MB budget: publish this one smaller (reference.publish_smallest) or drop another")
     return folder
 
 
+#: Issue 18: weights are published in fp16 when every score they give stays within 0.1 point
+#: (0.001) of the fp32 weights'; the same rule admits int8 storage (:data:`DTYPES`).
+FP16_TOLERANCE = 0.001
+
+
+def publish_smallest(run_dir: Path, chapter: str, name: str, score, *, root: Path = REFERENCE_DIR,
+                     **card) -> Path:
+    """Publish a finished run in the smallest of :data:`DTYPES` that scores as the float32
+    weights do.
+
+    ``score()`` evaluates the checkpoint as published at that moment (it is called after a
+    float32, a float16 and an int8 publish) and returns ``{metric: value}``; a key ``n`` (a
+    count) is carried but not compared. The smallest storage whose every other metric is
+    within :data:`FP16_TOLERANCE` of the float32 one is kept (int8, else float16, else
+    float32); the card's metrics are the kept weights' scores plus ``fp32_<metric>``, and
+    ``storages_tried`` (every storage's scores). ``card``: :func:`publish`'s keyword
+    arguments but ``metrics`` and ``dtype``."""
+    scores = {}
+    for dtype in DTYPES:
+        publish(run_dir, chapter, name, metrics={}, dtype=dtype, root=root, check_budget=False, **card)
+        scores[dtype] = dict(score())
+    compared = [k for k in scores["float32"] if k != "n"]
+    if not compared:
+        raise ValueError(f"{chapter}/{name}: score() returned no metric to compare the storages by")
+    within = [d for d in DTYPES if all(abs(scores[d][k] - scores["float32"][k]) <= FP16_TOLERANCE for k in compared)]
+    kept = within[-1]  # float32 is always within
+    metrics = {**scores[kept], **{f"fp32_{k}": scores["float32"][k] for k in compared},
+               "storages_tried": {d: {k: scores[d][k] for k in compared} for d in DTYPES}}
+    return publish(run_dir, chapter, name, metrics=metrics, dtype=kept, root=root, **card)
+
+
+#: Under ``smoke`` a chapter evaluates its reference checkpoints on the first this-many test
+#: images of every class (or source): it checks the path in seconds. Every other profile
+#: evaluates on the whole test split, which is what ``results/reference/`` holds and what the
+#: freshness check compares; a capped evaluation is written under ``<results>/smoke/`` instead.
+SMOKE_TEST_PER_CLASS = 6
+
+
+def test_per_class(profile) -> int | None:
+    """The test images per class a chapter's reference evaluation uses under ``profile`` (a
+    name or a Profile): :data:`SMOKE_TEST_PER_CLASS` under smoke, None (all) otherwise."""
+    name = getattr(profile, "name", profile)
+    return SMOKE_TEST_PER_CLASS if name == "smoke" else None
+
+
+def capped_note(profile: str, per_class: int, unit: str = "class") -> str:
+    """The sentence a chapter shows above a capped reference evaluation (``unit``: what the
+    cap counts per, class or source)."""
+    return (f"*Under `{profile}` the reference checkpoints are evaluated on the first {per_class} test images of "
+            f"every {unit} only: a check that the path works, not their result. Every other profile evaluates "
+            "them on the whole test split.*")
+
+
+def evaluations_dir(results_dir, per_class: int | None) -> Path:
+    """Where reference evaluations go: ``<results_dir>/reference`` for whole-split ones,
+    ``<results_dir>/smoke/reference`` for capped ones (never compared, git-ignored)."""
+    results_dir = Path(results_dir) if results_dir is not None else REPO_ROOT / "results"
+    return results_dir / "reference" if per_class is None else results_dir / "smoke" / "reference"
+
+
+def first_per_class(table, column: str, per_class: int | None):
+    """The first ``per_class`` rows of every value of ``column`` (table order, so the same
+    rows every time); the table itself when ``per_class`` is None. Keeps ``attrs``."""
+    if per_class is None:
+        return table
+    out = table.groupby(column, sort=False).head(per_class)
+    out.attrs = dict(table.attrs)
+    return out
+
+
 def evaluate_classifier(chapter: str, name: str, data_root=None, results_dir=None,
-                        root: Path = REFERENCE_DIR, batch_size: int = 128, num_workers: int = 0) -> Path:
+                        root: Path = REFERENCE_DIR, batch_size: int = 128, num_workers: int = 0,
+                        per_class: int | None = None) -> Path:
     """Evaluate a verified reference classifier live on its dataset's committed test split
     (the checkpoint's own preprocessing) and write ``<results_dir>/reference/<chapter
     prefix>_<name>.json``. The weights are fixed, so every build must reproduce the committed
-    file within ``freshness.reference_tolerance`` of results/claims.yaml."""
+    file within ``freshness.reference_tolerance`` of results/claims.yaml. ``per_class``:
+    only the first so many test images per class (:func:`test_per_class`), written under
+    :func:`evaluations_dir` instead."""
     import time
 
     import torch
@@ -249,15 +359,15 @@ def evaluate_classifier(chapter: str, name: str, data_root=None, results_dir=Non
     start = time.perf_counter()
     model, meta, _, card = load_reference(chapter, name, root)
     table = apply_split(load_dataset(card["dataset"], data_root))
-    test = table[(table["split"] == "test") & table["label"].isin(meta["classes"])].reset_index(drop=True)
+    test = table[(table["split"] == "test") & table["label"].isin(meta["classes"])]
+    test = first_per_class(test, "label", per_class).reset_index(drop=True)
     ds = ImageTableDataset(test, meta["classes"], eval_transform_from(meta["preprocess"]))
     m = evaluate(model, DataLoader(ds, batch_size=batch_size, num_workers=num_workers), meta["classes"],
                  device=torch.device("cpu"))
     m = {k: v for k, v in m.items() if k not in ("probs", "targets")}
-    results_dir = Path(results_dir) if results_dir is not None else REPO_ROOT / "results"
     prefix = chapter.split("_", 1)[1] if "_" in chapter else chapter
     return write_results(
-        results_dir / "reference" / f"{prefix}_{name}.json", overwrite=True,
+        evaluations_dir(results_dir, per_class) / f"{prefix}_{name}.json", overwrite=True,
         kind="reference_evaluation", chapter=chapter, reference=name, dataset=card["dataset"],
         model=meta.get("model"), profile="reference", seeds=[card.get("config", {}).get("seed", 0)]
         if isinstance(card.get("config"), dict) else [0],
@@ -282,7 +392,14 @@ EXPECTED = {
                      "level4_efficientnet_lite0", "scratch_flat_convnext_atto", "scratch_flat_vit_tiny_patch16_224"),
     # leukemia_core.experiments.vision_language.reference_names
     "05_vision_language": ("vl_lite0_minilm", "vl_without_monocyte"),
+    # leukemia_core.experiments.r3gan_hybrid.FCMAE_REFERENCE (issue 19; the R3GAN and hybrid follow)
+    "08_r3gan_hybrid": ("fcmae_convnextv2_atto",),
 }
+
+
+#: The command that trains a reference checkpoint, where it is not the chapter's
+#: ``leukemia-core run <chapter> --profile reference``.
+TRAIN_COMMANDS = {("08_r3gan_hybrid", "fcmae_convnextv2_atto"): "leukemia-core pretrain fcmae --profile reference --out DIR"}
 
 
 def check(chapter: str, name: str, root: Path = REFERENCE_DIR) -> dict:
@@ -292,10 +409,10 @@ def check(chapter: str, name: str, root: Path = REFERENCE_DIR) -> dict:
     row = {"chapter": chapter, "name": name}
     listed = f"{chapter}/{name}/model.safetensors" in read_manifest(root)
     if not listed and not folder.exists():
+        train = TRAIN_COMMANDS.get((chapter, name), f"leukemia-core run {chapter} --profile reference --out DIR")
         return {**row, "status": "missing",
-                "message": f"reference/{chapter}/{name} is not published yet: train it with `leukemia-core run "
-                           f"{chapter} --profile reference --out DIR` (resumable: `--resume`), then "
-                           f"`leukemia-core reference publish {chapter} --out DIR`"}
+                "message": f"reference/{chapter}/{name} is not published yet: train it with `{train}` "
+                           f"(resumable: `--resume`), then `leukemia-core reference publish {chapter} --out DIR`"}
     try:
         verify(folder, root)
     except CheckpointError as exc:

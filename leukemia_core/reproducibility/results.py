@@ -124,6 +124,22 @@ def _jsonable(obj):
     return obj
 
 
+def session_wall_time(path: str | Path, history: list, elapsed: float) -> float:
+    """The wall time to record in a run's results file ``path``: ``elapsed`` (this session),
+    unless this session trained nothing (a finished run resumed again: the file already
+    holds a run with the same number of epochs), in which case the recorded time of the
+    session that finished it is kept, not replaced by this session's few seconds."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return elapsed
+        if len(old.get("history") or []) == len(history or []) and old.get("wall_time_s"):
+            return float(old["wall_time_s"])
+    return elapsed
+
+
 def write_results(path: str | Path, **fields) -> Path:
     """Write a results JSON with the given fields plus git sha, hardware and a timestamp.
 

@@ -59,20 +59,29 @@ class FCMAETask(Task):
         mask = mae.random_mask(x.shape[0], x.device)
         return {"loss": mae.loss(x, net(x, mask), mask), "n": len(x)}
 
-    @torch.no_grad()
     def validate(self, model, state: LoopState) -> dict | None:
         if self.monitor_loader is None:
             return None
-        model.eval()
-        g = torch.Generator().manual_seed(self.seed)
-        total, n = 0.0, 0
-        for x, _ in self.monitor_loader:
-            x = x.to(state.device)
-            mask = model.random_mask(x.shape[0], generator=g).to(x.device)
-            total += float(model.loss(x, model(x, mask), mask)) * len(x)
-            n += len(x)
+        loss = masked_loss(model, self.monitor_loader, self.seed, state.device)["loss"]
         model.train()
-        return {"loss": total / max(n, 1)}
+        return {"loss": loss}
+
+
+@torch.no_grad()
+def masked_loss(model: FCMAE, loader, seed: int = 0, device=None) -> dict:
+    """The pretraining objective on every image of ``loader`` under masks fixed by ``seed``
+    (the same masks every call: a checkpoint's score, and the monitoring curve):
+    ``{"loss": mean masked reconstruction loss, "n": images}``. Leaves ``model`` in eval mode."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    total, n = 0.0, 0
+    for x, _ in loader:
+        x = x.to(device)
+        mask = model.random_mask(x.shape[0], generator=g).to(x.device)
+        total += float(model.loss(x, model(x, mask), mask)) * len(x)
+        n += len(x)
+    return {"loss": total / max(n, 1), "n": n}
 
 
 def _dataset(rows: pd.DataFrame, size: int, train_: bool, mean, std) -> ImageTableDataset:

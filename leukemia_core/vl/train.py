@@ -19,15 +19,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from leukemia_core.engine.checkpoint import read_meta
+from leukemia_core.engine.checkpoint import read_meta, read_state
 from leukemia_core.engine.loop import Callback, EpochGenerators, LoopConfig, Task, train
 from leukemia_core.engine.train import default_device, to_device
 from leukemia_core.errors import CheckpointError
+from leukemia_core.losses.vision_language import (
+    multi_positive_info_nce,
+    positives_from_keys,
+)
 from leukemia_core.vl.data import IndexedDataset, TextBank, class_balanced_weights
-from leukemia_core.losses.vision_language import multi_positive_info_nce, positives_from_keys
 from leukemia_core.vl.model import VisionLanguageModel, VLModelConfig, build_vl_model
 
 WEIGHTS = "vl_model.safetensors"
@@ -252,7 +255,7 @@ def load_vl(path: str | Path) -> tuple[VisionLanguageModel, dict]:
     if "vl_config" not in meta:
         raise CheckpointError(f"{path} is not a vision-language checkpoint (no 'vl_config' in its metadata)")
     model = build_vl_model(VLModelConfig(**(meta["vl_config"] | {"pretrained": False})))
-    state = load_file(str(path))
+    state = read_state(path)
     expected = set(model.trainable_state_dict())
     if set(state) != expected:
         raise CheckpointError(f"{path} does not fit the model: missing {sorted(expected - set(state))[:5]}, "
