@@ -61,6 +61,7 @@ seed = 0
 seeds = None  # None: the profile's seeds (one under ci, three under full)
 taxonomy = "leukemia"  # a bundled tree name or a YAML path
 results_dir = "results"  # results JSON per model: <results_dir>/<profile>/hierarchy_*.json
+artifacts = "_build/artifacts"  # checkpoints and training state: <artifacts>/<profile>/hierarchy/
 
 # %%
 import time
@@ -80,8 +81,8 @@ CHAPTER_START = time.perf_counter()
 #: The whole protocol runs here (leukemia_core/experiments/hierarchy.py): every model of the
 #: chapter is trained and scored, and the results JSONs are written; the cells below read `res`.
 #: Sizes per profile come from leukemia_core/config.py (CHAPTER_SIZES): the code path is the same.
-res = experiment.run(profile, seeds=seeds, data_root=data_root, results_dir=results_dir, seed=seed,
-                     taxonomy=taxonomy)
+res = experiment.run(profile, seeds=seeds, data_root=data_root, out=REPO_ROOT / artifacts / profile,
+                     results_dir=results_dir, seed=seed, taxonomy=taxonomy)
 o = res.objects
 SIZES, P, PS, seeds, CNN, VIT, BACKBONE = (o[k] for k in ("sizes", "P", "PS", "seeds", "cnn", "vit", "backbone"))
 tax, codec, table, data, levels = (o[k] for k in ("tax", "codec", "table", "data", "levels"))

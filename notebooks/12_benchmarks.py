@@ -257,4 +257,5 @@ out = REPO_ROOT / artifacts / profile / "benchmarks.json"
 out.parent.mkdir(parents=True, exist_ok=True)
 result["wall_time_s"] = time.perf_counter() - T0
 out.write_text(json.dumps(result, indent=2) + "\n")
-print(f"{out.relative_to(REPO_ROOT)}; this page's benchmarks took {result['wall_time_s']:.0f} s")
+shown = out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out
+print(f"{shown}; this page's benchmarks took {result['wall_time_s']:.0f} s")

@@ -87,7 +87,7 @@ def pbc_table(data_root):
 def run_exercise(chapter: str):
     """The tests' smoke book's run of ``chapter``, which executed it with its exercise's
     parameter change (tests/exercises.py): ``(executed notebook, results folder,
-    artifacts folder)``. Skips, like the book, without the dataset mirror."""
+    artifacts folder)``; the artifacts live in the smoke book's temporary folder. Skips, like the book, without the dataset mirror."""
     import nbformat
 
     from exercises import EXERCISES
@@ -97,7 +97,7 @@ def run_exercise(chapter: str):
     run = book.runs[f"notebooks/{chapter}"]
     assert run.ok, f"{chapter} with its exercise's change failed under smoke: {run.error}"
     nb = nbformat.read(book.html.parent / "source" / "notebooks" / f"{chapter}.ipynb", as_version=4)
-    return nb, REPO / "results" / "smoke", REPO / "_build" / "artifacts" / "smoke"
+    return nb, REPO / "results" / "smoke", book.html.parents[1] / "artifacts" / "smoke"
 
 
 def notebook_text(nb) -> str:

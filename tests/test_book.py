@@ -12,12 +12,20 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import load_module
+from conftest import REPO, load_module
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 build = load_module("book_build", "book/build.py")
+
+
+def scratch_folders(chapter: str, out: Path) -> dict:
+    """The parameters that put ``chapter``'s checkpoints and training state under ``out``
+    (``artifacts``, or ``runs_dir`` for the detection chapter), as its notebook names them."""
+    text = (REPO / "notebooks" / f"{chapter}.py").read_text()
+    return {name: str(out / folder) for name, folder in (("artifacts", "artifacts"), ("runs_dir", "runs"))
+            if f"\n{name} = " in text}
 
 
 def smoke_book():
@@ -35,8 +43,12 @@ def smoke_book():
         atexit.register(shutil.rmtree, out, ignore_errors=True)
         from exercises import exercise_params  # each method chapter runs its exercise's change
 
-        build.smoke_result = build.build_book("smoke", out=out, log=lambda line: None, jobs=2,
-                                              params=exercise_params(out / "exercises"))
+        # every chapter's checkpoints and training state in the temporary folder too (GBs
+        # under smoke that nothing reads after the session; CI's disk is shared)
+        params = {ch: {**scratch_folders(ch, out), **p} for ch, p in exercise_params(out / "exercises").items()}
+        params.update({ch: scratch_folders(ch, out) for ch in ("09_explain", "10_explorer", "12_benchmarks")
+                       if ch not in params})
+        build.smoke_result = build.build_book("smoke", out=out, log=lambda line: None, jobs=2, params=params)
     return build.smoke_result
 
 
