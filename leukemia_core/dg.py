@@ -416,9 +416,12 @@ def train_dg(recipe: Recipe, train: Arrays, val: Arrays, num_classes: int, eval_
 
 
 # --------------------------------------------------------------------------- checkpoint
-def save_dg_checkpoint(path, model, classes: list[str], image_size: int, scale_norm, recipe) -> Path:
+def save_dg_checkpoint(path, model, classes: list[str], image_size: int, scale_norm, recipe,
+                       extra: dict | None = None) -> Path:
     """Write ``model.backbone`` as safetensors with what :func:`predict_folder` needs: the
-    one checkpoint format (:mod:`leukemia_core.checkpoints`); read back by :func:`load_dg_checkpoint`, kind ``dg_classifier``."""
+    one checkpoint format (:mod:`leukemia_core.checkpoints`); read back by :func:`load_dg_checkpoint`, kind ``dg_classifier``.
+    ``extra``: more fields of ``meta["dg"]`` (e.g. the table row, whether it is used with
+    test-time BatchNorm adaptation, the domains it was trained on)."""
     from dataclasses import asdict
 
     from leukemia_core.data.transforms import preprocess_dict
@@ -428,7 +431,7 @@ def save_dg_checkpoint(path, model, classes: list[str], image_size: int, scale_n
             "preprocess": preprocess_dict(image_size, MEAN, STD, None,
                                           scale_norm=asdict(scale_norm) if scale_norm else None,
                                           stain_norm=bool(recipe.stain_norm)),
-            "dg": {"norm": recipe.norm, "recipe": recipe.to_dict()}}
+            "dg": {"norm": recipe.norm, "recipe": recipe.to_dict(), **(extra or {})}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_weights(path, model.backbone, meta)

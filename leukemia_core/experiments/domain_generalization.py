@@ -22,13 +22,13 @@ from PIL import Image
 
 from leukemia_core import dg
 from leukemia_core.config import Profile, chapter_sizes, get_profile
-from leukemia_core.data.domains import CLASSES, DOMAINS, SHARED, load_domains
+from leukemia_core.data.domains import CLASSES, DOMAINS, PROBE, SHARED, load_domains
 from leukemia_core.data.splits import SPLITS_DIR
 from leukemia_core.data.torch_dataset import read_image
 from leukemia_core.experiments import ExperimentRun, resolve_paths
 from leukemia_core.pipeline import content_hash, subsample
 from leukemia_core.predict import evaluate_folder, predict_folder
-from leukemia_core.reproducibility.results import write_results
+from leukemia_core.reproducibility.results import session_wall_time, write_results
 
 CHAPTER = "06_domain_generalization"
 SCALE = dg.ScaleNorm()
@@ -39,6 +39,10 @@ DESIGNED_ON_HELDOUT = {"combined", "combined + TTA-BN"}
 HEADLINE_RULE = ("highest mean validation macro-F1 on the training domains (TTA-BN rows adapted per "
                  "validation domain) among rows not designed on held-out scores")
 DATASET = "lodo:pbc,bccd_crops,zheng+matek_probe"
+#: Domain ids of the images (the all-domains model also trains on Matek's neutrophils).
+DOMAIN_IDS = [*DOMAINS, *PROBE]
+#: Model-card licence keys of the domains (reference.DATA_LICENCES).
+LICENCE_KEYS = {"pbc": "pbc", "bccd": "bccd", "zheng": "zheng_wbc", "matek": "matek"}
 
 
 def recipes(supcon_weight: float = 0.5) -> list[dg.Recipe]:
@@ -110,13 +114,14 @@ def arrays(rows: pd.DataFrame, size: int, scale: bool, stain_norm: bool) -> dg.A
            for p in rows["path"]]
     x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor([CLASSES.index(c) for c in rows["label"]])
-    d = torch.tensor([list(DOMAINS).index(v) if v in DOMAINS else -1 for v in rows["domain"]])
+    d = torch.tensor([DOMAIN_IDS.index(v) for v in rows["domain"]])
     return dg.Arrays(x, y, d)
 
 
 def domain_parts(table: pd.DataFrame, sizes: dict) -> dict:
     """``(domain, role) -> rows``, role train / val / heldout (PBC: its test split; BCCD and
-    Zheng: all their images), plus the Matek probe; the profile's per-class caps."""
+    Zheng: all their images), plus Matek's neutrophils (heldout: its test split, the probe;
+    train / val: for the all-domains model); the profile's per-class caps."""
     def pick(domain, split):
         rows = table[(table["domain"] == domain) & (table["split"].isin(split))]
         cap = (sizes[f"pbc_{split[0]}_cap"] if domain == "pbc" and len(split) == 1 else
@@ -127,8 +132,10 @@ def domain_parts(table: pd.DataFrame, sizes: dict) -> dict:
     for dom in DOMAINS:
         parts[dom, "train"], parts[dom, "val"] = pick(dom, ["train"]), pick(dom, ["val"])
         parts[dom, "heldout"] = pick(dom, ["test"]) if dom == "pbc" else pick(dom, ["train", "val", "test"])
-    parts["matek", "heldout"] = subsample(table[(table["domain"] == "matek") & (table["split"] == "test")],
-                                          sizes["probe_cap"], 0).reset_index(drop=True)
+    for dom in PROBE:  # test: the probe of every LODO model; train / val: the all-domains model's
+        for role, split in (("heldout", "test"), ("train", "train"), ("val", "val")):
+            parts[dom, role] = subsample(table[(table["domain"] == dom) & (table["split"] == split)],
+                                         sizes["probe_cap"], 0).reset_index(drop=True)
     return parts
 
 
@@ -247,13 +254,85 @@ def chance_level(parts, cache) -> float:
                                       LABELS) for h in DOMAINS]))
 
 
+# --------------------------------------------------------------------------- all-domains model
+def all_domains_model(cache, recipe: dg.Recipe, best: str, seeds, sizes, out: Path, resume=False):
+    """The headline row's recipe trained on every domain's training split (PBC, BCCD, Zheng
+    and Matek's neutrophils) and selected on all their validation splits: the model for a
+    hospital the book has never seen. Scored on each domain's own test split, used as the
+    row is (TTA-BN: adapted to each test domain). Needs the ``(domain, "test")`` arrays of
+    :func:`in_domain_ceiling` (same recipe). ``(TrainResult, per-domain rows)``."""
+    sc = (recipe.scale_norm, recipe.stain_norm)
+    res = dg.train_dg(recipe, join(cache, [(d, "train") for d in DOMAIN_IDS], sc),
+                      join(cache, [(d, "val") for d in DOMAIN_IDS], sc), len(CLASSES), LABELS, sizes["epochs"],
+                      batch_size=sizes["batch_size"], seed=seeds[0], resume=resume,
+                      out_dir=out / "dg_runs" / f"all_domains_{slug(recipe.name)}_seed{seeds[0]}")
+    rows = []
+    for dom in DOMAIN_IDS:
+        test = cache[(dom, "test") if dom in DOMAINS else (dom, "heldout"), sc]
+        m, _ = score(as_used(res, best, test.x), test)
+        rows.append({"domain": dom, "test images": m["n"], "macro-F1": m["macro_f1"] if dom in DOMAINS else np.nan,
+                     "accuracy": m["accuracy"], **{k: v for k, v in m.items() if k.startswith("recall")}})
+    return res, rows
+
+
+#: The chapter's reference checkpoints (issue 22): ERM-BN and the headline row (whatever the
+#: training domains' validation chose) without each domain, and the all-domains model.
+REFERENCE_NAMES = (*(f"erm_bn_without_{d}" for d in DOMAINS), *(f"headline_without_{d}" for d in DOMAINS),
+                   "all_domains")
+
+
+def split_sha() -> str:
+    return hashlib.sha256(b"".join((SPLITS_DIR / f"{n}.csv").read_bytes()
+                                   for n in ["pbc", "bccd_crops", "zheng", "matek"])).hexdigest()
+
+
+def save_models(out: Path, P: Profile, parts, trained, r, recs, seeds, all_res, size: int) -> dict[str, Path]:
+    """Each of :data:`REFERENCE_NAMES` as a run folder ``<out>/dg_models/<name>/``: the weights
+    as the row uses them (SWA rows: the average) in the ``dg_classifier`` checkpoint format,
+    whose metadata says the row, whether it adapts BatchNorm to the target and the domains it
+    trained on, and ``results.json`` (history, hashes, hardware, and for the headline the
+    whole selection table) from which ``leukemia-core reference publish`` makes model cards."""
+    seed, best = seeds[0], r["best"]
+    val_table = r["scores"].groupby("method", sort=False)[["val macro-F1", "macro_f1"]].mean()
+    selection = {"rule": HEADLINE_RULE, "excluded": sorted(DESIGNED_ON_HELDOUT),
+                 "rows": {m: {"val_macro_f1": float(v["val macro-F1"]), "heldout_macro_f1": float(v["macro_f1"])}
+                          for m, v in val_table.iterrows()}}
+    jobs = {}
+    for held in DOMAINS:
+        for prefix, row in (("erm_bn", "ERM-BN"), ("headline", best)):
+            jobs[f"{prefix}_without_{held}"] = (row, trained[recipe_of(row, recs).name, held, seed],
+                                                [d for d in DOMAINS if d != held], held)
+    jobs["all_domains"] = (best, all_res, DOMAIN_IDS, None)
+    folders = {}
+    for name, (row, res, train_doms, held) in jobs.items():
+        recipe = recipe_of(row, recs)
+        folder = out / "dg_models" / name
+        model = res.swa_model if row.endswith("+ SWA") else res.model
+        dg.save_dg_checkpoint(folder / "model.safetensors", model, CLASSES, size,
+                              SCALE if recipe.scale_norm else None, recipe,
+                              {"row": row, "adapt_bn": row.endswith("TTA-BN"), "trained_on": list(train_doms),
+                               "held_out": held})
+        used = pd.concat([parts[d, role] for d in train_doms for role in ("train", "val")], ignore_index=True)
+        results_path = folder / "results.json"
+        write_results(results_path, overwrite=True, kind="dg_training", chapter=CHAPTER, method=row,
+                      model="efficientnet_lite0", dataset=DATASET if held else "all:pbc,bccd_crops,zheng,matek",
+                      datasets=[LICENCE_KEYS[d] for d in train_doms], profile=P.name, seeds=[seed],
+                      config={"recipe": recipe.to_dict(), "row": row, "trained_on": list(train_doms),
+                              "held_out": held, "image_size": size, "seed": seed,
+                              **({"selection": selection} if name.startswith("headline") or held is None else {})},
+                      metrics={"best_epoch": res.best_epoch, "monitor": "val macro_f1 (training domains)"},
+                      history=res.history, train_time_s=float(sum(h.get("train_time_s", 0.0) for h in res.history)),
+                      wall_time_s=session_wall_time(results_path, res.history, res.train_time_s),
+                      split_sha256=split_sha(), data_sha256=content_hash(used))
+        folders[name] = folder
+    return folders
+
+
 # --------------------------------------------------------------------------- results
 def write_dg_results(results_dir: Path, P: Profile, sizes: dict, seeds, r: dict, recs, seg_check,
-                     removed, ceiling, ceiling_rows, used, wall) -> list[Path]:
-    """One JSON per row (``dg_<row>.json``), ``dg_headline.json`` and
-    ``dg_in_domain_ceiling.json`` under ``<results_dir>/<profile>/``."""
-    split_sha = hashlib.sha256(b"".join((SPLITS_DIR / f"{n}.csv").read_bytes()
-                                        for n in ["pbc", "bccd_crops", "zheng", "matek"])).hexdigest()
+                     removed, ceiling, ceiling_rows, used, wall, all_rows) -> list[Path]:
+    """One JSON per row (``dg_<row>.json``), ``dg_headline.json``,
+    ``dg_in_domain_ceiling.json`` and ``dg_all_domains.json`` under ``<results_dir>/<profile>/``."""
     scores, best = r["scores"], r["best"]
     folder = results_dir / P.name
 
@@ -274,7 +353,7 @@ def write_dg_results(results_dir: Path, P: Profile, sizes: dict, seeds, r: dict,
 
     common = {"overwrite": True, "kind": "domain_generalization", "chapter": CHAPTER,
               "paper": "umer2023imbalanced", "model": "efficientnet_lite0", "pretrained": True, "profile": P.name,
-              "profile_sizes": P.to_dict() | {"chapter": sizes}, "seeds": list(seeds), "split_sha256": split_sha,
+              "profile_sizes": P.to_dict() | {"chapter": sizes}, "seeds": list(seeds), "split_sha256": split_sha(),
               "data_sha256": content_hash(used), "wall_time_s": wall}
     written = []
     for method in r["order"]:
@@ -304,7 +383,24 @@ def write_dg_results(results_dir: Path, P: Profile, sizes: dict, seeds, r: dict,
                  "mean_share_of_ceiling": float(ceiling.loc["mean", "share of ceiling"]),
                  "per_seed": ceiling_rows},
         **common))
+    written.append(write_results(
+        folder / "dg_all_domains.json", method=f"all-domains model ({best})",
+        dataset="all:pbc,bccd_crops,zheng,matek (each domain's own test split)", selected_on="validation",
+        config={"recipe": recipe_of(best, recs).to_dict(), "variant": best, "classes": CLASSES, "shared": SHARED,
+                "trained_on": DOMAIN_IDS, "test": "each domain's test split; Matek: its neutrophils"},
+        metrics=all_domains_metrics(all_rows) | {"headline_method": best}, **common))
     return written
+
+
+def all_domains_metrics(rows: list[dict]) -> dict:
+    """The all-domains model's per-domain rows as results metrics: macro-F1 per shared-class
+    domain and their mean, accuracy per domain, Matek's neutrophil recall."""
+    by = {r["domain"]: r for r in rows}
+    return {"in_domain_macro_f1": {d: float(by[d]["macro-F1"]) for d in DOMAINS},
+            "mean_in_domain_macro_f1": float(np.mean([by[d]["macro-F1"] for d in DOMAINS])),
+            "accuracy": {d: float(by[d]["accuracy"]) for d in DOMAIN_IDS},
+            "matek_neutrophil_recall": float(by["matek"]["recall neutrophil"]),
+            "per_domain": rows}
 
 
 def top_class(predictions: dict, seeds, method: str, held: str) -> tuple[str, float]:
@@ -390,6 +486,9 @@ def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, re
     ceiling, ceiling_rows = in_domain_ceiling(parts, cache, recipe_of(r["best"], recs), r["best"], predictions,
                                               seeds, sizes, out, resume)
     chance = chance_level(parts, cache)
+    best_recipe = recipe_of(r["best"], recs)
+    all_res, all_rows = all_domains_model(cache, best_recipe, r["best"], seeds, sizes, out, resume)
+    models = save_models(out, P, parts, trained, r, recs, seeds, all_res, size)
 
     # the combined model trained without BCCD, kept for `leukemia-core predict`
     combined = recs[-1]
@@ -400,9 +499,9 @@ def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, re
     used = pd.concat([rows for (_, role), rows in parts.items() if role != "test"], ignore_index=True)
     wall = time.perf_counter() - start
     written = write_dg_results(results_dir, P, sizes, seeds, r, recs, seg_check, removed, ceiling,
-                               ceiling_rows, used, wall)
+                               ceiling_rows, used, wall, all_rows)
     objects = dict(r, P=P, sizes=sizes, seeds=seeds, table=table, removed=removed, seg_check=seg_check,
                    ious=ious, ratios=ratios, parts=parts, cache=cache, recipes=recs, trained=trained,
                    predictions=predictions, ceiling=ceiling, ceiling_rows=ceiling_rows, chance=chance,
-                   ckpt=ckpt, results_folder=results_dir / P.name, wall_time_s=wall)
+                   ckpt=ckpt, all_domains=pd.DataFrame(all_rows).set_index("domain"), models=models, results_folder=results_dir / P.name, wall_time_s=wall)
     return ExperimentRun(CHAPTER, P.name, results=written, objects=objects)
