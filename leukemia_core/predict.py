@@ -164,8 +164,11 @@ def _device(device):
 def _predict(predictor, checkpoint, paths, batch_size, adapt_bn, strict, restrict_to, num_workers,
              progress, device, stacklevel=3):
     net, meta, prep = predictor
-    if meta.get("dg", {}).get("recipe", {}).get("domain_bn") and not adapt_bn:
-        warnings.warn(f"{checkpoint} was trained with domain-wise BatchNorm and expects the target "
+    dg_meta = meta.get("dg", {})
+    if (dg_meta.get("recipe", {}).get("domain_bn") or dg_meta.get("adapt_bn")) and not adapt_bn:
+        why = ("was trained with domain-wise BatchNorm" if dg_meta.get("recipe", {}).get("domain_bn") else
+               f"is used with test-time BatchNorm adaptation (its row: {dg_meta.get('row')})")
+        warnings.warn(f"{checkpoint} {why} and expects the target "
                       "hospital's statistics: pass adapt_bn=True (CLI: --adapt-bn) with a folder of "
                       "many cells from one hospital", UserWarning, stacklevel=stacklevel)
     device = _device(device)

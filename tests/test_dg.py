@@ -378,3 +378,88 @@ def test_dg_lodo_trains_on_the_other_domains_and_selects_on_validation(monkeypat
     assert table["best"] == "SupCon" and table["order"] == methods
     assert table["best_f1"] == pytest.approx(scores[scores["method"] == "SupCon"]["macro_f1"].mean())
     assert experiment.recipe_of("ERM-BN + TTA-BN", recipes).name == "ERM-BN"
+
+
+def test_reference_names_match_the_expected_checkpoints():
+    from leukemia_core.experiments import domain_generalization as experiment
+    from leukemia_core.reproducibility import reference
+
+    assert experiment.REFERENCE_NAMES == reference.EXPECTED["06_domain_generalization"]
+
+
+@pytest.mark.slow
+def test_reference_tier_on_the_mirror(data_root, tmp_path):
+    """A smoke run writes every reference model's run folder (LODO models trained without
+    their held-out domain, the all-domains model with Matek's neutrophils too); published
+    ones are evaluated live on their held-out domain / each domain's test split, matching
+    their cards; unpublished ones are rows saying so, and a LODO group is written only
+    when all three of its models are there."""
+    import json
+
+    from leukemia_core.checkpoints import load_checkpoint
+    from leukemia_core.experiments import domain_generalization as experiment
+
+    run = experiment.run("smoke", data_root=data_root, out=tmp_path / "runs", results_dir=tmp_path / "results")
+    assert tuple(run.objects["models"]) == experiment.REFERENCE_NAMES
+    _, meta, _ = load_checkpoint(run.objects["models"]["erm_bn_without_bccd"] / "model.safetensors")
+    assert meta["dg"]["held_out"] == "bccd" and meta["dg"]["trained_on"] == ["pbc", "zheng"]
+    assert meta["dg"]["row"] == "ERM-BN" and not meta["dg"]["adapt_bn"]
+    _, meta, _ = load_checkpoint(run.objects["models"]["all_domains"] / "model.safetensors")
+    assert meta["dg"]["trained_on"] == ["pbc", "bccd", "zheng", "matek"] and meta["dg"]["held_out"] is None
+    assert meta["dg"]["row"] == run.objects["best"]
+    ran = json.loads((run.objects["models"]["headline_without_pbc"] / "results.json").read_text())
+    assert set(ran["config"]["selection"]["rows"]) == set(run.objects["order"]) and ran["history"]
+    own = json.loads((tmp_path / "results" / "smoke" / "dg_all_domains.json").read_text())["metrics"]
+    assert [r["domain"] for r in own["per_domain"]] == ["pbc", "bccd", "zheng", "matek"]
+
+    root = tmp_path / "reference"
+    names = ["erm_bn_without_pbc", "erm_bn_without_bccd", "erm_bn_without_zheng", "all_domains"]
+    published = experiment.publish_reference(tmp_path / "runs", data_root=data_root, root=root, models=names)
+    assert [p.name for p in published] == names
+    ev = experiment.evaluate_reference(data_root=data_root, results_dir=tmp_path / "results", root=root)
+    status = {r["checkpoint"]: r["status"] for r in ev["rows"]}
+    assert status["headline_without_pbc"] == "missing" and status["all_domains"] == "verified"
+    assert ev["groups"]["headline"] is None and ev["groups"]["erm_bn"] is not None
+    folder = tmp_path / "results" / "reference"
+    assert sorted(p.name for p in folder.glob("*.json")) == ["dg_all_domains.json", "dg_erm_bn.json"]
+    card = json.loads((root / "06_domain_generalization" / "all_domains" / "model_card.json").read_text())
+    live = json.loads((folder / "dg_all_domains.json").read_text())["metrics"]
+    for d in ("pbc", "bccd", "zheng"):
+        assert live["in_domain_macro_f1"][d] == pytest.approx(card["metrics"][f"{d}_macro_f1"])
+    erm = json.loads((folder / "dg_erm_bn.json").read_text())["metrics"]
+    card = json.loads((root / "06_domain_generalization" / "erm_bn_without_zheng" / "model_card.json").read_text())
+    assert erm["lodo"]["zheng_macro_f1"] == pytest.approx(card["metrics"]["zheng_macro_f1"])
+    assert {f["held out"] for f in erm["per_fold"]} == {"pbc", "bccd", "zheng"}
+    found = experiment.reference_findings(ev)
+    assert "not available" in found["sentences"]["lodo"] and "headline_without_pbc" in found["sentences"]["lodo"]
+    assert "all-domains model" in found["sentences"]["all_domains"]
+    # capped (smoke): the first 6 images per class of each set, beside the whole-set files
+    capped = experiment.evaluate_reference(data_root=data_root, results_dir=tmp_path / "results", root=root,
+                                           per_class=6)
+    n = {r["domain"]: r["test images"] for r in capped["rows"] if r["checkpoint"] == "all_domains"}
+    assert n["matek"] == 6 and all(v <= 6 * 5 for v in n.values())
+    assert (tmp_path / "results" / "smoke" / "reference" / "dg_all_domains.json").exists()
+    assert json.loads((folder / "dg_all_domains.json").read_text())["metrics"] == live
+
+
+def test_reference_findings_follow_the_numbers():
+    """The verdicts on the issue's targets are computed: met only at >= 0.75 mean and >= 10
+    points over ERM-BN; the same-row case says so."""
+    from leukemia_core.experiments import domain_generalization as experiment
+
+    def lodo(f1s):
+        return {"lodo": {"mean_macro_f1": sum(f1s) / 3, **{f"{d}_macro_f1": v for d, v in zip(DOMAINS_, f1s)}}}
+
+    DOMAINS_ = ["pbc", "bccd", "zheng"]
+    ref = {"rows": [], "cards": {}, "groups": {"erm_bn": lodo([0.6, 0.5, 0.7]),
+                                               "headline": lodo([0.8, 0.75, 0.8]) | {"headline_method": "X"},
+                                               "all_domains": None}}
+    ref["rows"] = [{"checkpoint": "all_domains", "status": "missing", "message": "reference/x is not published yet"}]
+    s = experiment.reference_findings(ref)["sentences"]
+    assert s["lodo"].count("**met**") == 2 and "+18.3 points" in s["lodo"]
+    assert "`all_domains` (missing)" in s["all_domains"]
+    ref["groups"]["headline"] = lodo([0.7, 0.6, 0.8]) | {"headline_method": "X"}
+    s = experiment.reference_findings(ref)["sentences"]
+    assert s["lodo"].count("**not met**") == 2
+    ref["groups"]["headline"] = ref["groups"]["erm_bn"] | {"headline_method": "ERM-BN"}
+    assert "chose ERM-BN itself" in experiment.reference_findings(ref)["sentences"]["lodo"]

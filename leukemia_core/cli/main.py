@@ -132,6 +132,8 @@ def cmd_evaluate(args):
                    if getattr(args, k)]
     if only_images:
         raise LeukemiaError(f"{', '.join(only_images)} apply to evaluate --images DIR only, not --dataset")
+    if args.checkpoint is None:
+        raise LeukemiaError("evaluate --dataset needs --checkpoint (model.safetensors or its run folder)")
     return _evaluate_dataset(args)
 
 
@@ -315,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split (--dataset) or on "
                        "any labelled folder, one subfolder per class (--images)")
-    e.add_argument("--checkpoint", required=True, help="model.safetensors or its run folder")
+    e.add_argument("--checkpoint", help="model.safetensors or its run folder (--images: default the reference "
+                   "all-domains model, reference/06_domain_generalization/all_domains)")
     e.add_argument("--dataset", help="a dataset under the data root (e.g. pbc), evaluated on --split")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--images", metavar="DIR", help="a labelled folder DIR/<class>/<image>; class names "

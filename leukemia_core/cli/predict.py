@@ -8,9 +8,31 @@ from leukemia_core.errors import LeukemiaError
 from leukemia_core.predict import _summary, evaluate_folder, predict_folder
 
 
+#: The model ``predict`` and ``evaluate --images`` use without ``--checkpoint``: the
+#: domain-generalisation chapter's all-domains reference model (issue 22).
+DEFAULT_REFERENCE = ("06_domain_generalization", "all_domains")
+
+
+def checkpoint_or_default(checkpoint) -> Path:
+    """``checkpoint``, or the verified all-domains reference model when it is None; a clear
+    error when that model is not published or fails the manifest."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    from leukemia_core.reproducibility import reference
+
+    chk = reference.check(*DEFAULT_REFERENCE)
+    if chk["status"] != "verified":
+        raise LeukemiaError(f"no --checkpoint given and the default model cannot be used: {chk['message']}. "
+                            "Pass --checkpoint model.safetensors (or its run folder).")
+    path = reference.reference_folder(*DEFAULT_REFERENCE) / "model.safetensors"
+    print(f"no --checkpoint: using the reference all-domains model {path.relative_to(reference.REPO_ROOT)} "
+          "(its model card: MODEL_CARD.md beside it)")
+    return path
+
+
 def cmd_predict(args):
-    """``leukemia-core predict --images DIR --checkpoint CKPT --out CSV [--overwrite] [--strict]``."""
-    table = predict_folder(args.checkpoint, args.images, args.out, overwrite=args.overwrite,
+    """``leukemia-core predict --images DIR [--checkpoint CKPT] --out CSV [--overwrite] [--strict]``."""
+    table = predict_folder(checkpoint_or_default(args.checkpoint), args.images, args.out, overwrite=args.overwrite,
                            adapt_bn=getattr(args, "adapt_bn", False), strict=getattr(args, "strict", False),
                            batch_size=getattr(args, "batch_size", 64), num_workers=getattr(args, "workers", 0),
                            progress=True)
@@ -21,7 +43,8 @@ def add_predict_parser(subparsers):
     pr = subparsers.add_parser("predict", help="class probabilities for a folder of single-cell "
                                "images (any size; the checkpoint's own preprocessing)")
     pr.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    pr.add_argument("--checkpoint", required=True, help="model.safetensors or its run folder")
+    pr.add_argument("--checkpoint", help="model.safetensors or its run folder (default: the reference "
+                    "all-domains model, reference/06_domain_generalization/all_domains)")
     pr.add_argument("--out", required=True, help="CSV to write")
     pr.add_argument("--overwrite", action="store_true")
     pr.add_argument("--adapt-bn", action="store_true",
@@ -40,7 +63,7 @@ def cmd_evaluate_images(args):
     if not args.out:
         raise LeukemiaError("evaluate --images needs --out OUTDIR (a folder for predictions.csv and "
                             "metrics.json)")
-    m = evaluate_folder(args.checkpoint, args.images, args.out, adapt_bn=args.adapt_bn,
+    m = evaluate_folder(checkpoint_or_default(args.checkpoint), args.images, args.out, adapt_bn=args.adapt_bn,
                         restrict_to_shared=args.restrict_to_shared, strict=args.strict,
                         overwrite=args.overwrite, batch_size=args.batch_size, num_workers=args.workers,
                         progress=True)

@@ -392,6 +392,10 @@ EXPECTED = {
                      "level4_efficientnet_lite0", "scratch_flat_convnext_atto", "scratch_flat_vit_tiny_patch16_224"),
     # leukemia_core.experiments.vision_language.reference_names
     "05_vision_language": ("vl_lite0_minilm", "vl_without_monocyte"),
+    # leukemia_core.experiments.domain_generalization.REFERENCE_NAMES (issue 22)
+    "06_domain_generalization": ("erm_bn_without_pbc", "erm_bn_without_bccd", "erm_bn_without_zheng",
+                                 "headline_without_pbc", "headline_without_bccd", "headline_without_zheng",
+                                 "all_domains"),
     # leukemia_core.experiments.r3gan_hybrid.FCMAE_REFERENCE (issue 19; the R3GAN and hybrid follow)
     "08_r3gan_hybrid": ("fcmae_convnextv2_atto",),
 }
