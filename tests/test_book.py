@@ -23,9 +23,14 @@ build = load_module("book_build", "book/build.py")
 def scratch_folders(chapter: str, out: Path) -> dict:
     """The parameters that put ``chapter``'s checkpoints and training state under ``out``
     (``artifacts``, or ``runs_dir`` for the detection chapter), as its notebook names them."""
-    text = (REPO / "notebooks" / f"{chapter}.py").read_text()
+    import ast
+
+    nb = build.read_chapter(build.chapter_name(chapter))
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    params = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+              for t in node.targets if isinstance(t, ast.Name)}
     return {name: str(out / folder) for name, folder in (("artifacts", "artifacts"), ("runs_dir", "runs"))
-            if f"\n{name} = " in text}
+            if name in params}
 
 
 def smoke_book():

@@ -254,8 +254,7 @@ def test_reference_names_match_the_expected_checkpoints():
     from leukemia_core.experiments import hierarchy as experiment
     from leukemia_core.reproducibility import reference
 
-    names = [n for _, group in experiment.reference_models().values() for n in group]
-    assert tuple(names) == reference.EXPECTED["04_hierarchy"]
+    assert tuple(experiment.reference_names()) == reference.EXPECTED["04_hierarchy"]
 
 
 @pytest.mark.slow

@@ -349,8 +349,8 @@ def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, re
     sizes, P, PS = profiles(profile)
     if only is not None:
         only = [only] if isinstance(only, str) else list(only)
-        known = {n for _, group in reference_models(taxonomy).values() for n in group}
-        if unknown := sorted(set(only) - known):
+        known = reference_names(taxonomy)
+        if unknown := sorted(set(only) - set(known)):
             raise UnknownNameError(f"no checkpoint {unknown} in {CHAPTER}; choose from {sorted(known)}")
     trained = {}
 
@@ -367,13 +367,15 @@ def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, re
     ckpt = out / "hierarchy" / tax.name
 
     # the three hierarchy models, fine-tuned from ImageNet, per seed
-    data, levels = level_data(table, codec, P, sizes, seed)
-    test_table = levels.tables["test"]
-    true_leaves = test_table["label"].tolist()
-    prov = provenance(table, data, P)
-    runs = {}  # (kind, seed) -> HierarchicalRun, or a list of level runs for the base hierarchical model
     kinds = ("flat", "multilevel") + (("pooled",) if sizes.get("loss_ablation") else ())
-    for s in seeds:
+    finetuned = [f"{k}_{BACKBONE}" for k in kinds] + [f"level{d + 1}_{BACKBONE}" for d in range(tax.depth)]
+    runs = {}  # (kind, seed) -> HierarchicalRun, or a list of level runs for the base hierarchical model
+    if any(map(wanted, finetuned)):  # `only` naming from-scratch models alone: nothing to decode here
+        data, levels = level_data(table, codec, P, sizes, seed)
+        test_table = levels.tables["test"]
+        true_leaves = test_table["label"].tolist()
+        prov = provenance(table, data, P)
+    for s in (seeds if any(map(wanted, finetuned)) else []):
         for kind in kinds:
             if wanted(name := f"{kind}_{BACKBONE}"):
                 runs[kind, s] = trained[name] = _train(kind, BACKBONE, levels, P, fit_config(s, sizes["epochs"], P),
@@ -384,17 +386,20 @@ def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, re
                                        ckpt / f"{name}_s{s}", resume, level=d, pretrained=True, **prov)
                 runs.setdefault(("base hierarchical", s), []).append(trained[name])
     rows = []
-    for (kind, s), r in ({} if only is not None else runs).items():
-        minutes = sum(x.train_time_s for x in r) / 60 if isinstance(r, list) else r.train_time_s / 60
-        rows += [row | {"train min": minutes}
-                 for row in score_rows(codec, kind, *outputs(runs, kind, s), true_leaves, seed=s)]
+    if only is None:  # scored for the chapter's tables (a run with `only` writes none)
+        for (kind, s), r in runs.items():
+            minutes = sum(x.train_time_s for x in r) / 60 if isinstance(r, list) else r.train_time_s / 60
+            rows += [row | {"train min": minutes}
+                     for row in score_rows(codec, kind, *outputs(runs, kind, s), true_leaves, seed=s)]
 
     # CNN against ViT, from scratch at equal budget
-    scratch_data, scratch = level_data(table, codec, PS, sizes, seed)
-    scratch_prov = provenance(table, scratch_data, PS)
-    scratch_truth = scratch.tables["test"]["label"].tolist()
+    scratch_names = [f"scratch_{k}_{b}" for b in (cnn, vit) for k in sizes["scratch_kinds"]]
+    if any(map(wanted, scratch_names)):
+        scratch_data, scratch = level_data(table, codec, PS, sizes, seed)
+        scratch_prov = provenance(table, scratch_data, PS)
+        scratch_truth = scratch.tables["test"]["label"].tolist()
     scratch_rows = []
-    for s in seeds:
+    for s in (seeds if any(map(wanted, scratch_names)) else []):
         for backbone in (cnn, vit):
             for kind in sizes["scratch_kinds"]:
                 if not wanted(name := f"scratch_{kind}_{backbone}"):
@@ -475,6 +480,11 @@ def reference_models(taxonomy: str = "leukemia") -> dict[str, tuple[str, list[st
         for k in sizes["scratch_kinds"]:
             out[f"{k}_{b}"] = (k, [f"scratch_{k}_{b}"])
     return out
+
+
+def reference_names(taxonomy: str = "leukemia") -> list[str]:
+    """Every reference checkpoint name of :func:`reference_models`, in its order."""
+    return [n for _, group in reference_models(taxonomy).values() for n in group]
 
 
 def node_scores(tax: Taxonomy, truth: list[str], paths: list[list[str]]) -> dict[str, dict]:
@@ -625,7 +635,7 @@ def publish_reference(out, data_root=None, root=None, seed: int = 0, log=print, 
     from leukemia_core.reproducibility import reference
 
     root = reference.REFERENCE_DIR if root is None else Path(root)
-    names = [n for _, group in reference_models(taxonomy).values() for n in group]
+    names = reference_names(taxonomy)
     unknown = set(models or ()) - set(names)
     if unknown:
         raise UnknownNameError(f"no reference model {sorted(unknown)} in {CHAPTER}; choose from {names}")
