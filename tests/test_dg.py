@@ -430,6 +430,14 @@ def test_reference_tier_on_the_mirror(data_root, tmp_path):
     card = json.loads((root / "06_domain_generalization" / "erm_bn_without_zheng" / "model_card.json").read_text())
     assert erm["lodo"]["zheng_macro_f1"] == pytest.approx(card["metrics"]["zheng_macro_f1"])
     assert {f["held out"] for f in erm["per_fold"]} == {"pbc", "bccd", "zheng"}
+    # predict / evaluate --images without --checkpoint: the verified all-domains model, else a clear error
+    from leukemia_core.cli.predict import checkpoint_or_default
+    from leukemia_core.errors import LeukemiaError
+
+    assert checkpoint_or_default(None, root=root) == root / "06_domain_generalization" / "all_domains" / "model.safetensors"
+    assert checkpoint_or_default(tmp_path / "mine.safetensors", root=root) == tmp_path / "mine.safetensors"
+    with pytest.raises(LeukemiaError, match="not published yet.*--checkpoint"):
+        checkpoint_or_default(None, root=tmp_path / "empty")
     found = experiment.reference_findings(ev)
     assert "not available" in found["sentences"]["lodo"] and "headline_without_pbc" in found["sentences"]["lodo"]
     assert "all-domains model" in found["sentences"]["all_domains"]

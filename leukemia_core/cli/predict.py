@@ -13,20 +13,22 @@ from leukemia_core.predict import _summary, evaluate_folder, predict_folder
 DEFAULT_REFERENCE = ("06_domain_generalization", "all_domains")
 
 
-def checkpoint_or_default(checkpoint) -> Path:
+def checkpoint_or_default(checkpoint, root=None) -> Path:
     """``checkpoint``, or the verified all-domains reference model when it is None; a clear
-    error when that model is not published or fails the manifest."""
+    error when that model is not published or fails the manifest. ``root``: the reference
+    folder (default: the repository's ``reference/``)."""
     if checkpoint is not None:
         return Path(checkpoint)
     from leukemia_core.reproducibility import reference
 
-    chk = reference.check(*DEFAULT_REFERENCE)
+    root = reference.REFERENCE_DIR if root is None else Path(root)
+    chk = reference.check(*DEFAULT_REFERENCE, root=root)
     if chk["status"] != "verified":
         raise LeukemiaError(f"no --checkpoint given and the default model cannot be used: {chk['message']}. "
                             "Pass --checkpoint model.safetensors (or its run folder).")
-    path = reference.reference_folder(*DEFAULT_REFERENCE) / "model.safetensors"
-    print(f"no --checkpoint: using the reference all-domains model {path.relative_to(reference.REPO_ROOT)} "
-          "(its model card: MODEL_CARD.md beside it)")
+    path = reference.reference_folder(*DEFAULT_REFERENCE, root=root) / "model.safetensors"
+    shown = path.relative_to(reference.REPO_ROOT) if path.is_relative_to(reference.REPO_ROOT) else path
+    print(f"no --checkpoint: using the reference all-domains model {shown} (its model card: MODEL_CARD.md beside it)")
     return path
 
 
