@@ -334,3 +334,17 @@ def test_reference_findings_follow_the_numbers():
     ref["rows"][3] = {"model": f"pooled_{B}", "status": "corrupt", "message": "bad hash"}
     assert "not available" in experiment.reference_findings(ref)["sentences"]["ablation"]
     assert "corrupt" in experiment.reference_findings(ref)["sentences"]["ablation"]
+
+
+def test_scratch_config_gives_a_backbone_its_own_learning_rate_only_where_the_sizes_say():
+    from leukemia_core.config import chapter_sizes
+    from leukemia_core.experiments import hierarchy as experiment
+
+    sizes, _, PS = experiment.profiles("reference")
+    vit = experiment.scratch_config(0, "vit_tiny_patch16_224", sizes, PS)
+    cnn = experiment.scratch_config(0, "convnext_atto", sizes, PS)
+    assert (vit.lr, vit.grad_clip) == (5e-4, 1.0)
+    assert (cnn.lr, cnn.grad_clip) == (PS.lr, None) and cnn.epochs == vit.epochs == sizes["scratch_epochs"]
+    ci, _, PSci = experiment.profiles("ci")
+    assert "scratch_lr" not in chapter_sizes("04_hierarchy", "ci")
+    assert experiment.scratch_config(0, "vit_tiny_patch16_224", ci, PSci).lr == PSci.lr

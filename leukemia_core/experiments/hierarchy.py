@@ -71,6 +71,17 @@ def fit_config(s: int, epochs: int, profile: Profile) -> FitConfig:
                      patience=None, seed=s, progress=False)
 
 
+def scratch_config(s: int, backbone: str, sizes: dict, profile: Profile) -> FitConfig:
+    """:func:`fit_config` of a from-scratch model, with the learning rate and gradient
+    clipping the sizes give that backbone (``scratch_lr``, ``scratch_grad_clip``), if any."""
+    import dataclasses
+
+    config = fit_config(s, sizes["scratch_epochs"], profile)
+    lr = (sizes.get("scratch_lr") or {}).get(backbone)
+    clip = (sizes.get("scratch_grad_clip") or {}).get(backbone)
+    return dataclasses.replace(config, **({"lr": lr} if lr else {}), **({"grad_clip": clip} if clip else {}))
+
+
 def _train(kind, backbone, data, prof, config, out_dir: Path, resume: bool, **kw):
     """:func:`~leukemia_core.hierarchy.train_hierarchical` with a stable ``out_dir``
     (checkpoints and training state); ``resume`` continues it exactly."""
@@ -404,7 +415,7 @@ def run(profile="ci", seeds=None, data_root=None, out=None, results_dir=None, re
             for kind in sizes["scratch_kinds"]:
                 if not wanted(name := f"scratch_{kind}_{backbone}"):
                     continue
-                r = trained[name] = _train(kind, backbone, scratch, PS, fit_config(s, sizes["scratch_epochs"], PS),
+                r = trained[name] = _train(kind, backbone, scratch, PS, scratch_config(s, backbone, sizes, PS),
                                            ckpt / f"{name}_s{s}", resume, **scratch_prov)
                 if only is not None:
                     continue
@@ -602,6 +613,7 @@ def evaluate_reference(data_root=None, results_dir=None, root=None, taxonomy: st
                                                                             "path consistency")},
                            "test images": len(truth), "image size (px)": metas[0]["image_size"],
                            "epochs": ", ".join(str(c["epochs_run"]) for c in cards),
+                           "lr": (cards[0].get("config") or {}).get("fit", {}).get("lr"),
                            "training (h)": sum(c.get("train_time_s") or c["wall_time_s"] for c in cards) / 3600,
                            "hardware": cards[0]["hardware"]})
     return {"rows": rows, "nodes": nodes, "logs": logs, "checks": checks}
@@ -761,7 +773,11 @@ def reference_findings(ref: dict) -> dict:
             f"validation macro-F1 reaches {CONVERGED_FRACTION:.0%} of the lower of the two best values "
             f"({level:.3f}): {c} at epoch {first[c]}, {v} at epoch {first[v]}, so {faster} converges faster"
             + (", as the paper says." if faster == "the ViT" else
-               "; the paper's claim that ViT converges faster is not reproduced here." if faster == "the CNN" else "."))
+               "; the paper's claim that ViT converges faster is not reproduced here." if faster == "the CNN" else ".")
+            + (f" The two were trained with different learning rates ({c} {rows[cnn]['lr']:g}, {v} "
+               f"{rows[vit]['lr']:g}; fixed before the rerun, from the training curve: at the CNN's rate the ViT's "
+               "first run diverged, see `leukemia_core/config.py`)."
+               if rows[cnn].get("lr") and rows[vit].get("lr") and rows[cnn]["lr"] != rows[vit]["lr"] else ""))
     else:
         out["sentences"]["cnn_vit"] = "CNN against ViT at convergence is " + missing(cnn, vit)
     return out
