@@ -107,7 +107,7 @@ CHAPTER_SIZES: dict[str, dict[str, dict]] = {
         # keep the committed weights within budget.
         # The ViT's learning rate (2026-11-25, from its training curve, before any test score):
         # at the recipe's 2e-3 the first ViT run diverged (training loss 0.62 at epoch 2, then
-        # rising to 1.60 by epoch 8; validation macro-F1 0.78 -> 0.26). The rerun uses 5e-4
+        # rising to 1.60 by epoch 7; validation macro-F1 0.78 -> 0.20-0.26). The rerun uses 5e-4
         # and gradient clipping at 1.0, the usual from-scratch ViT settings (DeiT, ViT); the
         # CNN keeps 2e-3, with which it trained smoothly. The chapter says so.
         "reference": dict(image_size=96, train_cap=None, val_cap=None, test_cap=None, epochs=12, probe_epochs=5,
