@@ -172,7 +172,7 @@ def as_used(res: dg.TrainResult, method: str, x_target: torch.Tensor):
 def lodo(cache, recipes, seeds, sizes, out: Path, resume: bool = False, log=print):
     """Leave one domain out, for every seed and recipe: ``(scores, trained, predictions)``.
     Each training keeps its state in ``out/dg_runs/<recipe>_without_<domain>_seed<seed>``."""
-    rows, trained, predictions = [], {}, {}
+    rows, trained, predictions, cv_sets = [], {}, {}, {}
     start = time.perf_counter()
     for seed in seeds:
         for held in DOMAINS:
@@ -190,7 +190,9 @@ def lodo(cache, recipes, seeds, sizes, out: Path, resume: bool = False, log=prin
                     variants[f"{recipe.name} + SWA"] = res.swa_model
                 if recipe.norm == "bn" and recipe.name in ("ERM-BN", "combined"):
                     variants[f"{recipe.name} + TTA-BN"] = dg.adapt_bn(res.model, cache[(held, "heldout"), sc].x)
-                cv = join(cache, [(held, "train"), (held, "val")], sc)  # the held-out domain but its test split
+                if (held, sc) not in cv_sets:  # the held-out domain but its test split, once per preprocessing
+                    cv_sets[held, sc] = join(cache, [(held, "train"), (held, "val")], sc)
+                cv = cv_sets[held, sc]
                 for name, model in variants.items():
                     m, pred = score(model, cache[(held, "heldout"), sc])
                     probe, _ = score(model, cache[("matek", "heldout"), sc])
@@ -234,7 +236,7 @@ def lodo_table(scores: pd.DataFrame) -> dict:
             "cv_mean": cv_mean, "deploy": deploy}
 
 
-def test_arrays(parts, cache, held: str, sc) -> torch.Tensor:
+def add_test_split(parts, cache, held: str, sc) -> torch.Tensor:
     """Add ``(held, "test")``, the domain's test split, to ``parts`` and (preprocessing ``sc``)
     ``cache``, sliced from its held-out arrays (no image read again); the selection mask."""
     sel = torch.tensor((parts[held, "heldout"]["split"] == "test").to_numpy())  # all of PBC's held-out rows
@@ -252,7 +254,7 @@ def in_domain_ceiling(parts, cache, recipe, best, predictions, seeds, sizes, out
     rows = []
     for held in DOMAINS:
         test_keys = (held, "test")
-        sel = test_arrays(parts, cache, held, sc)
+        sel = add_test_split(parts, cache, held, sc)
         y_test = cache[test_keys, sc].y
         for seed in seeds:
             res = dg.train_dg(recipe, cache[(held, "train"), sc], cache[(held, "val"), sc], len(CLASSES),
@@ -289,7 +291,7 @@ def all_domains_model(parts, cache, recipe: dg.Recipe, row: str, seeds, sizes, o
     sc = (recipe.scale_norm, recipe.stain_norm)
     for d in DOMAINS:
         if ((d, "test"), sc) not in cache:
-            test_arrays(parts, cache, d, sc)
+            add_test_split(parts, cache, d, sc)
     res = dg.train_dg(recipe, join(cache, [(d, "train") for d in DOMAIN_IDS], sc),
                       join(cache, [(d, "val") for d in DOMAIN_IDS], sc), len(CLASSES), LABELS, sizes["epochs"],
                       batch_size=sizes["batch_size"], seed=seeds[0], resume=resume,
@@ -358,6 +360,17 @@ def save_models(out: Path, P: Profile, parts, trained, r, recs, seeds, all_res, 
 
 
 # --------------------------------------------------------------------------- results
+def lodo_summary(s: pd.DataFrame) -> dict:
+    """One row's LODO folds (``scores`` rows) as the results files' ``lodo`` metrics: means
+    over folds, and per held-out domain; the selection scores' means where ``s`` has them."""
+    out = {"mean_macro_f1": float(s["macro_f1"].mean()), "mean_accuracy": float(s["accuracy"].mean())}
+    for key, col in (("mean_val_macro_f1", "val macro-F1"), ("mean_lodo_cv_macro_f1", "LODO-CV macro-F1")):
+        if col in s:
+            out[key] = float(s[col].mean())
+    return (out | {f"{h}_macro_f1": float(g["macro_f1"].mean()) for h, g in s.groupby("held out")}
+            | {f"{h}_accuracy": float(g["accuracy"].mean()) for h, g in s.groupby("held out")})
+
+
 def write_dg_results(results_dir: Path, P: Profile, sizes: dict, seeds, r: dict, recs, seg_check,
                      removed, ceiling, ceiling_rows, used, wall, all_rows) -> list[Path]:
     """One JSON per row (``dg_<row>.json``), ``dg_headline.json``,
@@ -366,12 +379,7 @@ def write_dg_results(results_dir: Path, P: Profile, sizes: dict, seeds, r: dict,
     folder = results_dir / P.name
 
     def lodo_metrics(s):
-        return {"lodo": {"mean_macro_f1": float(s["macro_f1"].mean()),
-                         "mean_accuracy": float(s["accuracy"].mean()),
-                         "mean_val_macro_f1": float(s["val macro-F1"].mean()),
-                         "mean_lodo_cv_macro_f1": float(s["LODO-CV macro-F1"].mean()),
-                         **{f"{h}_macro_f1": float(g["macro_f1"].mean()) for h, g in s.groupby("held out")},
-                         **{f"{h}_accuracy": float(g["accuracy"].mean()) for h, g in s.groupby("held out")}},
+        return {"lodo": lodo_summary(s),
                 "per_fold": s.drop(columns=["method"]).to_dict(orient="records"),
                 "matek_neutrophil_recall": float(s["matek neutrophil recall"].mean()),
                 "segmentation_check": seg_check, "removed_duplicates": len(removed)}
@@ -642,11 +650,7 @@ def publish_reference(out, data_root=None, root=None, log=print, models=None, no
 
 def _lodo_payload(per_fold: list[dict]) -> dict:
     """Reference LODO folds as the chapter's own ``lodo`` metrics (same keys)."""
-    s = pd.DataFrame(per_fold)
-    return {"lodo": {"mean_macro_f1": float(s["macro_f1"].mean()), "mean_accuracy": float(s["accuracy"].mean()),
-                     **{f"{h}_macro_f1": float(g["macro_f1"].mean()) for h, g in s.groupby("held out")},
-                     **{f"{h}_accuracy": float(g["accuracy"].mean()) for h, g in s.groupby("held out")}},
-            "per_fold": per_fold}
+    return {"lodo": lodo_summary(pd.DataFrame(per_fold)), "per_fold": per_fold}
 
 
 def evaluate_reference(data_root=None, results_dir=None, root=None, per_class: int | None = None) -> dict:
